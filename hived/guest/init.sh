@@ -1,0 +1,111 @@
+#!/bin/sh
+# hived cell initramfs /init (busybox sh, PID 1).
+#
+# Loads the virtio modules listed in /lib/modules/order (dependency order,
+# written by `hived image build`), mounts the read-only root image on /newroot,
+# the per-cell scratch disk on /newroot/work, tmpfs on /tmp /run /var/tmp, and
+# hands over to the agent (or, in bare mode, reports and reboots).
+#
+# Kernel command line (all optional):
+#   hived.mode=agent|bare   agent (default): switch_root to the Python agent;
+#                           bare: print "hived-bare-ready" on ttyS0 and reboot
+#                           (the boot-time baseline for benchmarks)
+#   hived.root=DEV          root image device (default /dev/vda)
+#   hived.work=DEV          scratch disk (default /dev/vdb; skipped if absent)
+#   hived.debug=1           print the stage times on the console
+#
+# Every failure prints one line "hived-init-error: <what failed>" and reboots;
+# the cell runs with reboot=t panic=-1 and QEMU -no-reboot, so QEMU exits.
+# Stage times (guest uptime in seconds) reach the agent as HIVED_T_* variables.
+
+export PATH=/bin
+
+uptime_s() {
+    read -r t _ < /proc/uptime
+    echo "$t"
+}
+
+die() {
+    echo "hived-init-error: $*" > /dev/console
+    sync
+    reboot -f
+    echo b > /proc/sysrq-trigger
+    sleep 5
+    exit 1  # PID 1 exiting panics the kernel; panic=-1 reboots at once
+}
+
+mount -t proc -o nosuid,nodev,noexec proc /proc || die "mount /proc"
+T_INIT=$(uptime_s)
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || die "mount /sys"
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev || die "mount /dev"
+
+mode=agent
+root=/dev/vda
+work=/dev/vdb
+debug=0
+read -r cmdline < /proc/cmdline
+for arg in $cmdline; do
+    case "$arg" in
+        hived.mode=*) mode=${arg#hived.mode=} ;;
+        hived.root=*) root=${arg#hived.root=} ;;
+        hived.work=*) work=${arg#hived.work=} ;;
+        hived.debug=*) debug=${arg#hived.debug=} ;;
+    esac
+done
+case "$mode" in
+    agent|bare) ;;
+    *) die "unknown hived.mode=$mode (expected agent or bare)" ;;
+esac
+
+# Modules, in dependency order (one name per line).
+[ -r /lib/modules/order ] || die "module list /lib/modules/order missing"
+while read -r m; do
+    [ -n "$m" ] || continue
+    [ -f "/lib/modules/$m.ko" ] || die "module $m missing from the initramfs"
+    insmod "/lib/modules/$m.ko" || die "insmod $m"
+done < /lib/modules/order
+T_MODULES=$(uptime_s)
+
+# virtio-blk probes synchronously inside insmod, so the disk is normally
+# there already; allow up to ~5 s anyway.
+i=0
+while [ ! -b "$root" ]; do
+    [ $i -lt 500 ] || die "root device $root did not appear within 5 s"
+    usleep 10000
+    i=$((i + 1))
+done
+
+mount -t ext4 -o ro,nodev "$root" /newroot || die "mount $root (ext4, read-only) on /newroot"
+if [ -b "$work" ]; then
+    mount -t ext4 -o rw,nodev,nosuid,noatime "$work" /newroot/work \
+        || die "mount $work (ext4) on /newroot/work"
+fi
+mount -t tmpfs -o nodev,nosuid,mode=1777 tmpfs /newroot/tmp || die "mount tmpfs /newroot/tmp"
+mount -t tmpfs -o nodev,nosuid,mode=0755 tmpfs /newroot/run || die "mount tmpfs /newroot/run"
+mount -t tmpfs -o nodev,nosuid,mode=1777 tmpfs /newroot/var/tmp \
+    || die "mount tmpfs /newroot/var/tmp"
+T_ROOT=$(uptime_s)
+
+if [ "$debug" = 1 ]; then
+    echo "hived-init: init $T_INIT modules $T_MODULES root $T_ROOT mode $mode" > /dev/console
+fi
+
+if [ "$mode" = bare ]; then
+    echo hived-bare-ready > /dev/ttyS0
+    sync
+    reboot -f
+    echo b > /proc/sysrq-trigger
+    sleep 5
+    exit 0
+fi
+
+for d in dev proc sys; do
+    mount --move "/$d" "/newroot/$d" || die "move /$d into the new root"
+done
+
+exec env -i \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/root LANG=C.UTF-8 \
+    PYTHONPATH=/opt/hived PYTHONDONTWRITEBYTECODE=1 HIVED_PUREPYTHON=1 \
+    HIVED_T_INIT="$T_INIT" HIVED_T_MODULES="$T_MODULES" HIVED_T_ROOT="$T_ROOT" \
+    switch_root /newroot /usr/bin/python3 -m hived.cell.agent
