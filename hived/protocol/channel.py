@@ -37,7 +37,8 @@ class Channel(asyncio.Protocol):
         self.peer_hello = None
         self._queue: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
-        self._hello: asyncio.Future | None = None
+        # Channels are made inside a running loop (protocol factories, coroutines).
+        self._hello: asyncio.Future = asyncio.get_running_loop().create_future()
         self._hello_timer: asyncio.TimerHandle | None = None
         self._paused_reading = False
         self._can_write = asyncio.Event()
@@ -48,7 +49,6 @@ class Channel(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         loop = asyncio.get_running_loop()
         self.transport = transport
-        self._hello = loop.create_future()
         transport.write(self.session.hello_frame())
         if self.hello_timeout is not None:
             self._hello_timer = loop.call_later(self.hello_timeout, self._hello_timed_out)
@@ -94,7 +94,7 @@ class Channel(asyncio.Protocol):
         self.session.close()
         if self._hello_timer:
             self._hello_timer.cancel()
-        if self._hello is not None and not self._hello.done():
+        if not self._hello.done():
             self._hello.set_exception(ChannelClosed(self.closed_reason))
             self._hello.exception()  # mark retrieved: nobody may be waiting for it
         self._can_write.set()

@@ -1,0 +1,5 @@
+import sys
+
+from hived.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The box daemon: warm pools of cells on one bare-metal server."""

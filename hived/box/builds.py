@@ -1,0 +1,188 @@
+"""One build on one fresh cell: take it warm, run, relay output and exit, destroy it.
+
+The cell is hostile: everything it sends is checked (right build id, output within the
+limit, paced by a token bucket so a flood becomes back-pressure, not memory), and a
+cell that breaks the rules or dies fails only its own build.
+"""
+
+import asyncio
+import logging
+import time
+
+from hived.box.cell import CellState
+from hived.box.pool import BootFailed
+from hived.protocol.channel import ChannelClosed
+from hived.protocol.errors import ProtocolError
+from hived.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 10.0  # host-side deadline beyond the build's own timeout, for a guest that ignores it
+
+
+class CellBroke(Exception):
+    """The cell misbehaved or died; the message says how."""
+
+
+async def _tell(client, name: str, **fields) -> bool:
+    """Send to the client if it is still there; a client gone does not stop the cleanup."""
+    try:
+        await client.send(name, **fields)
+        return True
+    except (ChannelClosed, ProtocolError, OSError):
+        return False
+
+
+async def run_build(box, client, build_id: str, msg) -> None:
+    req = msg.fields
+    shape = box.config.shapes.get(req["shape"] or next(iter(box.config.shapes)))
+    rec = box.record_build(build_id, shape=req["shape"], customer=req["customer"], state="queued",
+                           argv=req["argv"][:8], submitted=time.time())
+    cancel = box.cancels[build_id]
+
+    async def finish(code: int, sig: int, reason: str, message: str, usage=None) -> None:
+        rec.update(state="done", code=code, signal=sig, reason=reason, message=message,
+                   finished=time.time())
+        box.metrics.builds.labels(reason).inc()
+        await _tell(client, "exit", build_id=build_id, code=code, signal=sig, reason=reason,
+                    message=message[:4096], usage=usage or {})
+
+    try:
+        if shape is None:
+            await _tell(client, "error", code="not_found", fatal=False, ref=req["request_id"],
+                        message=f"unknown shape {req['shape']!r}: this box offers "
+                                f"{', '.join(box.config.shapes)}")
+            await finish(-1, 0, "no_capacity", f"unknown shape {req['shape']!r}")
+            return
+        pool = box.pools[shape.name]
+        try:
+            rt = await _take_cell(pool, cancel, box.config.queue_timeout_s)
+        except (TimeoutError, BootFailed) as exc:
+            why = str(exc) or f"no warm cell of shape {shape.name} within {box.config.queue_timeout_s:g} s"
+            await finish(-1, 0, "no_capacity", why)
+            return
+        if rt is None:
+            await finish(-1, 0, "cancelled", "cancelled while waiting for a cell")
+            return
+        try:
+            await _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish)
+        finally:
+            await box.destroy(rt, "build over")
+    finally:
+        box.cancels.pop(build_id, None)
+
+
+async def _take_cell(pool, cancel: asyncio.Event, timeout: float):
+    getter = asyncio.ensure_future(pool.get(timeout))
+    canceller = asyncio.ensure_future(cancel.wait())
+    try:
+        done, _ = await asyncio.wait({getter, canceller}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        try:
+            await getter
+        except (asyncio.CancelledError, TimeoutError, BootFailed):
+            pass
+        return None
+    finally:
+        canceller.cancel()
+
+
+async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish) -> None:
+    cell = rt.cell
+    loop = asyncio.get_running_loop()
+    if not (rt.channel and rt.channel.is_open) or rt.vmm_status is not None:
+        await finish(-1, 0, "cell_failed", f"cell {cell.id} died while warm: {cell.reason}")
+        return
+    cell.transition(CellState.ASSIGNED)
+    cell.build_id = build_id
+    rec.update(state="assigned", cell=cell.id)
+    await _tell(client, "build.accepted", request_id=req["request_id"], build_id=build_id, cell_id=cell.id)
+    t_assigned = time.monotonic()
+    bucket = TokenBucket(shape.output_bytes_s, 1.0, loop.time(), shape.output_bytes_s)
+    received = 0
+    deadline = None
+    if req["timeout_s"] > 0:
+        deadline = loop.time() + req["timeout_s"] + GRACE_S
+    cancel_sent = False
+    recv = None
+    try:
+        await rt.channel.send("run", build_id=build_id, argv=req["argv"], env=req["env"],
+                              cwd=req["cwd"] or "/work", timeout_s=req["timeout_s"],
+                              limits={"output_bytes": shape.output_limit})
+        while True:
+            recv = recv or asyncio.ensure_future(rt.channel.recv())
+            waiters = {recv}
+            if not cancel_sent:
+                waiters.add(asyncio.ensure_future(cancel.wait()))
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            done, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for w in pending:
+                if w is not recv:
+                    w.cancel()
+            if not done:
+                raise CellBroke(f"build ran {GRACE_S:g} s past its timeout of {req['timeout_s']:g} s "
+                                "and the cell did not stop it")
+            if recv not in done:
+                cancel_sent = True
+                await rt.channel.send("cancel", build_id=build_id, reason="cancelled by the client")
+                deadline = loop.time() + GRACE_S
+                continue
+            msg, recv = recv.result(), None
+            if msg.get("build_id", build_id) != build_id:
+                raise CellBroke(f"cell sent {msg.name} for build {msg['build_id']!r}, not {build_id}")
+            if msg.name == "started":
+                if cell.state is not CellState.ASSIGNED:
+                    raise CellBroke("cell sent started twice")
+                cell.transition(CellState.RUNNING)
+                rec.update(state="running", warm_start_ms=(time.monotonic() - t_assigned) * 1000)
+            elif msg.name == "output":
+                if cell.state is not CellState.RUNNING:
+                    raise CellBroke("cell sent output before started")
+                n = len(msg["data"])
+                received += n
+                if received > shape.output_limit:
+                    rec.update(output_bytes=received)
+                    cell.transition(CellState.FINISHED, "output limit")
+                    await finish(-1, 9, "output_limit", f"build wrote more than {shape.output_limit} "
+                                 f"bytes; cell {cell.id} destroyed")
+                    return
+                wait = bucket.wait_time(n, loop.time())
+                if wait > 0:
+                    await asyncio.sleep(wait)  # not reading meanwhile: back-pressure to the guest
+                bucket.consume(min(n, bucket.size), loop.time())
+                await _tell(client, "output", build_id=build_id, stream=msg["stream"], seq=msg["seq"],
+                            data=msg["data"])
+            elif msg.name == "exit":
+                if cell.state is CellState.ASSIGNED:  # spawn failed: it never started
+                    cell.transition(CellState.RUNNING)
+                cell.transition(CellState.FINISHED, msg["reason"])
+                rec.update(output_bytes=received)
+                await finish(msg["code"], msg["signal"], msg["reason"], msg["message"], msg["usage"])
+                return
+            elif msg.name == "error":
+                log.warning("cell %s says %s: %s", cell.id, msg["code"], msg["message"])
+            elif msg.name == "ping":
+                await rt.channel.send("pong", seq=msg["seq"])
+            else:
+                raise CellBroke(f"cell sent unexpected {msg.name} during a build")
+    except (ChannelClosed, CellBroke) as exc:
+        if isinstance(exc, ChannelClosed):
+            try:  # the VMM usually exits with the channel: give its status a moment to arrive
+                await asyncio.wait_for(asyncio.shield(rt.watcher), 1.0)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            vmm = f"VMM exited with status {rt.vmm_status}" if rt.vmm_status is not None else "VMM still up"
+            why = f"cell {cell.id} failed during the build: {exc} ({vmm}); " \
+                  f"console: {rt.driver.console_tail(6) or '(empty)'}"
+        else:
+            why = f"cell {cell.id} failed during the build: {exc}"
+        log.warning("%s", why)
+        box.metrics.cell_failures.labels("build").inc()
+        cell.transition(CellState.FAILED, why)
+        reason = "timeout" if "past its timeout" in str(exc) else "cell_failed"
+        await finish(-1, 0, reason, why)
+    finally:
+        if recv is not None:
+            recv.cancel()

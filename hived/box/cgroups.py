@@ -1,0 +1,226 @@
+"""Per-cell cgroups, v1 and v2 behind one interface, filesystem root passed in.
+
+Each cell gets `<root>/[<controller>/]<parent>/<cell id>`; `parent` is per box, so a
+restarted daemon finds its leftovers by listing it. The VMM joins through the paths
+in `procs_files()` between fork and exec (see hived.vmm.qemu).
+"""
+
+import abc
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class CgroupError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class CellLimits:
+    memory_bytes: int = 0         # 0: no limit
+    cpus: str = ""                # cpuset list, "" = inherit
+    pids_max: int = 0
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as exc:
+        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}") from None
+
+
+class Cgroups(abc.ABC):
+    version = 0
+
+    def __init__(self, root: Path, parent: str) -> None:
+        self.root = Path(root)
+        self.parent = parent
+
+    @abc.abstractmethod
+    def dirs(self, name: str) -> list[Path]: ...
+
+    @abc.abstractmethod
+    def create(self, name: str, limits: CellLimits) -> list[Path]:
+        """Make the cell's cgroup(s); returns the cgroup.procs files to join."""
+
+    @abc.abstractmethod
+    def cells(self) -> list[str]:
+        """Names of every cell cgroup under this box's parent (for crash cleanup)."""
+
+    def procs(self, name: str) -> set[int]:
+        pids: set[int] = set()
+        for d in self.dirs(name):
+            try:
+                pids |= {int(x) for x in (d / "cgroup.procs").read_text().split()}
+            except FileNotFoundError:
+                pass
+        return pids
+
+    def remove(self, name: str, timeout: float = 5.0) -> None:
+        """Kill whatever is left in the cell's cgroup, then remove it. Idempotent."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.procs(name)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            busy = []
+            for d in self.dirs(name):
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    busy.append(d)
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise CgroupError(f"cgroup {busy[0]} still busy after {timeout:g} s (pids {sorted(pids)})")
+            time.sleep(0.01)
+
+    def memory_limit(self, name: str) -> int | None:
+        raise NotImplementedError
+
+
+class CgroupV1(Cgroups):
+    version = 1
+    CONTROLLERS = ("cpuset", "cpu", "memory", "pids", "blkio")
+
+    def dirs(self, name: str) -> list[Path]:
+        return [self.root / c / self.parent / name for c in self.CONTROLLERS]
+
+    def _ensure_parent(self) -> None:
+        for c in self.CONTROLLERS:
+            path = self.root / c
+            if not path.is_dir():
+                raise CgroupError(f"cgroup v1 controller {c} is not mounted at {path}")
+            parts = Path(self.parent).parts
+            for depth in range(1, len(parts) + 1):
+                d = path.joinpath(*parts[:depth])
+                if not d.is_dir():
+                    d.mkdir()
+                if c == "cpuset":  # a v1 cpuset is unusable until cpus and mems are set
+                    for knob in ("cpuset.cpus", "cpuset.mems"):
+                        if not (d / knob).read_text().strip():
+                            _write(d / knob, (d.parent / knob).read_text().strip())
+
+    def create(self, name: str, limits: CellLimits) -> list[Path]:
+        self._ensure_parent()
+        made = []
+        try:
+            for d in self.dirs(name):
+                d.mkdir()
+                made.append(d)
+            cpuset = self.root / "cpuset" / self.parent / name
+            parent_cpuset = cpuset.parent
+            _write(cpuset / "cpuset.cpus", limits.cpus or (parent_cpuset / "cpuset.cpus").read_text().strip())
+            _write(cpuset / "cpuset.mems", (parent_cpuset / "cpuset.mems").read_text().strip())
+            memory = self.root / "memory" / self.parent / name
+            if limits.memory_bytes:
+                _write(memory / "memory.limit_in_bytes", str(limits.memory_bytes))
+            if limits.pids_max:
+                _write(self.root / "pids" / self.parent / name / "pids.max", str(limits.pids_max))
+        except (OSError, CgroupError):
+            for d in made:
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            raise
+        return [d / "cgroup.procs" for d in self.dirs(name)]
+
+    def cells(self) -> list[str]:
+        names: set[str] = set()
+        for c in self.CONTROLLERS:
+            d = self.root / c / self.parent
+            if d.is_dir():
+                names |= {p.name for p in d.iterdir() if p.is_dir()}
+        return sorted(names)
+
+    def memory_limit(self, name: str) -> int | None:
+        path = self.root / "memory" / self.parent / name / "memory.limit_in_bytes"
+        return int(path.read_text()) if path.exists() else None
+
+
+class CgroupV2(Cgroups):
+    version = 2
+    CONTROLLERS = ("cpuset", "cpu", "memory", "pids", "io")
+
+    def dirs(self, name: str) -> list[Path]:
+        return [self.root / self.parent / name]
+
+    def _ensure_parent(self) -> None:
+        available = set((self.root / "cgroup.controllers").read_text().split())
+        missing = [c for c in ("memory", "pids") if c not in available]
+        if missing:
+            raise CgroupError(f"cgroup v2 at {self.root} lacks controllers {missing}: "
+                              "enable them (systemd: Delegate=yes in the unit)")
+        d = self.root
+        for part in Path(self.parent).parts:
+            wanted = " ".join(f"+{c}" for c in self.CONTROLLERS if c in available)
+            _write(d / "cgroup.subtree_control", wanted)
+            d = d / part
+            d.mkdir(exist_ok=True)
+        wanted = " ".join(f"+{c}" for c in self.CONTROLLERS if c in available)
+        _write(d / "cgroup.subtree_control", wanted)
+
+    def create(self, name: str, limits: CellLimits) -> list[Path]:
+        self._ensure_parent()
+        (d,) = self.dirs(name)
+        d.mkdir()
+        try:
+            if limits.memory_bytes:
+                _write(d / "memory.max", str(limits.memory_bytes))
+            if limits.cpus and (d / "cpuset.cpus").exists():
+                _write(d / "cpuset.cpus", limits.cpus)
+            if limits.pids_max:
+                _write(d / "pids.max", str(limits.pids_max))
+        except CgroupError:
+            d.rmdir()
+            raise
+        return [d / "cgroup.procs"]
+
+    def remove(self, name: str, timeout: float = 5.0) -> None:
+        (d,) = self.dirs(name)
+        if (d / "cgroup.kill").exists():
+            try:
+                (d / "cgroup.kill").write_text("1")
+            except OSError:
+                pass
+        super().remove(name, timeout)
+
+    def cells(self) -> list[str]:
+        d = self.root / self.parent
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+    def memory_limit(self, name: str) -> int | None:
+        path = self.root / self.parent / name / "memory.max"
+        if not path.exists():
+            return None
+        text = path.read_text().strip()
+        return None if text == "max" else int(text)
+
+
+def detect(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """1 or 2: which hierarchy is usable at `root` (v2 only if it has controllers)."""
+    root = Path(root)
+    controllers = root / "cgroup.controllers"
+    if controllers.exists() and controllers.read_text().split():
+        return 2
+    if (root / "memory").is_dir() and (root / "cpuset").is_dir():
+        return 1
+    return 0
+
+
+def open_cgroups(parent: str, root: Path = Path("/sys/fs/cgroup")) -> Cgroups:
+    version = detect(root)
+    if version == 2:
+        return CgroupV2(root, parent)
+    if version == 1:
+        return CgroupV1(root, parent)
+    raise CgroupError(f"no usable cgroup hierarchy at {root}: need v2 with controllers, "
+                      "or v1 with cpuset and memory mounted")

@@ -1,0 +1,125 @@
+"""Box configuration (TOML): totals, shapes, pools. Every error names the key and the fix."""
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    vcpus: int = 1
+    memory_mib: int = 512
+    scratch_mib: int = 2048
+    pool_target: int = 1
+    disk_bytes_s: int = 0
+    disk_iops: int = 0
+    output_bytes_s: int = 32 << 20   # host-side pacing of a cell's output
+    output_limit: int = 1 << 30      # a build writing more than this is stopped
+
+
+@dataclass(frozen=True)
+class BoxConfig:
+    name: str
+    state_dir: Path
+    image_dir: Path
+    shapes: dict[str, Shape]
+    boot_concurrency: int = 2
+    boot_timeout_s: float = 120.0
+    vmm_overhead_mib: int = 256
+    metrics_addr: str = "127.0.0.1"
+    metrics_port: int = 0            # 0: pick a free port (written to endpoints.json)
+    queue_timeout_s: float = 300.0   # a build waits this long for a warm cell
+    accelerator: str = ""            # "", "kvm" or "tcg": "" means the KVM probe decides
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def client_socket(self) -> Path:
+        return self.state_dir / "box.sock"
+
+    @property
+    def cells_dir(self) -> Path:
+        return self.state_dir / "cells"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"hived/{self.name}"
+
+
+SHAPE_INTS = ("vcpus", "memory_mib", "scratch_mib", "pool_target", "disk_bytes_s", "disk_iops",
+              "output_bytes_s", "output_limit")
+MINIMUM = {"vcpus": 1, "memory_mib": 128, "scratch_mib": 64}
+
+
+def _int(where: str, value, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{where}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse(data: dict, source: str = "<config>") -> BoxConfig:
+    box = data.get("box", {})
+    known = {"name", "state_dir", "image_dir", "boot_concurrency", "boot_timeout_s", "vmm_overhead_mib",
+             "metrics_addr", "metrics_port", "queue_timeout_s", "accelerator"}
+    for key in box:
+        if key not in known:
+            raise ConfigError(f"{source}: box.{key}: unknown key (known: {', '.join(sorted(known))})")
+    shapes = {}
+    for name, raw in data.get("shapes", {}).items():
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: shapes.{name}: expected a table")
+        kw = {}
+        for key, value in raw.items():
+            if key not in SHAPE_INTS:
+                raise ConfigError(f"{source}: shapes.{name}.{key}: unknown key "
+                                  f"(known: {', '.join(SHAPE_INTS)})")
+            kw[key] = _int(f"{source}: shapes.{name}.{key}", value, MINIMUM.get(key, 0))
+        shapes[name] = Shape(name=name, **kw)
+    if not shapes:
+        raise ConfigError(f"{source}: no [shapes.NAME] table: a box needs at least one shape")
+    accel = box.get("accelerator", "")
+    if accel not in ("", "kvm", "tcg"):
+        raise ConfigError(f"{source}: box.accelerator: expected \"kvm\", \"tcg\" or absent, got {accel!r}")
+    state_dir = Path(box.get("state_dir", "/var/lib/hived/box"))
+    return BoxConfig(
+        name=str(box.get("name", socket.gethostname().split(".")[0] or "box")),
+        state_dir=state_dir,
+        image_dir=Path(box.get("image_dir", os.environ.get("HIVED_IMAGE_DIR", "/var/lib/hived/images"))),
+        shapes=shapes,
+        boot_concurrency=_int(f"{source}: box.boot_concurrency", box.get("boot_concurrency", 2), 1),
+        boot_timeout_s=float(box.get("boot_timeout_s", 120.0)),
+        vmm_overhead_mib=_int(f"{source}: box.vmm_overhead_mib", box.get("vmm_overhead_mib", 256), 0),
+        metrics_addr=str(box.get("metrics_addr", "127.0.0.1")),
+        metrics_port=_int(f"{source}: box.metrics_port", box.get("metrics_port", 0), 0),
+        queue_timeout_s=float(box.get("queue_timeout_s", 300.0)),
+        accelerator=accel,
+    )
+
+
+def load(path: Path) -> BoxConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return parse(data, str(path))
+
+
+def embedded(home: Path, pool_target: int = 1) -> BoxConfig:
+    """`hived up`'s box: one small shape, a small warm pool, state under `home`."""
+    return parse(
+        {
+            "box": {"name": "up", "state_dir": str(home / "state")},
+            "shapes": {"small": {"vcpus": 1, "memory_mib": 512, "scratch_mib": 1024,
+                                 "pool_target": pool_target}},
+        },
+        "embedded defaults",
+    )

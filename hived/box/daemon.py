@@ -1,0 +1,299 @@
+"""The box daemon: one process (uvloop) that owns every cell on this box.
+
+    client --build.submit--> BoxDaemon --take warm cell--> WarmPool
+                                 |  run / cancel / shutdown        ^ boots cells
+                                 v                                 |
+                              cell (VMM driver + channel) --------'
+    output and exit flow back: cell -> box (paced, bounded) -> client
+"""
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+from hived import sdnotify
+from hived.box import leftovers
+from hived.box.builds import run_build
+from hived.box.cell import Cell, CellState, new_cell_id
+from hived.box.cgroups import CellLimits, CgroupError, open_cgroups
+from hived.box.config import BoxConfig
+from hived.box.metrics import BoxMetrics
+from hived.box.pool import BootFailed, WarmPool
+from hived.protocol.channel import Channel, ChannelClosed, unlink_socket
+from hived.protocol.errors import ProtocolError
+from hived.protocol.session import Session
+from hived.vmm.base import CellSpec, VmmError
+from hived.vmm.qemu import QemuMicrovm
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellImage:
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+
+    @classmethod
+    def at(cls, d: Path) -> "CellImage":
+        return cls(d / "vmlinuz", d / "initrd.img", d / "root.ext4")
+
+
+@dataclasses.dataclass
+class CellRuntime:
+    """A cell and the host things it owns."""
+    cell: Cell
+    driver: object
+    channel: Channel | None = None
+    cgroup: bool = False
+    watcher: asyncio.Task | None = None
+    vmm_status: int | None = None
+    destroyed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    isolation_ms: float = 0.0
+    teardown_ms: float = 0.0
+
+
+class BoxDaemon:
+    def __init__(self, config: BoxConfig, *, image: CellImage, accelerator: str,
+                 driver_factory=QemuMicrovm) -> None:
+        self.config = config
+        self.image = image
+        self.accelerator = accelerator
+        self.driver_factory = driver_factory
+        self.metrics = BoxMetrics()
+        self.cells: dict[str, CellRuntime] = {}
+        self.pools: dict[str, WarmPool] = {}
+        self.builds: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.cancels: dict[str, asyncio.Event] = {}
+        self.boot_sem = asyncio.Semaphore(config.boot_concurrency)
+        self.cgroups = None
+        self.metrics_port = 0
+        self.leftovers_cleaned: list[str] = []
+        self._server = None
+        self._watchdog: asyncio.Task | None = None
+        self._clients: set[Channel] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self.started_at = time.time()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.cells_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cgroups = open_cgroups(cfg.cgroup_parent)
+        except CgroupError as exc:
+            if os.geteuid() == 0:
+                raise
+            log.warning("running without per-cell cgroups: %s", exc)
+        self.leftovers_cleaned = leftovers.clean(cfg.cells_dir, self.cgroups)
+        self.metrics_port = self.metrics.serve(cfg.metrics_addr, cfg.metrics_port)
+        unlink_socket(str(cfg.client_socket))
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self._client_factory, str(cfg.client_socket))
+        os.chmod(cfg.client_socket, 0o660)
+        for shape in cfg.shapes.values():
+            pool = WarmPool(shape, self.boot_cell, self.metrics)
+            self.pools[shape.name] = pool
+            pool.start()
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            self._watchdog = loop.create_task(self._watchdog_loop(interval))
+
+    async def wait_ready(self) -> None:
+        """Until every pool with a target has had a warm cell; then READY=1."""
+        await asyncio.gather(*(p.ready.wait() for p in self.pools.values() if p.target > 0))
+        sdnotify.notify(f"READY=1\nSTATUS=serving; {self.status_line()}")
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        sdnotify.notify("STOPPING=1")
+        if self._server:
+            self._server.close()
+        for ch in list(self._clients):
+            ch.close("box stopping")
+        warm = []
+        for pool in self.pools.values():
+            warm += await pool.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self.destroy(rt, "box stopping") for rt in list(self.cells.values())),
+                             return_exceptions=True)
+        if self._watchdog:
+            self._watchdog.cancel()
+        unlink_socket(str(self.config.client_socket))
+        self.metrics.close()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- cells -----------------------------------------------------------------------------
+    def cell_spec(self, cell: Cell, shape, cgroup_procs, mode: str = "agent") -> CellSpec:
+        return CellSpec(
+            cell_id=cell.id, cell_dir=self.config.cells_dir / cell.id, vcpus=shape.vcpus,
+            memory_mib=shape.memory_mib, scratch_mib=shape.scratch_mib,
+            kernel=self.image.kernel, initrd=self.image.initrd, rootfs=self.image.rootfs,
+            accelerator=self.accelerator, mode=mode, cgroup_procs=tuple(cgroup_procs),
+            disk_bytes_s=shape.disk_bytes_s, disk_iops=shape.disk_iops,
+        )
+
+    async def boot_cell(self, shape) -> CellRuntime:
+        cell = Cell(new_cell_id(), shape.name, on_change=self.metrics.on_cell_change)
+        self.metrics.cells.labels(cell.state.value).inc()
+        rt = CellRuntime(cell, self.driver_factory())
+        self.cells[cell.id] = rt
+        async with self.boot_sem:
+            try:
+                t0 = time.monotonic()
+                procs = []
+                if self.cgroups is not None:
+                    limit = (shape.memory_mib + self.config.vmm_overhead_mib) << 20
+                    procs = self.cgroups.create(cell.id, CellLimits(memory_bytes=limit, pids_max=4096))
+                    rt.cgroup = True
+                await rt.driver.prepare(self.cell_spec(cell, shape, procs))
+                rt.isolation_ms = (time.monotonic() - t0) * 1000
+                cell.transition(CellState.BOOTING)
+                cell.pid = await rt.driver.launch()
+                rt.watcher = asyncio.get_running_loop().create_task(self._watch_vmm(rt))
+                rt.channel = await rt.driver.accept(self.config.boot_timeout_s)
+                msg = await asyncio.wait_for(rt.channel.recv(), self.config.boot_timeout_s)
+                if msg.name != "cell.hello" or msg["cell_id"] != cell.id:
+                    raise ProtocolError("bad_message", f"expected cell.hello from {cell.id}, got {msg.name} "
+                                        f"{msg.fields.get('cell_id', '')!r}")
+                cell.boot = dict(msg["boot"], kernel=msg["kernel"])
+                cell.transition(CellState.WARM)
+            except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError) as exc:
+                why = f"cell {cell.id} failed to boot: {exc}"
+                if isinstance(exc, (ChannelClosed, TimeoutError, ProtocolError)):
+                    why += f"; console: {rt.driver.console_tail(6) or '(empty)'}"
+                log.warning("%s", why)
+                self.metrics.cell_failures.labels("boot").inc()
+                await self.destroy(rt, why)
+                raise BootFailed(why) from None
+            except asyncio.CancelledError:
+                await self.destroy(rt, "box stopping")
+                raise
+        self.metrics.boot_seconds.labels(shape.name).observe(cell.boot_seconds())
+        return rt
+
+    async def _watch_vmm(self, rt: CellRuntime) -> None:
+        status = await rt.driver.wait_exit()
+        rt.vmm_status = status
+        if rt.cell.alive and rt.cell.state is not CellState.RUNNING:
+            # A warm cell whose VMM died: remove it from the pool and refill.
+            why = f"VMM exited with status {status} while {rt.cell.state.value}; " \
+                  f"console: {rt.driver.console_tail(6) or '(empty)'}"
+            pool = self.pools.get(rt.cell.shape)
+            if pool and rt in pool.warm:
+                pool.warm.remove(rt)
+                pool.kick()
+            if rt.cell.state is CellState.WARM:
+                self.metrics.cell_failures.labels("warm").inc()
+                await self.destroy(rt, why)
+
+    async def destroy(self, rt: CellRuntime, reason: str = "") -> None:
+        """Remove everything the cell owns; safe in any state, and twice."""
+        cell = rt.cell
+        if cell.state is CellState.DESTROYED:
+            return
+        t0 = time.monotonic()
+        if cell.alive:
+            cell.transition(CellState.FAILED, reason)
+        try:
+            await rt.driver.destroy()
+        finally:
+            if rt.cgroup:
+                try:
+                    self.cgroups.remove(cell.id)
+                except CgroupError as exc:
+                    log.error("cell %s: %s", cell.id, exc)
+            if rt.watcher and asyncio.current_task() is not rt.watcher:
+                rt.watcher.cancel()
+            rt.teardown_ms = (time.monotonic() - t0) * 1000
+            cell.transition(CellState.DESTROYED)
+            self.cells.pop(cell.id, None)
+            rt.destroyed.set()
+            pool = self.pools.get(cell.shape)
+            if pool:
+                pool.kick()
+
+    # -- clients ---------------------------------------------------------------------------
+    def _client_factory(self) -> Channel:
+        session = Session("box", self.config.name, {"client", "control"})
+        channel = Channel(session, hello_timeout=10.0)
+        self.spawn(self._serve_client(channel))
+        return channel
+
+    async def _serve_client(self, channel: Channel) -> None:
+        self._clients.add(channel)
+        mine: set[str] = set()
+        try:
+            await channel.handshake()
+            while True:
+                msg = await channel.recv()
+                if msg.name == "build.submit":
+                    build_id = "b" + secrets.token_hex(6)
+                    mine.add(build_id)
+                    self.cancels[build_id] = asyncio.Event()
+                    self.spawn(run_build(self, channel, build_id, msg))
+                elif msg.name == "cancel":
+                    event = self.cancels.get(msg["build_id"])
+                    if event is None:
+                        await channel.send("error", code="not_found", fatal=False, ref=msg["build_id"],
+                                           message=f"no running build {msg['build_id']} on this box")
+                    else:
+                        event.set()
+                elif msg.name == "status.get":
+                    await channel.send("status", report=self.status())
+                elif msg.name == "ping":
+                    await channel.send("pong", seq=msg["seq"])
+        except ChannelClosed:
+            pass
+        finally:
+            self._clients.discard(channel)
+            for build_id in mine:  # a client that leaves takes its builds with it
+                event = self.cancels.get(build_id)
+                if event:
+                    event.set()
+
+    # -- reporting -------------------------------------------------------------------------
+    def record_build(self, build_id: str, **fields) -> dict:
+        rec = self.builds.setdefault(build_id, {"id": build_id})
+        rec.update(fields)
+        while len(self.builds) > 200:
+            self.builds.popitem(last=False)
+        return rec
+
+    def status(self) -> dict:
+        by_state = collections.Counter(rt.cell.state.value for rt in self.cells.values())
+        return {
+            "box": self.config.name,
+            "accelerator": self.accelerator,
+            "cells_by_state": {s.value: by_state.get(s.value, 0) for s in CellState},
+            "cells": [
+                {"id": rt.cell.id, "shape": rt.cell.shape, "state": rt.cell.state.value,
+                 "pid": rt.cell.pid, "build": rt.cell.build_id,
+                 "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
+                for rt in self.cells.values()
+            ],
+            "pools": {name: pool.describe() for name, pool in self.pools.items()},
+            "builds": list(self.builds.values())[-50:],
+            "leftovers_cleaned_at_start": self.leftovers_cleaned,
+            "metrics_port": self.metrics_port,
+        }
+
+    def status_line(self) -> str:
+        warm = sum(len(p.warm) for p in self.pools.values())
+        return f"{len(self.cells)} cells, {warm} warm"

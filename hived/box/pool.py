@@ -1,0 +1,151 @@
+"""A warm pool per shape: keeps `target` cells booted, boots more for waiting builds,
+bounds concurrent boots (shared semaphore), and backs off after failed boots."""
+
+import asyncio
+import collections
+import logging
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 60.0
+
+
+class BootFailed(Exception):
+    pass
+
+
+class WarmPool:
+    def __init__(self, shape, boot, metrics=None) -> None:
+        self.shape = shape
+        self.target = shape.pool_target
+        self._boot = boot                 # async fn(shape) -> runtime, raises BootFailed
+        self.metrics = metrics
+        self.warm: collections.deque = collections.deque()
+        self.booting = 0
+        self.failures = 0                 # consecutive
+        self.last_error = ""
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._boots: set[asyncio.Task] = set()
+        self._stopping = False
+        self.ready = asyncio.Event()      # set once a cell has been warm (for READY=1)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-{self.shape.name}")
+        self._publish()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def _wanted(self) -> int:
+        return self.target + len(self._waiters) - len(self.warm) - self.booting
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            while self._wanted() > 0 and not self._stopping:
+                if self.failures:
+                    delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (self.failures - 1))
+                    log.warning("pool %s: %d failed boot(s) in a row, next try in %.1f s: %s",
+                                self.shape.name, self.failures, delay, self.last_error)
+                    try:
+                        await asyncio.wait_for(self._kick.wait(), delay)
+                    except TimeoutError:
+                        pass
+                    self._kick.clear()
+                    if self._stopping or self._wanted() <= 0:
+                        break
+                self.booting += 1
+                task = asyncio.get_running_loop().create_task(self._boot_one())
+                self._boots.add(task)
+                task.add_done_callback(self._boots.discard)
+                if self.failures:
+                    break  # one probe boot at a time while failing
+            self._publish()
+            await self._kick.wait()
+            self._kick.clear()
+
+    async def _boot_one(self) -> None:
+        try:
+            rt = await self._boot(self.shape)
+        except BootFailed as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            for waiter in list(self._waiters):
+                if not waiter.done() and self.failures >= 3:
+                    waiter.set_exception(BootFailed(f"cells of shape {self.shape.name} fail to boot: {exc}"))
+            return
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self.booting -= 1
+            self.kick()
+        self.failures = 0
+        self.last_error = ""
+        self.put(rt)
+
+    def put(self, rt) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(rt)
+                self._publish()
+                return
+        self.warm.append(rt)
+        self.ready.set()
+        self._publish()
+
+    def take(self):
+        """A warm cell now, or None. Dead cells found on the way are handed back for cleanup."""
+        while self.warm:
+            rt = self.warm.popleft()
+            self.kick()
+            self._publish()
+            return rt
+        return None
+
+    async def get(self, timeout: float):
+        rt = self.take()
+        if rt is not None:
+            return rt
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.kick()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.put(waiter.result())  # a cell arrived as we gave up: keep it warm
+            else:
+                waiter.cancel()
+            raise
+        finally:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def _publish(self) -> None:
+        if self.metrics:
+            self.metrics.pool_size.labels(self.shape.name).set(len(self.warm))
+            self.metrics.pool_target.labels(self.shape.name).set(self.target)
+
+    async def stop(self) -> list:
+        """Stop booting; returns the warm cells for the caller to destroy."""
+        self._stopping = True
+        self.kick()
+        for task in [self._task, *self._boots]:
+            if task:
+                task.cancel()
+        await asyncio.gather(*(t for t in [self._task, *self._boots] if t), return_exceptions=True)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(BootFailed("box is stopping"))
+        warm, self.warm = list(self.warm), collections.deque()
+        return warm
+
+    def describe(self) -> dict:
+        return {"target": self.target, "warm": len(self.warm), "booting": self.booting,
+                "waiting_builds": len(self._waiters), "consecutive_failures": self.failures,
+                "last_error": self.last_error}

@@ -1,0 +1,354 @@
+"""The cell daemon: PID 1 of the guest once the initramfs hands over.
+
+It opens the host channel (virtio-serial port `hived.0`; vsock where the VMM offers
+it), says hello, announces itself with `cell.hello` (the host never polls a guest that
+is not listening yet), then runs exactly one build: spawn as the unprivileged `build`
+user, stream stdout/stderr as bounded `output` chunks with back-pressure, report
+`exit` with usage, honour `cancel` and `shutdown`. When the host goes away, the
+build is killed and the guest powers off: a cell never outlives its box daemon.
+
+Being PID 1, it reaps every child (orphans included) from one SIGCHLD handler, so
+it must not use asyncio's child watchers.
+"""
+
+import asyncio
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from hived import __version__
+from hived.protocol.channel import Channel, ChannelClosed
+from hived.protocol.session import Session
+
+PORT_NAME = "hived.0"
+BUILD_UID = BUILD_GID = 1000
+CHUNK = 65536
+DEFAULT_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/work",
+    "USER": "build",
+    "LANG": "C.UTF-8",
+}
+RB_AUTOBOOT = 0x01234567  # with `reboot=t` and QEMU -no-reboot this ends the VMM
+
+
+def log(msg: str) -> None:
+    # The serial console is the only log a cell has; the host keeps it per cell.
+    try:
+        with open("/dev/console", "w") as con:
+            con.write(f"hived-agent: {msg}\n")
+    except OSError:
+        print(f"hived-agent: {msg}", file=sys.stderr)
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def kernel_args() -> dict[str, str]:
+    with open("/proc/cmdline") as f:
+        words = f.read().split()
+    return dict(w.split("=", 1) for w in words if w.startswith("hived.") and "=" in w)
+
+
+def find_port(name: str = PORT_NAME, wait_s: float = 5.0) -> str:
+    """The virtio-serial port's device node, found by name (its number varies)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            for dev in os.listdir("/sys/class/virtio-ports"):
+                with open(f"/sys/class/virtio-ports/{dev}/name") as f:
+                    if f.read().strip() == name:
+                        return f"/dev/{dev}"
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no virtio-serial port named {name!r} (is virtio_console loaded?)")
+        time.sleep(0.01)
+
+
+def power_off() -> None:
+    os.sync()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.reboot(RB_AUTOBOOT)
+    os._exit(1)  # only if reboot failed: PID 1 exiting panics, and panic=-1 reboots
+
+
+class PipePairTransport:
+    """One duplex transport over a character device (read and write pipe transports on dups)."""
+
+    def __init__(self, rt, wt) -> None:
+        self._rt, self._wt = rt, wt
+
+    def write(self, data: bytes) -> None:
+        self._wt.write(data)
+
+    def pause_reading(self) -> None:
+        self._rt.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._rt.resume_reading()
+
+    def close(self) -> None:
+        self._rt.close()
+        self._wt.close()
+
+    def is_closing(self) -> bool:
+        return self._rt.is_closing()
+
+
+class _ReadSide(asyncio.Protocol):
+    """Bytes that arrive before the channel has its transport wait here (the read pipe
+    starts reading before the write side exists, and pause_reading() does not stop that
+    on every 3.11 release)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.early: list[bytes] | None = []
+
+    def attached(self) -> None:
+        early, self.early = self.early, None
+        for data in early:
+            self.channel.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.early is not None:
+            self.early.append(data)
+        else:
+            self.channel.data_received(data)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.channel.connection_lost(exc)
+
+
+class _WriteSide(asyncio.BaseProtocol):
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def pause_writing(self) -> None:
+        self.channel.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.channel.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        self.channel.connection_lost(exc)
+
+
+async def open_port_channel(path: str, session: Session) -> Channel:
+    loop = asyncio.get_running_loop()
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    channel = Channel(session, hello_timeout=30.0, queue_max=64)
+    rt, reader = await loop.connect_read_pipe(lambda: _ReadSide(channel), os.fdopen(fd, "rb", 0))
+    wfd = os.dup(fd)
+    wt, _ = await loop.connect_write_pipe(lambda: _WriteSide(channel), os.fdopen(wfd, "wb", 0))
+    channel.connection_made(PipePairTransport(rt, wt))
+    reader.attached()
+    return channel
+
+
+class Build:
+    """The cell's one build: a process group, its two output streams, and its end."""
+
+    def __init__(self, agent: "Agent", msg) -> None:
+        self.agent = agent
+        self.id = msg["build_id"]
+        self.msg = msg
+        self.proc: subprocess.Popen | None = None
+        self.status: tuple[int, object] | None = None
+        self.reaped = asyncio.Event()
+        self.seq = 0
+        self.output_bytes = 0
+        self.output_limit = int(msg["limits"].get("output_bytes", 0)) or None
+        self.end_reason: str | None = None  # timeout / cancelled / output_limit
+        self.end_message = ""
+        self.started = 0.0
+
+    def _preexec(self) -> None:
+        import resource
+
+        limits = self.msg["limits"]
+        for key, res in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC),
+                         ("fsize", resource.RLIMIT_FSIZE)):
+            if key in limits:
+                resource.setrlimit(res, (limits[key], limits[key]))
+
+    async def run(self) -> None:
+        msg = self.msg
+        env = {**DEFAULT_ENV, **msg["env"]}
+        self.started = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                msg["argv"], cwd=msg["cwd"] or "/work", env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                user=BUILD_UID, group=BUILD_GID, extra_groups=[], start_new_session=True,
+                preexec_fn=self._preexec, close_fds=True,
+            )
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            await self.agent.send_exit(self.id, 127, 0, "spawn_failed",
+                                       f"cannot start {msg['argv'][:1]}: {exc}", {})
+            return
+        self.agent.children[self.proc.pid] = self
+        await self.agent.channel.send("started", build_id=self.id, pid=self.proc.pid, uptime=uptime())
+        loop = asyncio.get_running_loop()
+        timer = None
+        if msg["timeout_s"] > 0:
+            timer = loop.call_later(msg["timeout_s"], self.kill, "timeout",
+                                    f"build ran over its timeout of {msg['timeout_s']:g} s")
+        readers = [loop.create_task(self._pump(self.proc.stdout, 1)),
+                   loop.create_task(self._pump(self.proc.stderr, 2))]
+        await self.reaped.wait()
+        if timer:
+            timer.cancel()
+        # Pipes may be held open by background children; give them a moment, then stop.
+        done, pending = await asyncio.wait(readers, timeout=2.0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await self._report()
+
+    async def _pump(self, pipe, stream: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=CHUNK * 4)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        try:
+            while True:
+                data = await reader.read(CHUNK)
+                if not data:
+                    return
+                if self.output_limit is not None and self.output_bytes + len(data) > self.output_limit:
+                    data = data[: max(0, self.output_limit - self.output_bytes)]
+                    self.kill("output_limit", f"build wrote more than {self.output_limit} bytes")
+                self.output_bytes += len(data)
+                if data:
+                    seq, self.seq = self.seq, self.seq + 1
+                    # send() waits while the host is not reading: that is the back-pressure.
+                    await self.agent.channel.send("output", build_id=self.id, stream=stream,
+                                                  seq=seq, data=data)
+                if self.end_reason == "output_limit":
+                    return
+        finally:
+            transport.close()
+
+    def kill(self, reason: str, message: str) -> None:
+        if self.proc is None or self.status is not None:
+            return
+        if self.end_reason is None:
+            self.end_reason, self.end_message = reason, message
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    async def _report(self) -> None:
+        status, ru = self.status
+        usage = {
+            "wall_s": time.monotonic() - self.started,
+            "utime_s": ru.ru_utime,
+            "stime_s": ru.ru_stime,
+            "maxrss_kb": float(ru.ru_maxrss),
+            "output_bytes": float(self.output_bytes),
+        }
+        if os.WIFSIGNALED(status):
+            code, sig = -1, os.WTERMSIG(status)
+            reason = self.end_reason or "signaled"
+            message = self.end_message or f"killed by {signal.Signals(sig).name}"
+        else:
+            code, sig = os.WEXITSTATUS(status), 0
+            reason = self.end_reason or "exited"
+            message = self.end_message or f"exited with code {code}"
+        await self.agent.send_exit(self.id, code, sig, reason, message, usage)
+
+
+class Agent:
+    def __init__(self, cell_id: str) -> None:
+        self.cell_id = cell_id
+        self.channel: Channel | None = None
+        self.build: Build | None = None
+        self.children: dict[int, Build] = {}
+
+    def reap(self) -> None:
+        """Reap every exited child; orphans re-parented to PID 1 included."""
+        while True:
+            try:
+                pid, status, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            build = self.children.pop(pid, None)
+            if build is not None:
+                build.status = (status, ru)
+                build.proc.returncode = status  # keep Popen from waiting on a reaped pid
+                build.reaped.set()
+
+    async def send_exit(self, build_id, code, sig, reason, message, usage) -> None:
+        await self.channel.send("exit", build_id=build_id, code=code, signal=sig, reason=reason,
+                                message=message[:4096], usage=usage)
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        port = find_port()
+        session = Session("cell", self.cell_id, {"box"})
+        self.channel = await open_port_channel(port, session)
+        t_agent = uptime()
+        await self.channel.handshake()
+        boot = {"agent": t_agent, "hello": uptime()}
+        for stage in ("init", "modules", "root"):
+            value = os.environ.get(f"HIVED_T_{stage.upper()}")
+            if value:
+                boot[stage] = float(value)
+        await self.channel.send("cell.hello", cell_id=self.cell_id, kernel=os.uname().release,
+                                boot=boot, agent_version=__version__)
+        try:
+            while True:
+                msg = await self.channel.recv()
+                await self.handle(msg)
+        except ChannelClosed as exc:
+            log(f"host channel closed ({exc.reason}); powering off")
+            if self.build:
+                self.build.kill("cancelled", "host went away")
+
+    async def handle(self, msg) -> None:
+        if msg.name == "run":
+            if self.build is not None:
+                await self.channel.send("error", code="busy", fatal=False, ref=msg["build_id"],
+                                        message="this cell already ran its one build")
+                return
+            self.build = Build(self, msg)
+            asyncio.get_running_loop().create_task(self.build.run())
+        elif msg.name == "cancel":
+            if self.build and self.build.id == msg["build_id"]:
+                self.build.kill("cancelled", f"cancelled: {msg['reason']}")
+        elif msg.name == "ping":
+            await self.channel.send("pong", seq=msg["seq"])
+        elif msg.name == "shutdown":
+            log(f"shutdown: {msg['reason']}")
+            if self.build:
+                self.build.kill("cancelled", "cell shut down")
+            power_off()
+        elif msg.name == "error":
+            log(f"host says {msg['code']}: {msg['message']}")
+
+
+def main() -> None:
+    args = kernel_args()
+    agent = Agent(args.get("hived.cell", "unnamed"))
+    try:
+        asyncio.run(agent.main())
+    except Exception as exc:  # PID 1 must not die with a traceback only: say why, then stop
+        log(f"fatal: {type(exc).__name__}: {exc}")
+    power_off()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""VMM drivers: one module per VMM behind the small interface in hived.vmm.base."""

@@ -1,0 +1,60 @@
+"""The interface every VMM driver implements, and what it is given.
+
+Phases, each with its own call (Firecracker's preboot/runtime split):
+  prepare(spec)  -> host files for the cell (scratch disk, sockets); no process yet
+  launch()       -> the VMM process runs; guest code may start
+  accept()       -> the host<->cell channel, once the guest has said hello
+  destroy()      -> everything above is gone; safe to call in any phase, twice
+"""
+
+import abc
+import dataclasses
+from pathlib import Path
+
+
+class VmmError(Exception):
+    """A VMM could not be prepared, launched or reached; the message says what and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CellSpec:
+    cell_id: str
+    cell_dir: Path           # every host file of the cell lives here, named after it
+    vcpus: int
+    memory_mib: int
+    scratch_mib: int
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    accelerator: str         # "kvm" or "tcg", from the KVM probe
+    mode: str = "agent"      # "agent", or "bare" for the boot baseline
+    cgroup_procs: tuple[Path, ...] = ()  # the VMM joins these before any guest code runs
+    disk_bytes_s: int = 0    # 0: unlimited
+    disk_iops: int = 0
+    extra_cmdline: str = ""
+
+
+class VmmDriver(abc.ABC):
+    name = "abstract"
+
+    @abc.abstractmethod
+    async def prepare(self, spec: CellSpec) -> None: ...
+
+    @abc.abstractmethod
+    async def launch(self) -> int:
+        """Start the VMM; returns its pid."""
+
+    @abc.abstractmethod
+    async def accept(self, timeout: float):
+        """Wait for the guest to connect and say hello; returns a hived.protocol Channel."""
+
+    @abc.abstractmethod
+    async def wait_exit(self) -> int:
+        """Wait for the VMM process to end; returns its exit status."""
+
+    @abc.abstractmethod
+    async def destroy(self) -> None: ...
+
+    @abc.abstractmethod
+    def console_tail(self, lines: int = 20) -> str:
+        """The guest's last console lines, for error messages."""
