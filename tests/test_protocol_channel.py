@@ -4,13 +4,14 @@ import asyncio
 import socket
 
 import pytest
-from conftest import run_on
 
 from hived.protocol import codec
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.errors import ProtocolError
 from hived.protocol.framing_py import FrameDecoder, pack_frame
 from hived.protocol.session import LinkState, Session
+
+from conftest import run_on
 
 
 def hello_body(role="cell", lo=1, hi=1, peer="c-1", max_frame=65536):

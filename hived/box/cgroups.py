@@ -85,6 +85,21 @@ class Cgroups(abc.ABC):
     def memory_limit(self, name: str) -> int | None:
         raise NotImplementedError
 
+    @abc.abstractmethod
+    def parent_dirs(self) -> list[Path]: ...
+
+    def remove_parent(self) -> None:
+        """Remove the box's own parent groups once its cells are gone (best effort:
+        a parent shared with another box, or still holding cells, stays)."""
+        for d in self.parent_dirs():
+            for p in [d, *d.parents]:
+                if p in (self.root, *self.root.parents) or p.parent == self.root:
+                    break
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+
 
 class CgroupV1(Cgroups):
     version = 1
@@ -92,6 +107,9 @@ class CgroupV1(Cgroups):
 
     def dirs(self, name: str) -> list[Path]:
         return [self.root / c / self.parent / name for c in self.CONTROLLERS]
+
+    def parent_dirs(self) -> list[Path]:
+        return [self.root / c / self.parent for c in self.CONTROLLERS]
 
     def _ensure_parent(self) -> None:
         for c in self.CONTROLLERS:
@@ -152,6 +170,9 @@ class CgroupV2(Cgroups):
 
     def dirs(self, name: str) -> list[Path]:
         return [self.root / self.parent / name]
+
+    def parent_dirs(self) -> list[Path]:
+        return [self.root / self.parent]
 
     def _ensure_parent(self) -> None:
         available = set((self.root / "cgroup.controllers").read_text().split())

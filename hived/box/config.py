@@ -1,5 +1,6 @@
 """Box configuration (TOML): totals, shapes, pools. Every error names the key and the fix."""
 
+import hashlib
 import os
 import socket
 import tomllib
@@ -115,9 +116,11 @@ def load(path: Path) -> BoxConfig:
 
 def embedded(home: Path, pool_target: int = 1) -> BoxConfig:
     """`hived up`'s box: one small shape, a small warm pool, state under `home`."""
+    # Named after its home, so two `hived up` on one machine never share cgroups.
+    name = "up-" + hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:8]
     return parse(
         {
-            "box": {"name": "up", "state_dir": str(home / "state")},
+            "box": {"name": name, "state_dir": str(home / "state")},
             "shapes": {"small": {"vcpus": 1, "memory_mib": 512, "scratch_mib": 1024,
                                  "pool_target": pool_target}},
         },

@@ -131,6 +131,8 @@ class BoxDaemon:
         if self._watchdog:
             self._watchdog.cancel()
         unlink_socket(str(self.config.client_socket))
+        if self.cgroups is not None:
+            self.cgroups.remove_parent()
         self.metrics.close()
 
     def spawn(self, coro) -> asyncio.Task:

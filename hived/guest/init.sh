@@ -99,6 +99,7 @@ if [ "$mode" = bare ]; then
     exit 0
 fi
 
+[ -x /newroot/usr/bin/python3 ] || die "no /usr/bin/python3 in the root image"
 for d in dev proc sys; do
     mount --move "/$d" "/newroot/$d" || die "move /$d into the new root"
 done
@@ -108,4 +109,4 @@ exec env -i \
     HOME=/root LANG=C.UTF-8 \
     PYTHONPATH=/opt/hived PYTHONDONTWRITEBYTECODE=1 HIVED_PUREPYTHON=1 \
     HIVED_T_INIT="$T_INIT" HIVED_T_MODULES="$T_MODULES" HIVED_T_ROOT="$T_ROOT" \
-    switch_root /newroot /usr/bin/python3 -m hived.cell.agent
+    /bin/switch_root /newroot /usr/bin/python3 -m hived.cell.agent

@@ -7,10 +7,13 @@ vhost-vsock where /dev/vhost-vsock exists is the faster path on hosts that have 
 """
 
 import asyncio
+import functools
 import os
+import re
 import shutil
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 from hived.protocol.channel import Channel
@@ -28,14 +31,50 @@ def qemu_binary() -> str:
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def host_tsc_khz() -> int:
+    """The host's TSC rate: under TCG the guest's rdtsc reads the host's TSC.
+
+    Told this, the guest skips calibrating its TSC against the PIT, which fails when
+    the host is busy ("Unable to calibrate against PIT") and then hangs the boot in
+    timer setup with nothing on the console. Sources, best first: the kernel's own
+    calibration in the kernel log, then /proc/cpuinfo (right on VMs and on hosts with
+    a constant TSC at nominal speed).
+    """
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=2).stdout
+        for pattern in (r"tsc: Refined TSC clocksource calibration: ([0-9.]+) MHz",
+                        r"tsc: Detected ([0-9.]+) MHz"):
+            found = re.findall(pattern, log)
+            if found:
+                return int(float(found[-1]) * 1000)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", f.read(), re.M)
+        return int(float(m.group(1)) * 1000) if m else 0
+    except OSError:
+        return 0
+
+
+def guest_cmdline(spec: CellSpec) -> str:
+    """The guest kernel command line (pure apart from the cached host TSC rate)."""
+    args = ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "loglevel=3",
+            f"hived.mode={spec.mode}", f"hived.cell={spec.cell_id}", "hived.debug=1"]
+    if spec.accelerator != "kvm":
+        khz = host_tsc_khz()
+        # See host_tsc_khz(); tsc=reliable also stops the clocksource watchdog from
+        # dropping the TSC when a busy host delays the emulated timers.
+        args += ["no_timer_check", "tsc=reliable"] + ([f"tsc_early_khz={khz}"] if khz else [])
+    if spec.extra_cmdline:
+        args.append(spec.extra_cmdline)
+    return " ".join(args)
+
+
 def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch: Path, pidfile: Path):
     """The QEMU argv for a cell (pure: tested without starting anything)."""
-    append = (
-        f"console=ttyS0 reboot=t panic=-1 quiet loglevel=3 "
-        f"hived.mode={spec.mode} hived.cell={spec.cell_id}"
-    )
-    if spec.extra_cmdline:
-        append += " " + spec.extra_cmdline
+    append = guest_cmdline(spec)
     throttle = ""
     if spec.disk_bytes_s:
         throttle += f",throttling.bps-total={spec.disk_bytes_s}"

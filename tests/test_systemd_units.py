@@ -1,0 +1,188 @@
+"""systemd/hived-box.service, systemd/box.toml.example and hived/sdnotify.py, for real."""
+
+import configparser
+import os
+import re
+import shlex
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hived import sdnotify
+from hived.box import config as box_config
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "hived-box.service"
+EXAMPLE = ROOT / "systemd" / "box.toml.example"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def unit() -> configparser.ConfigParser:
+    # systemd units are ini-like: repeated keys are allowed, case matters, no interpolation.
+    parser = configparser.ConfigParser(strict=False, interpolation=None, comment_prefixes=("#", ";"),
+                                       empty_lines_in_values=False)
+    parser.optionxform = str
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def test_unit_service_settings(unit):
+    svc = unit["Service"]
+    assert svc["Type"] == "notify"
+    assert svc["NotifyAccess"] == "main"
+    assert int(svc["WatchdogSec"]) > 0
+    assert svc["Restart"] == "on-failure"
+    assert svc["KillMode"] == "mixed"
+    assert svc["Delegate"] == "yes"
+    assert int(svc["TimeoutStopSec"]) > 0
+    assert int(svc["LimitNOFILE"]) >= 4096
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_watchdog_is_pinged_often_enough(unit):
+    """The daemon pings every WatchdogSec/2 (sdnotify.watchdog_interval): keep that >= 1 s."""
+    assert int(unit["Service"]["WatchdogSec"]) >= 2
+
+
+def _exec_start(unit) -> list[str]:
+    return shlex.split(unit["Service"]["ExecStart"])
+
+
+def test_exec_start_is_a_hived_subcommand(unit):
+    argv = _exec_start(unit)
+    assert argv[0] == "/usr/local/bin/hived"
+    assert argv[1:] == ["box", "--config", "/etc/hived/box.toml"]
+    cmd = [sys.executable, "-m", "hived", argv[1], "--help"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "--config" in proc.stdout
+
+
+def test_exec_start_arguments_parse(unit, tmp_path):
+    """The exact ExecStart arguments get past the argument parser (to the config loading)."""
+    argv = _exec_start(unit)[1:]
+    missing = tmp_path / "absent.toml"
+    argv[argv.index("--config") + 1] = str(missing)
+    proc = subprocess.run([sys.executable, "-m", "hived", *argv], capture_output=True, text=True,
+                          timeout=60, env=_env(), cwd=ROOT)
+    assert proc.returncode != 0
+    assert "usage:" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert str(missing) in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_systemd_analyze_verify(tmp_path):
+    """systemd's own parser: no unknown keys, no bad values (ExecStart pointed at a real file)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    text = UNIT.read_text().replace("ExecStart=/usr/local/bin/hived ", "ExecStart=/bin/true ")
+    copy = tmp_path / UNIT.name
+    copy.write_text(text)
+    proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    mine = [ln for ln in (proc.stdout + proc.stderr).splitlines() if UNIT.name in ln]
+    assert proc.returncode == 0, proc.stderr
+    assert not mine, mine
+
+
+def test_example_config_parses():
+    data = tomllib.loads(EXAMPLE.read_text())
+    cfg = box_config.parse(data, str(EXAMPLE))
+    assert cfg.shapes, "the example needs at least one shape"
+    assert cfg.accelerator == ""
+    assert str(cfg.state_dir).startswith("/var/lib/hived")
+
+
+def test_example_documents_every_key():
+    """Every key parse() knows appears in the example, set or commented out."""
+    text = EXAMPLE.read_text()
+    try:
+        box_config.parse({"box": {"no_such_key": 1}, "shapes": {"s": {}}}, "probe")
+    except box_config.ConfigError as exc:
+        known = re.search(r"known: ([^)]*)\)", str(exc)).group(1).split(", ")
+    else:
+        pytest.fail("parse() accepted an unknown key")
+    for key in [*known, *box_config.SHAPE_INTS]:
+        assert re.search(rf"^#?\s*{re.escape(key)}\s*=", text, re.MULTILINE), key
+
+
+# ---- hived/sdnotify.py ------------------------------------------------------------------
+
+
+def _dgram_server(address) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(5)
+    return sock
+
+
+def test_notify_path_socket(tmp_path, monkeypatch):
+    path = tmp_path / "notify.sock"
+    with _dgram_server(str(path)) as server:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        assert sdnotify.notify("READY=1") is True
+        assert server.recv(4096) == b"READY=1"
+        state = "READY=1\nSTATUS=serving; 1 warm"  # what the box daemon sends
+        assert sdnotify.notify(state) is True
+        assert server.recv(4096) == state.encode()
+
+
+def test_notify_abstract_socket(monkeypatch):
+    name = f"hived-test-{uuid.uuid4().hex}"
+    with _dgram_server("\0" + name) as server:
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert sdnotify.notify("WATCHDOG=1") is True
+        assert server.recv(4096) == b"WATCHDOG=1"
+
+
+def test_notify_without_systemd(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sdnotify.notify("READY=1") is False
+    monkeypatch.setenv("NOTIFY_SOCKET", "")
+    assert sdnotify.notify("READY=1") is False
+
+
+def test_watchdog_interval(monkeypatch):
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert sdnotify.watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")  # WatchdogSec=30
+    assert sdnotify.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert sdnotify.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
+    assert sdnotify.watchdog_interval() is None
+
+
+def test_notify_comes_from_the_calling_process(tmp_path):
+    """NotifyAccess=main: systemd accepts a datagram only if its sender pid is the daemon's.
+    notify() sends from the calling process itself (no systemd-notify helper): check the
+    kernel-attested sender pid (SCM_CREDENTIALS) of a child that notifies."""
+    path = tmp_path / "notify.sock"
+    with _dgram_server(str(path)) as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        env = _env()
+        env["NOTIFY_SOCKET"] = str(path)
+        code = "from hived import sdnotify; assert sdnotify.notify('READY=1')"
+        child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path)
+        assert child.wait(timeout=60) == 0
+        data, ancdata, _, _ = server.recvmsg(4096, socket.CMSG_SPACE(12))
+    assert data == b"READY=1"
+    creds = [d for level, kind, d in ancdata if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS]
+    assert creds, ancdata
+    pid, _uid, _gid = struct.unpack("iII", creds[0][:12])
+    assert pid == child.pid
