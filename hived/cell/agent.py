@@ -15,6 +15,7 @@ import asyncio
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -342,7 +343,12 @@ class Agent:
 
 def main() -> None:
     args = kernel_args()
-    agent = Agent(args.get("hived.cell", "unnamed"))
+    cell_id = args.get("hived.cell", "unnamed")
+    try:
+        socket.sethostname(cell_id)
+    except OSError:
+        pass
+    agent = Agent(cell_id)
     try:
         asyncio.run(agent.main())
     except Exception as exc:  # PID 1 must not die with a traceback only: say why, then stop
