@@ -63,6 +63,8 @@ class WarmPool:
                 if self.failures:
                     break  # one probe boot at a time while failing
             self._publish()
+            if self._stopping:
+                return
             await self._kick.wait()
             self._kick.clear()
 
@@ -132,12 +134,15 @@ class WarmPool:
             self.metrics.pool_target.labels(self.shape.name).set(self.target)
 
     async def stop(self) -> list:
-        """Stop booting; returns the warm cells for the caller to destroy."""
+        """Stop booting; returns the warm cells for the caller to destroy.
+
+        The refill loop ends on `_stopping` + a kick rather than by cancellation:
+        on 3.11, wait_for() drops a cancel that races with the event it waits for.
+        """
         self._stopping = True
         self.kick()
-        for task in [self._task, *self._boots]:
-            if task:
-                task.cancel()
+        for task in self._boots:
+            task.cancel()
         await asyncio.gather(*(t for t in [self._task, *self._boots] if t), return_exceptions=True)
         for waiter in self._waiters:
             if not waiter.done():

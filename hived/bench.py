@@ -1,0 +1,812 @@
+"""`hived bench codec|boot`: benchmarks that run side by side with their baseline.
+
+    hived bench codec [--json] [--seconds S] [--rounds R]
+        frame encode/decode throughput, compiled framing (hived._framing) against its
+        pure-Python twin (hived.protocol.framing_py), interleaved rounds in one run.
+    hived bench boot [--json] [--cells N] [--image DIR]
+        cold boot (spawn -> cell.hello) against bare QEMU (same kernel and image, the
+        initramfs reports and powers off), cell by cell in one run; then warm start
+        (build request -> process started in the guest) through a real box daemon.
+
+Every result is a distribution (p50, p95 or min/max over rounds) and a ratio to the
+baseline measured in the same run; never a single time. `--json` prints exactly one JSON
+object on stdout; progress goes to stderr. See benchmarks/README.md.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+class BenchError(Exception):
+    """A benchmark that cannot produce a number: one line, naming the cause and the fix."""
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- statistics ------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _r(x: float, digits: int = 1) -> float:
+    return round(x, digits)
+
+
+def dist_ms(values: list[float]) -> dict:
+    """p50/p95/min/max and the samples, in milliseconds (values are milliseconds)."""
+    return {
+        "p50": _r(percentile(values, 50)),
+        "p95": _r(percentile(values, 95)),
+        "min": _r(min(values)),
+        "max": _r(max(values)),
+        "n": len(values),
+        "samples": [_r(v) for v in values],
+    }
+
+
+# -- machine ---------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": usable,
+        "cpu_model": _cpu_model(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "loadavg_at_start": load,
+    }
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# ============================================================================================
+# codec: compiled vs pure-Python framing
+# ============================================================================================
+IMPLS = {"cython": "hived._framing", "python": "hived.protocol.framing_py"}
+CHUNK = 64 << 10          # bytes per read for the stream workload
+STREAM_TARGET = 1 << 20   # about this many bytes of frames per stream pass
+
+
+def _load_impls() -> dict:
+    import importlib
+
+    mods = {}
+    for name, module in IMPLS.items():
+        try:
+            mods[name] = importlib.import_module(module)
+        except ImportError as exc:
+            raise BenchError(f"cannot import {module} ({exc}): build the native modules with "
+                             "`pip install -e .`") from None
+    if mods["cython"].__name__ != "hived._framing" or not mods["cython"].__file__.endswith((".so", ".pyd")):
+        raise BenchError("hived._framing is not the compiled module: rebuild with `pip install -e .`")
+    return mods
+
+
+def _workloads() -> dict[str, dict]:
+    """name -> {"messages": [(message name, fields), ...], "chunked": bool, "about": str}."""
+    rnd = random.Random(1234)
+    build_id = "b" + "0123456789ab"
+
+    def output(size: int, seq: int) -> tuple[str, dict]:
+        fields = {"build_id": build_id, "stream": 1 + seq % 2, "seq": seq, "data": rnd.randbytes(size)}
+        return "output", fields
+
+    ping = [("ping", {"seq": 1_000_000 + i}) for i in range(1000)]
+    out4k = [output(4096, i) for i in range(100)]
+    out64k = [output(65536, i) for i in range(10)]
+    # A build's stream as the box sees it: mostly short lines and pipe-sized chunks,
+    # some full 64 KiB reads, pings in between; read 64 KiB at a time, so frames
+    # straddle reads and the decoder has to buffer.
+    cycle: list[tuple[str, dict]] = []
+    seq = 0
+    while True:
+        for kind in ("ping", 256, 256, 4096, 256, 65536, 4096, "ping", 256, 4096, 256, 256):
+            if kind == "ping":
+                cycle.append(("ping", {"seq": seq}))
+            else:
+                cycle.append(output(kind, seq))
+            seq += 1
+        if sum(len(f.get("data", b"")) for _, f in cycle) >= STREAM_TARGET:
+            break
+    return {
+        "ping": {"messages": ping, "chunked": False,
+                 "about": "ping control frames (~10 bytes), one frame per read"},
+        "output_4k": {"messages": out4k, "chunked": False,
+                      "about": "output frames with 4 KiB data, one frame per read"},
+        "output_64k": {"messages": out64k, "chunked": False,
+                       "about": "output frames with 64 KiB data, one frame per read"},
+        "stream_64k_chunks": {"messages": cycle, "chunked": True,
+                              "about": "mixed stream (ping, output 256 B/4 KiB/64 KiB) of ~1 MiB, "
+                                       "fed to FrameDecoder in 64 KiB reads"},
+    }
+
+
+@dataclasses.dataclass
+class _Case:
+    key: str                       # "encode/ping"
+    frames: int                    # frames per op
+    nbytes: int                    # wire bytes (header + body) per op
+    ops: dict[str, Callable[[], object]]  # impl -> op
+
+
+def _chunks(data: bytes, size: int = CHUNK) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def _codec_cases(mods: dict) -> tuple[list[_Case], dict]:
+    from hived.protocol import codec
+
+    max_frame = codec.MAX_FRAME
+    encode, decode = codec.encode, codec.decode
+    cases: list[_Case] = []
+    about = {}
+    for wname, w in _workloads().items():
+        msgs = w["messages"]
+        bodies = [encode(name, **fields) for name, fields in msgs]
+        ref = {impl: [m.pack_frame(b, max_frame) for b in bodies] for impl, m in mods.items()}
+        if ref["cython"] != ref["python"]:
+            raise BenchError(f"{wname}: the two pack_frame implementations disagree: run the test-suite")
+        frames = ref["python"]
+        wire = b"".join(frames)
+        reads = _chunks(wire) if w["chunked"] else frames
+        for impl, m in mods.items():  # both must split the reads back into the same bodies
+            dec = m.FrameDecoder(max_frame)
+            got = [b for r in reads for b in dec.feed(r)]
+            if got != bodies or dec.buffered:
+                raise BenchError(f"{wname}: {IMPLS[impl]}.FrameDecoder does not round-trip: "
+                                 "run the test-suite")
+        for name, fields in msgs[:20]:
+            if decode(encode(name, **fields)).fields.get("seq") != fields.get("seq"):
+                raise BenchError(f"{wname}: codec does not round-trip")
+        n, nbytes = len(msgs), len(wire)
+        about[wname] = {"about": w["about"], "frames_per_op": n, "bytes_per_op": nbytes,
+                        "reads_per_op": len(reads)}
+
+        def make_encode(m, msgs=msgs):
+            pack = m.pack_frame
+
+            def op():
+                for name, fields in msgs:
+                    pack(encode(name, **fields), max_frame)
+            return op
+
+        def make_decode(m, reads=reads):
+            dec = m.FrameDecoder(max_frame)
+            feed = dec.feed
+
+            def op():
+                for r in reads:
+                    for body in feed(r):
+                        decode(body)
+            return op
+
+        def make_framing(m, bodies=bodies, reads=reads, chunked=w["chunked"]):
+            dec = m.FrameDecoder(max_frame)
+            pack, feed = m.pack_frame, dec.feed
+
+            if chunked:
+                def op():  # the sender packs every body; the receiver splits 64 KiB reads
+                    for b in bodies:
+                        pack(b, max_frame)
+                    for r in reads:
+                        feed(r)
+            else:
+                def op():  # pack a body, and split the frame it made
+                    for b in bodies:
+                        feed(pack(b, max_frame))
+            return op
+
+        for mode, make in (("encode", make_encode), ("decode", make_decode), ("framing_only", make_framing)):
+            cases.append(_Case(f"{mode}/{wname}", n, nbytes, {impl: make(m) for impl, m in mods.items()}))
+    return cases, about
+
+
+def _time_ops(op: Callable[[], object], count: int) -> float:
+    gc.collect()
+    t0 = time.perf_counter()
+    for _ in range(count):
+        op()
+    return time.perf_counter() - t0
+
+
+def run_codec(seconds: float = 30.0, rounds: int = 7) -> dict:
+    if seconds <= 0:
+        raise BenchError(f"--seconds must be > 0, got {seconds:g}")
+    if rounds < 1:
+        raise BenchError(f"--rounds must be >= 1, got {rounds}")
+    import msgpack
+
+    mods = _load_impls()
+    started = time.monotonic()
+    machine = machine_info()
+    cases, about = _codec_cases(mods)
+    impls = list(IMPLS)
+    sample_s = seconds / (len(cases) * len(impls) * rounds)
+
+    # Calibrate: ops per sample so each sample lasts about sample_s (also warms up).
+    counts: dict[tuple[str, str], int] = {}
+    for case in cases:
+        for impl in impls:
+            op = case.ops[impl]
+            op()
+            n, t = 1, _time_ops(op, 1)
+            while t < min(sample_s, 0.01) and n < 1 << 20:
+                n *= 2
+                t = _time_ops(op, n)
+            counts[case.key, impl] = max(1, round(n * sample_s / max(t, 1e-9)))
+    progress(f"[codec] {len(cases)} cases x {len(impls)} implementations x {rounds} rounds, "
+             f"~{sample_s * 1000:.0f} ms per sample")
+
+    fps: dict[tuple[str, str], list[float]] = {(c.key, i): [] for c in cases for i in impls}
+    for r in range(rounds):
+        order = impls if r % 2 == 0 else impls[::-1]  # alternate who goes first
+        for case in cases:
+            for impl in order:
+                count = counts[case.key, impl]
+                dt = _time_ops(case.ops[impl], count)
+                fps[case.key, impl].append(count * case.frames / dt)
+        progress(f"[codec] round {r + 1}/{rounds} done")
+
+    results = {}
+    for case in cases:
+        entry: dict = {}
+        for impl in impls:
+            f = fps[case.key, impl]
+            mb = [x * case.nbytes / case.frames / 1e6 for x in f]
+            entry[impl] = {
+                "frames_per_s_p50": _r(percentile(f, 50)),
+                "frames_per_s_min": _r(min(f)),
+                "frames_per_s_max": _r(max(f)),
+                "mb_per_s_p50": _r(percentile(mb, 50), 2),
+                "mb_per_s_min": _r(min(mb), 2),
+                "mb_per_s_max": _r(max(mb), 2),
+                "rounds": len(f),
+                "ops_per_sample": counts[case.key, impl],
+            }
+        entry["speedup"] = round(entry["cython"]["frames_per_s_p50"] / entry["python"]["frames_per_s_p50"], 3)
+        results[case.key] = entry
+    return {
+        "benchmark": "codec",
+        "machine": dict(machine, loadavg_at_end=_loadavg(), msgpack=".".join(map(str, msgpack.version))),
+        "config": {
+            "seconds": seconds, "rounds": rounds, "sample_s": round(sample_s, 4),
+            "chunk_bytes": CHUNK,
+            "implementations": IMPLS,
+            "baseline": "python",
+            "speedup": "cython frames_per_s_p50 / python frames_per_s_p50 (same run, interleaved rounds)",
+            "mb": "10^6 bytes of frames on the wire (4-byte header + body)",
+            "modes": {
+                "encode": "codec.encode (validate + msgpack) + pack_frame",
+                "decode": "FrameDecoder.feed + codec.decode (msgpack + validate)",
+                "framing_only": "pack_frame + FrameDecoder.feed, no msgpack: "
+                                "the part the Cython module replaces",
+            },
+        },
+        "workloads": about,
+        "results": results,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+
+
+def render_codec(report: dict) -> str:
+    lines = [f"codec: compiled (cython) vs pure-Python framing, {report['config']['rounds']} interleaved "
+             f"rounds, p50 [min..max]"]
+    head = (f"{'case':<32} {'cython frames/s':>26} {'python frames/s':>26} {'cy MB/s':>9} {'py MB/s':>9} "
+            f"{'x':>6}")
+    lines += [head, "-" * len(head)]
+    for key, e in report["results"].items():
+        cy, py = e["cython"], e["python"]
+
+        def fmt(d):
+            return (f"{d['frames_per_s_p50']:>10,.0f} "
+                    f"[{d['frames_per_s_min']:,.0f}..{d['frames_per_s_max']:,.0f}]")
+        lines.append(f"{key:<32} {fmt(cy):>26} {fmt(py):>26} {cy['mb_per_s_p50']:>9.1f} "
+                     f"{py['mb_per_s_p50']:>9.1f} {e['speedup']:>6.2f}")
+    m = report["machine"]
+    lines.append(f"machine: {m['nproc']} cpus ({m['cpu_model']}), python {m['python']}, "
+                 f"load {m['loadavg_at_start']} -> {m['loadavg_at_end']}")
+    return "\n".join(lines)
+
+
+# ============================================================================================
+# boot: cold boot vs bare QEMU, and warm start through a box daemon
+# ============================================================================================
+TMP_PREFIX = "hvb-"
+CGROUP_PARENT = "hived/bench"
+BOOT_PHASE_TIMEOUT_S = 120.0
+WARM_SETTLE_S = 1.0   # idle time given to a freshly warm cell before a warm-start build
+
+
+def _matches_code(d: Path) -> bool:
+    from hived import image as images
+
+    try:
+        return images.read_manifest(d).get("local_key") == images.local_key(images.local_inputs())
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_image(image: str | None) -> tuple[Path, bool]:
+    """(image directory with vmlinuz, initrd.img, root.ext4, built from this code?)."""
+    from hived import image as images
+
+    need = ("vmlinuz", "initrd.img", "root.ext4")
+    if image:
+        d = Path(image)
+        missing = [n for n in need if not (d / n).is_file()]
+        if missing:
+            raise BenchError(f"{d} is not a cell image (no {', '.join(missing)}): "
+                             "run `hived image build` or pass --image DIR")
+        return d.resolve(), _matches_code(d)
+    root = images.default_dest()
+    found = images.find_image(root)
+    if found is not None:
+        return Path(found).resolve(), True
+    current = root / "current"
+    if all((current / n).is_file() for n in need):
+        progress(f"[boot] warning: {current} was built from other hived code (guest agent may differ); "
+                 "`hived image build` makes a matching one")
+        return current.resolve(), False
+    raise BenchError(f"no cell image in {root}: run `hived image build`")
+
+
+def _pin_image(src: Path, dest: Path) -> str:
+    """Hard-link the image files into our temp dir, so a rebuild or clean-up of the image
+    directory during the run cannot pull them away; copying is not worth it (fallback: use src)."""
+    dest.mkdir()
+    try:
+        for name in ("vmlinuz", "initrd.img", "root.ext4"):
+            os.link(src / name, dest / name)
+        return "hardlink"
+    except OSError:
+        shutil.rmtree(dest, ignore_errors=True)
+        return "none"
+
+
+def _qemu_version() -> str:
+    try:
+        from hived.vmm.qemu import qemu_binary
+
+        out = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True, timeout=10)
+        return out.stdout.splitlines()[0].strip() if out.stdout else "unknown"
+    except Exception as exc:  # reported, not fatal: the boots will say what is wrong
+        return f"unknown ({exc})"
+
+
+@dataclasses.dataclass
+class _BootRun:
+    """Everything the boot benchmark puts on the host, for clean-up in any case."""
+    tmp: Path
+    cgroups: object = None                  # hived.box.cgroups.Cgroups for cold/bare cells
+    cgroup_cells: set = dataclasses.field(default_factory=set)
+    drivers: set = dataclasses.field(default_factory=set)
+    box_cgroup_parent: str = ""
+    cell_ids: list = dataclasses.field(default_factory=list)
+
+    @property
+    def cells_dir(self) -> Path:
+        return self.tmp / "cells"
+
+
+def _driver_factory(extra_cmdline: str):
+    """The real QEMU driver; with --cmdline, one that adds it to every cell's kernel command line."""
+    from hived.vmm.qemu import QemuMicrovm
+
+    if not extra_cmdline:
+        return QemuMicrovm
+
+    class QemuMicrovmExtraCmdline(QemuMicrovm):
+        async def prepare(self, spec):
+            extra = (spec.extra_cmdline + " " + extra_cmdline).strip()
+            await super().prepare(dataclasses.replace(spec, extra_cmdline=extra))
+
+    return QemuMicrovmExtraCmdline
+
+
+async def _one_cell(run: _BootRun, mode: str, shape, image, accel: str, driver_factory, timeout: float,
+                    vmm_overhead_mib: int) -> dict:
+    """Boot one cell with the real driver: mode "agent" until cell.hello, "bare" until QEMU exits."""
+    from hived.box.cell import new_cell_id
+    from hived.box.cgroups import CellLimits, CgroupError
+    from hived.protocol.channel import ChannelClosed
+    from hived.protocol.errors import ProtocolError
+    from hived.vmm.base import CellSpec, VmmError
+
+    cell_id = new_cell_id()
+    run.cell_ids.append(cell_id)
+    driver = driver_factory()
+    run.drivers.add(driver)
+    what = "cold boot" if mode == "agent" else "bare QEMU boot"
+    out: dict = {"cell_id": cell_id}
+    try:
+        t0 = time.monotonic()
+        procs: list = []
+        if run.cgroups is not None:
+            limit = (shape.memory_mib + vmm_overhead_mib) << 20
+            run.cgroup_cells.add(cell_id)
+            procs = run.cgroups.create(cell_id, CellLimits(memory_bytes=limit, pids_max=4096))
+        spec = CellSpec(
+            cell_id=cell_id, cell_dir=run.cells_dir / cell_id, vcpus=shape.vcpus, memory_mib=shape.memory_mib,
+            scratch_mib=shape.scratch_mib, kernel=image.kernel, initrd=image.initrd, rootfs=image.rootfs,
+            accelerator=accel, mode=mode, cgroup_procs=tuple(procs),
+            disk_bytes_s=shape.disk_bytes_s, disk_iops=shape.disk_iops,
+        )
+        await driver.prepare(spec)
+        t1 = time.monotonic()
+        out["isolation_setup_ms"] = (t1 - t0) * 1000
+        await driver.launch()
+        if mode == "agent":
+            deadline = t1 + timeout
+            channel = await driver.accept(timeout)
+            msg = await asyncio.wait_for(channel.recv(), max(0.1, deadline - time.monotonic()))
+            t2 = time.monotonic()
+            if msg.name != "cell.hello" or msg["cell_id"] != cell_id:
+                raise ProtocolError("bad_message", f"expected cell.hello from {cell_id}, got {msg.name}")
+            out["boot_ms"] = (t2 - t1) * 1000
+            out["guest_stages_s"] = dict(msg["boot"])
+            out["kernel"] = msg["kernel"]
+        else:
+            status = await asyncio.wait_for(driver.wait_exit(), timeout)
+            t2 = time.monotonic()
+            console = (spec.cell_dir / "console.log").read_text(errors="replace")
+            if "hived-bare-ready" not in console:
+                tail = " | ".join(console.strip().splitlines()[-6:]) or "(empty)"
+                raise BenchError(f"{what}: QEMU exited (status {status}) without the guest printing "
+                                 f"hived-bare-ready; console: {tail}")
+            if status != 0:
+                raise BenchError(f"{what}: QEMU exited with status {status} after hived-bare-ready")
+            out["boot_ms"] = (t2 - t1) * 1000
+    except TimeoutError:
+        raise BenchError(f"{what} of {cell_id}: no {'cell.hello' if mode == 'agent' else 'QEMU exit'} within "
+                         f"{timeout:g} s; console: {driver.console_tail(6) or '(empty)'}") from None
+    except (VmmError, CgroupError, ProtocolError, ChannelClosed, OSError) as exc:
+        raise BenchError(f"{what} of {cell_id}: {exc}") from None
+    finally:
+        t3 = time.monotonic()
+        try:
+            await driver.destroy()
+            if cell_id in run.cgroup_cells:
+                run.cgroups.remove(cell_id)
+                run.cgroup_cells.discard(cell_id)
+        finally:
+            run.drivers.discard(driver)
+        out["teardown_ms"] = (time.monotonic() - t3) * 1000
+    return out
+
+
+async def _warm_starts(run: _BootRun, n: int, image, accel: str, driver_factory, timeout: float) -> dict:
+    """N builds of `true` through a real BoxDaemon, each on a warm cell of an idle box."""
+    from hived.box.cell import CellState
+    from hived.box.cgroups import CgroupError
+    from hived.box.config import embedded
+    from hived.box.daemon import BoxDaemon
+    from hived.protocol.channel import ChannelClosed, connect_unix
+    from hived.protocol.session import Session
+
+    home = run.tmp / "box"
+    home.mkdir()
+    config = dataclasses.replace(embedded(home, pool_target=1), boot_timeout_s=timeout,
+                                 queue_timeout_s=timeout)
+    run.box_cgroup_parent = config.cgroup_parent
+    box = BoxDaemon(config, image=image, accelerator=accel, driver_factory=driver_factory)
+    notify = os.environ.pop("NOTIFY_SOCKET", None)  # the daemon must not tell *our* service READY
+
+    async def idle(what: str) -> None:
+        """Until the pool is full and no other cell is left (the last build's cell is destroyed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pools = list(box.pools.values())
+            if all(len(p.warm) >= p.target for p in pools) and \
+                    all(rt.cell.state is CellState.WARM for rt in box.cells.values()):
+                return
+            failed = [p for p in pools if p.failures]
+            if failed:
+                raise BenchError(f"warm pool could not boot a cell {what}: {failed[0].last_error}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"warm pool not full {what} after {timeout:g} s: {box.status_line()}")
+            await asyncio.sleep(0.05)
+
+    warm, accepted, done = [], [], []
+    try:
+        try:
+            await box.start()
+        except (CgroupError, OSError) as exc:
+            raise BenchError(f"box daemon cannot start: {exc}") from None
+        ready = asyncio.ensure_future(box.wait_ready())
+        try:
+            await idle("at start")
+            await asyncio.wait_for(ready, timeout)
+        finally:
+            ready.cancel()
+        progress("[boot] box daemon ready (warm pool of 1)")
+        for i in range(n):
+            await idle(f"before build {i + 1}")
+            await asyncio.sleep(WARM_SETTLE_S)  # a pool cell has usually been idle a while
+            client = await connect_unix(str(config.client_socket), Session("client", "bench", {"box"}))
+            build_id = ""
+            try:
+                t0 = time.monotonic()
+                await client.send("build.submit", request_id=f"bench-{i}", shape="", customer="bench",
+                                  argv=["true"], env={}, cwd="/work", timeout_s=timeout)
+                while True:
+                    msg = await asyncio.wait_for(client.recv(), timeout)
+                    if msg.name == "build.accepted":
+                        build_id = msg["build_id"]
+                        accepted.append((time.monotonic() - t0) * 1000)
+                    elif msg.name == "exit":
+                        done.append((time.monotonic() - t0) * 1000)
+                        if msg["reason"] != "exited" or msg["code"] != 0:
+                            raise BenchError(f"warm build {i + 1} ({build_id or 'not accepted'}) ended with "
+                                             f"{msg['reason']} code {msg['code']}: {msg['message']}")
+                        break
+                    elif msg.name == "error":
+                        raise BenchError(f"warm build {i + 1}: box said {msg['code']}: {msg['message']}")
+            except TimeoutError:
+                raise BenchError(f"warm build {i + 1}: no answer from the box within {timeout:g} s") from None
+            except ChannelClosed as exc:
+                raise BenchError(f"warm build {i + 1}: box closed the connection: {exc}") from None
+            finally:
+                client.close()
+            rec = box.builds.get(build_id, {})
+            if "warm_start_ms" not in rec:
+                raise BenchError(f"warm build {i + 1}: the box recorded no warm_start_ms ({rec})")
+            warm.append(float(rec["warm_start_ms"]))
+            run.cell_ids.append(rec.get("cell", ""))
+            progress(f"[boot] warm start {i + 1}/{n}: {warm[-1]:.1f} ms "
+                     f"(client submit->accepted {accepted[-1]:.1f} ms, ->exit {done[-1]:.0f} ms)")
+    finally:
+        if notify is not None:
+            os.environ["NOTIFY_SOCKET"] = notify
+        await box.stop()
+    return {"warm_start_ms": warm, "submit_to_accepted_ms": accepted, "submit_to_exit_ms": done}
+
+
+async def _boot_main(run: _BootRun, args, image_dir: Path, image_current: bool) -> dict:
+    from hived import kvm
+    from hived.box.cgroups import CgroupError, open_cgroups
+    from hived.box.config import embedded
+    from hived.box.daemon import CellImage
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    started = time.monotonic()
+    machine = machine_info()
+    try:
+        accel = kvm.accelerator()
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    pinned = _pin_image(image_dir, run.tmp / "image")
+    image = CellImage.at(run.tmp / "image" if pinned == "hardlink" else image_dir)
+    defaults = embedded(run.tmp / "unused")  # the shape `hived up` boots: same for cold and warm
+    shape = next(iter(defaults.shapes.values()))
+    cgroup_note = "none: not root" if os.geteuid() != 0 else ""
+    if os.geteuid() == 0:
+        try:
+            run.cgroups = open_cgroups(CGROUP_PARENT)
+            cgroup_note = f"v{run.cgroups.version} {CGROUP_PARENT}/<cell>"
+        except CgroupError as exc:
+            cgroup_note = f"none: {exc}"
+    run.cells_dir.mkdir()
+    factory = _driver_factory(args.cmdline)
+    timeout = args.boot_timeout
+    one = dict(shape=shape, image=image, accel=accel, driver_factory=factory, timeout=timeout,
+               vmm_overhead_mib=defaults.vmm_overhead_mib)
+
+    for i in range(args.warmup):
+        a = await _one_cell(run, "agent", **one)
+        b = await _one_cell(run, "bare", **one)
+        progress(f"[boot] warm-up {i + 1}/{args.warmup} (not counted): cold {a['boot_ms']:.0f} ms, "
+                 f"bare {b['boot_ms']:.0f} ms")
+    cold, bare = [], []
+    for i in range(args.cells):
+        cold.append(await _one_cell(run, "agent", **one))
+        bare.append(await _one_cell(run, "bare", **one))
+        progress(f"[boot] cell {i + 1}/{args.cells}: cold boot {cold[-1]['boot_ms']:.0f} ms, "
+                 f"bare QEMU {bare[-1]['boot_ms']:.0f} ms")
+    warm = await _warm_starts(run, args.cells, image, accel, factory, timeout)
+
+    cold_ms = [c["boot_ms"] for c in cold]
+    bare_ms = [b["boot_ms"] for b in bare]
+    stages = {}
+    for name in sorted({k for c in cold for k in c["guest_stages_s"]}):
+        vals = [c["guest_stages_s"][name] for c in cold if name in c["guest_stages_s"]]
+        stages[name] = round(percentile(vals, 50), 3)
+    return {
+        "benchmark": "boot",
+        "machine": dict(machine, loadavg_at_end=_loadavg(), qemu=_qemu_version()),
+        "accelerator": accel,
+        "cells": args.cells,
+        "cold_boot_ms": dist_ms(cold_ms),
+        "bare_qemu_ms": dist_ms(bare_ms),
+        "ratio": round(percentile(cold_ms, 50) / percentile(bare_ms, 50), 3),
+        "warm_start_ms": dist_ms(warm["warm_start_ms"]),
+        "submit_to_accepted_ms": dist_ms(warm["submit_to_accepted_ms"]),
+        "submit_to_exit_ms": dist_ms(warm["submit_to_exit_ms"]),
+        "isolation_setup_ms": dist_ms([c["isolation_setup_ms"] for c in cold]),
+        "teardown_ms": dist_ms([c["teardown_ms"] for c in cold]),
+        "guest_stages_s_p50": stages,
+        "config": {
+            "shape": {"vcpus": shape.vcpus, "memory_mib": shape.memory_mib, "scratch_mib": shape.scratch_mib},
+            "image": str(image_dir), "image_matches_code": image_current, "image_pinned": pinned,
+            "guest_kernel": cold[0].get("kernel", "") if cold else "",
+            "cgroups": cgroup_note, "warmup_pairs": args.warmup, "boot_timeout_s": timeout,
+            "warm_settle_s": WARM_SETTLE_S,
+            "extra_cmdline": args.cmdline,
+            "order": "cold, bare, cold, bare, ... (one at a time), then warm starts through a box daemon",
+            "baseline": "bare_qemu_ms: same QEMU command, kernel and image, hived.mode=bare: the initramfs "
+                        "mounts the disks, prints hived-bare-ready and reboots; launch -> QEMU exit",
+            "ratio": "cold_boot_ms.p50 / bare_qemu_ms.p50",
+        },
+        "resources": {"tmp_dir": str(run.tmp), "cgroup_parents": [CGROUP_PARENT, run.box_cgroup_parent],
+                      "cell_ids": [c for c in run.cell_ids if c]},
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+
+
+def _cleanup(run: _BootRun) -> list[str]:
+    """Synchronous last resort, after the event loop is gone (also after Ctrl-C, SIGTERM or an
+    error): kill any QEMU whose command line names our temp dir, remove our cgroups and files.
+    Returns what had to be removed here (normally nothing: the async paths clean up)."""
+    from hived.box import leftovers
+    from hived.box.cgroups import CgroupError, open_cgroups
+
+    left = []
+    pids = leftovers.vmm_pids(run.tmp)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            left.append(f"qemu pid {pid}")
+    deadline = time.monotonic() + 5
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    groups = [run.cgroups] if run.cgroups is not None else []
+    if run.box_cgroup_parent and os.geteuid() == 0:
+        with contextlib.suppress(CgroupError):
+            groups.append(open_cgroups(run.box_cgroup_parent))
+    for cg in groups:
+        if cg is run.cgroups:  # shared parent: only our cells
+            names = run.cgroup_cells | (set(cg.cells()) & set(run.cell_ids))
+        else:                  # the daemon's parent is named after our temp dir: all of it
+            names = set(cg.cells())
+        for name in sorted(names):
+            if any(d.exists() for d in cg.dirs(name)):
+                left.append(f"cgroup {cg.parent}/{name}")
+            try:
+                cg.remove(name)
+            except CgroupError as exc:
+                progress(f"[boot] cannot remove cgroup {cg.parent}/{name}: {exc}")
+        cg.remove_parent()
+    if run.tmp.exists():
+        shutil.rmtree(run.tmp, ignore_errors=True)
+    return left
+
+
+def run_boot(args) -> dict:
+    import uvloop
+
+    if args.cells < 1:
+        raise BenchError(f"--cells must be >= 1, got {args.cells}")
+    image_dir, current = resolve_image(args.image)
+    run = _BootRun(Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir="/tmp")))
+    try:
+        return uvloop.run(_boot_main(run, args, image_dir, current))
+    except asyncio.CancelledError:
+        raise BenchError("interrupted (SIGTERM); everything it started was removed") from None
+    finally:
+        left = _cleanup(run)
+        if left:
+            progress(f"[boot] removed after the run: {', '.join(left)}")
+
+
+def render_boot(r: dict) -> str:
+    def row(name, d):
+        return f"{name:<26} {d['p50']:>10.1f} {d['p95']:>10.1f} {d['min']:>10.1f} {d['max']:>10.1f}"
+
+    head = f"{'boot (' + r['accelerator'] + ', ms)':<26} {'p50':>10} {'p95':>10} {'min':>10} {'max':>10}"
+    lines = [head, "-" * len(head),
+             row("cold boot -> cell.hello", r["cold_boot_ms"]),
+             row("bare QEMU (baseline)", r["bare_qemu_ms"]),
+             row("warm start -> started", r["warm_start_ms"]),
+             row("client submit->accepted", r["submit_to_accepted_ms"]),
+             row("isolation setup", r["isolation_setup_ms"]),
+             row("teardown", r["teardown_ms"]),
+             f"ratio cold/bare (p50): {r['ratio']:.2f}   cells: {r['cells']}   "
+             f"cgroups: {r['config']['cgroups']}"]
+    m = r["machine"]
+    lines.append(f"machine: {m['nproc']} cpus ({m['cpu_model']}), {m['qemu']}, "
+                 f"load {m['loadavg_at_start']} -> {m['loadavg_at_end']}")
+    return "\n".join(lines)
+
+
+# ============================================================================================
+# command line
+# ============================================================================================
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hived bench", description="benchmarks, each against its baseline in "
+                                "the same run; --json prints one JSON object")
+    sub = p.add_subparsers(dest="which", required=True)
+    c = sub.add_parser("codec", help="frame encode/decode: compiled vs pure-Python framing")
+    c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    c.add_argument("--seconds", type=float, default=30.0,
+                   help="total measuring time, split over every sample (default %(default)g)")
+    c.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default %(default)d)")
+    b = sub.add_parser("boot", help="cold boot vs bare QEMU, and warm start through a box daemon")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    b.add_argument("--cells", type=int, default=10, help="cells of each kind, and warm builds (default 10)")
+    b.add_argument("--image", default=None, help="cell image directory (default: the built image)")
+    b.add_argument("--warmup", type=int, default=1,
+                   help="uncounted cold+bare pairs first, to warm the page cache (default 1)")
+    b.add_argument("--boot-timeout", type=float, default=BOOT_PHASE_TIMEOUT_S,
+                   help="seconds a boot or build may take before the run is an error (default %(default)g)")
+    b.add_argument("--cmdline", default="",
+                   help="extra guest kernel arguments for every cell (diagnosis; recorded in the JSON)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        report = run_codec(args.seconds, args.rounds) if args.which == "codec" else run_boot(args)
+    except BenchError as exc:
+        print(f"hived bench {args.which}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hived bench {args.which}: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_codec(report) if args.which == "codec" else render_boot(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

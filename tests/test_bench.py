@@ -1,0 +1,156 @@
+"""`hived bench`: the JSON each benchmark prints, its errors, and that boot leaves nothing behind.
+
+No timing assertions: only that numbers exist, are positive and consistent with each other.
+The boot benchmark boots real microVMs (marked vm; skipped without a built image).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hived import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+CODEC_KEYS = [f"{mode}/{w}" for mode in ("encode", "decode", "framing_only")
+              for w in ("ping", "output_4k", "output_64k", "stream_64k_chunks")]
+
+
+def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a benchmark; on timeout SIGTERM it (so it cleans up) before failing."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"{' '.join(argv)} did not finish in {timeout:g} s; stderr: {err[-2000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _one_json_object(stdout: str) -> dict:
+    report = json.loads(stdout)  # the whole of stdout: exactly one JSON value
+    assert isinstance(report, dict)
+    return report
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+def test_percentile_interpolates_between_ranks():
+    assert bench.percentile([5.0], 50) == 5.0
+    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert bench.percentile([4.0, 1.0, 3.0, 2.0], 0) == 1.0
+    assert bench.percentile([4.0, 1.0, 3.0, 2.0], 100) == 4.0
+    assert bench.percentile(list(map(float, range(1, 11))), 95) == pytest.approx(9.55)
+
+
+def test_dist_ms_shape():
+    d = bench.dist_ms([3.0, 1.0, 2.0])
+    assert d["p50"] == 2.0 and d["min"] == 1.0 and d["max"] == 3.0 and d["n"] == 3
+    assert d["min"] <= d["p50"] <= d["p95"] <= d["max"]
+
+
+# -- codec ----------------------------------------------------------------------------------
+def test_codec_json_both_implementations():
+    r = _run([sys.executable, "-m", "hived", "bench", "codec", "--json", "--seconds", "0.2"], 300)
+    assert r.returncode == 0, r.stderr
+    report = _one_json_object(r.stdout)
+    assert report["benchmark"] == "codec"
+    machine = report["machine"]
+    assert machine["nproc"] >= 1 and machine["cpu_model"] and machine["python"]
+    assert sorted(report["results"]) == sorted(CODEC_KEYS)
+    for key, entry in report["results"].items():
+        for impl in ("cython", "python"):
+            e = entry[impl]
+            assert e["rounds"] == report["config"]["rounds"] == 7, key
+            for unit in ("frames_per_s", "mb_per_s"):
+                assert 0 < e[f"{unit}_min"] <= e[f"{unit}_p50"] <= e[f"{unit}_max"], (key, impl, e)
+        ratio = entry["cython"]["frames_per_s_p50"] / entry["python"]["frames_per_s_p50"]
+        assert entry["speedup"] == pytest.approx(ratio, rel=1e-2), key
+    assert "round 7/7" in r.stderr  # progress goes to stderr
+
+
+def test_codec_script_and_table():
+    r = _run([sys.executable, str(ROOT / "benchmarks" / "bench_codec.py"), "--seconds", "0.05",
+              "--rounds", "1"], 300)
+    assert r.returncode == 0, r.stderr
+    assert "cython frames/s" in r.stdout and "python frames/s" in r.stdout
+    assert "framing_only/stream_64k_chunks" in r.stdout
+
+
+def test_boot_without_image_is_one_line_error(tmp_path):
+    env = dict(os.environ, HIVED_IMAGE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "hived", "bench", "boot", "--json"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and "hived image build" in r.stderr
+
+
+# -- boot (real microVMs) -------------------------------------------------------------------
+def _bench_qemus() -> set[int]:
+    """QEMU processes started by any boot benchmark (their paths are under /tmp/hvb-)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu" in cmd.split(" ", 1)[0] and f"/tmp/{bench.TMP_PREFIX}" in cmd:
+            pids.add(int(entry))
+    return pids
+
+
+@pytest.mark.vm
+def test_boot_two_cells_and_nothing_left():
+    try:
+        bench.resolve_image(None)
+    except bench.BenchError as exc:
+        reason = f"no cell image for the boot benchmark: {exc}"
+        print(reason)
+        pytest.skip(reason)
+    if shutil.which("qemu-system-x86_64") is None:
+        reason = "qemu-system-x86_64 not installed (Debian package qemu-system-x86)"
+        print(reason)
+        pytest.skip(reason)
+    before = _bench_qemus()
+    r = _run([sys.executable, "-m", "hived", "bench", "boot", "--json", "--cells", "2", "--warmup", "0"], 540)
+    assert r.returncode == 0, r.stderr
+    report = _one_json_object(r.stdout)
+
+    assert report["benchmark"] == "boot" and report["cells"] == 2
+    assert report["accelerator"] in ("kvm", "tcg")
+    for key in ("cold_boot_ms", "bare_qemu_ms", "warm_start_ms", "isolation_setup_ms", "teardown_ms"):
+        assert {"p50", "p95"} <= set(report[key]), key
+        assert report[key]["n"] == 2, key
+    assert report["bare_qemu_ms"]["p50"] > 0
+    assert report["cold_boot_ms"]["p50"] > 0
+    assert report["warm_start_ms"]["p50"] > 0
+    assert report["ratio"] == pytest.approx(report["cold_boot_ms"]["p50"] / report["bare_qemu_ms"]["p50"],
+                                            rel=1e-2)
+    assert report["machine"]["nproc"] >= 1
+
+    # Nothing left: no QEMU, no temp dir, no cell cgroup, no box cgroup parent.
+    res = report["resources"]
+    tmp = Path(res["tmp_dir"])
+    assert tmp.name.startswith(bench.TMP_PREFIX)
+    assert not tmp.exists(), f"{tmp} left behind"
+    assert _bench_qemus() - before == set(), "QEMU processes left behind"
+    if os.geteuid() == 0:
+        from hived.box.cgroups import CgroupError, open_cgroups
+
+        try:
+            cells_cg = open_cgroups(res["cgroup_parents"][0])
+            box_cg = open_cgroups(res["cgroup_parents"][1])
+        except CgroupError:
+            return
+        left = [str(d) for cell in res["cell_ids"] for d in cells_cg.dirs(cell) if d.exists()]
+        left += [str(d) for d in box_cg.parent_dirs() if d.exists()]
+        assert left == [], f"cgroups left behind: {left}"
