@@ -49,6 +49,7 @@ class BoxHarness:
         self.tmp = Path(tempfile.mkdtemp(prefix="hv", dir="/tmp"))
         self.name = "t-" + secrets.token_hex(3)
         cfg = {"box": {"name": self.name, "state_dir": str(self.tmp / "s"), "boot_timeout_s": 180,
+                       "reserved_cores": 0, "overcommit": True,
                        "queue_timeout_s": 120, **(box or {})},
                "shapes": shapes}
         self.config = parse(cfg, "test")

@@ -22,6 +22,9 @@ class CellLimits:
     memory_bytes: int = 0         # 0: no limit
     cpus: str = ""                # cpuset list, "" = inherit
     pids_max: int = 0
+    disk_bytes_s: int = 0         # io/blkio throttle on `disk_dev`, each direction; 0: none
+    disk_iops: int = 0
+    disk_dev: str = ""            # "major:minor" of the device holding the cells' disks
 
 
 def _write(path: Path, value: str) -> None:
@@ -142,6 +145,13 @@ class CgroupV1(Cgroups):
                 _write(memory / "memory.limit_in_bytes", str(limits.memory_bytes))
             if limits.pids_max:
                 _write(self.root / "pids" / self.parent / name / "pids.max", str(limits.pids_max))
+            blkio = self.root / "blkio" / self.parent / name
+            if limits.disk_dev and limits.disk_bytes_s:
+                for knob in ("read_bps_device", "write_bps_device"):
+                    _write(blkio / f"blkio.throttle.{knob}", f"{limits.disk_dev} {limits.disk_bytes_s}")
+            if limits.disk_dev and limits.disk_iops:
+                for knob in ("read_iops_device", "write_iops_device"):
+                    _write(blkio / f"blkio.throttle.{knob}", f"{limits.disk_dev} {limits.disk_iops}")
         except (OSError, CgroupError):
             for d in made:
                 try:
@@ -200,6 +210,13 @@ class CgroupV2(Cgroups):
                 _write(d / "cpuset.cpus", limits.cpus)
             if limits.pids_max:
                 _write(d / "pids.max", str(limits.pids_max))
+            if limits.disk_dev and (limits.disk_bytes_s or limits.disk_iops) and (d / "io.max").exists():
+                parts = []
+                if limits.disk_bytes_s:
+                    parts += [f"rbps={limits.disk_bytes_s}", f"wbps={limits.disk_bytes_s}"]
+                if limits.disk_iops:
+                    parts += [f"riops={limits.disk_iops}", f"wiops={limits.disk_iops}"]
+                _write(d / "io.max", f"{limits.disk_dev} {' '.join(parts)}")
         except CgroupError:
             d.rmdir()
             raise

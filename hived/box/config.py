@@ -23,6 +23,8 @@ class Shape:
     disk_iops: int = 0
     output_bytes_s: int = 32 << 20   # host-side pacing of a cell's output
     output_limit: int = 1 << 30      # a build writing more than this is stopped
+    net_in_bits_s: int = 0           # host -> guest; 0: no network limit
+    net_out_bits_s: int = 0          # guest -> host
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,12 @@ class BoxConfig:
     metrics_port: int = 0            # 0: pick a free port (written to endpoints.json)
     queue_timeout_s: float = 300.0   # a build waits this long for a warm cell
     accelerator: str = ""            # "", "kvm" or "tcg": "" means the KVM probe decides
+    reserved_cores: int = 1          # host cores kept for the box daemon (the first N)
+    memory_mib: int = 0              # memory the cells may use; 0: host RAM - 1 GiB
+    disk_bytes_s: int = 0            # the box's disk bandwidth to share out; 0: not partitioned
+    net_bits_s: int = 0              # the box's network bandwidth to share out; 0: not partitioned
+    overcommit: bool = False         # allow cells to share cores / exceed memory
+    vmm_uid_base: int = 0            # VMMs run as uid base+slot; 0: as root (no confinement)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -54,7 +62,7 @@ class BoxConfig:
 
 
 SHAPE_INTS = ("vcpus", "memory_mib", "scratch_mib", "pool_target", "disk_bytes_s", "disk_iops",
-              "output_bytes_s", "output_limit")
+              "output_bytes_s", "output_limit", "net_in_bits_s", "net_out_bits_s")
 MINIMUM = {"vcpus": 1, "memory_mib": 128, "scratch_mib": 64}
 
 
@@ -64,10 +72,17 @@ def _int(where: str, value, minimum: int = 0) -> int:
     return value
 
 
+def _bool(where: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
 def parse(data: dict, source: str = "<config>") -> BoxConfig:
     box = data.get("box", {})
     known = {"name", "state_dir", "image_dir", "boot_concurrency", "boot_timeout_s", "vmm_overhead_mib",
-             "metrics_addr", "metrics_port", "queue_timeout_s", "accelerator"}
+             "metrics_addr", "metrics_port", "queue_timeout_s", "accelerator", "reserved_cores",
+             "memory_mib", "disk_bytes_s", "net_bits_s", "overcommit", "vmm_uid_base"}
     for key in box:
         if key not in known:
             raise ConfigError(f"{source}: box.{key}: unknown key (known: {', '.join(sorted(known))})")
@@ -100,6 +115,12 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
         metrics_port=_int(f"{source}: box.metrics_port", box.get("metrics_port", 0), 0),
         queue_timeout_s=float(box.get("queue_timeout_s", 300.0)),
         accelerator=accel,
+        reserved_cores=_int(f"{source}: box.reserved_cores", box.get("reserved_cores", 1), 0),
+        memory_mib=_int(f"{source}: box.memory_mib", box.get("memory_mib", 0), 0),
+        disk_bytes_s=_int(f"{source}: box.disk_bytes_s", box.get("disk_bytes_s", 0), 0),
+        net_bits_s=_int(f"{source}: box.net_bits_s", box.get("net_bits_s", 0), 0),
+        overcommit=_bool(f"{source}: box.overcommit", box.get("overcommit", False)),
+        vmm_uid_base=_int(f"{source}: box.vmm_uid_base", box.get("vmm_uid_base", 0), 0),
     )
 
 
@@ -118,9 +139,13 @@ def embedded(home: Path, pool_target: int = 1) -> BoxConfig:
     """`hived up`'s box: one small shape, a small warm pool, state under `home`."""
     # Named after its home, so two `hived up` on one machine never share cgroups.
     name = "up-" + hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:8]
+    # A small machine (2 cores, like a laptop or a CI runner) cannot give every cell
+    # dedicated cores and keep one for the daemon: the embedded box says so and shares.
+    small = (os.cpu_count() or 1) <= 2
     return parse(
         {
-            "box": {"name": name, "state_dir": str(home / "state")},
+            "box": {"name": name, "state_dir": str(home / "state"), "overcommit": small,
+                    "reserved_cores": 0 if small else 1, "vmm_uid_base": 3_100_000},
             "shapes": {"small": {"vcpus": 1, "memory_mib": 512, "scratch_mib": 1024,
                                  "pool_target": pool_target}},
         },

@@ -23,6 +23,7 @@ from hived.box.cell import Cell, CellState, new_cell_id
 from hived.box.cgroups import CellLimits, CgroupError, open_cgroups
 from hived.box.config import BoxConfig
 from hived.box.metrics import BoxMetrics
+from hived.box.partition import NoCapacity, Partition
 from hived.box.pool import BootFailed, WarmPool
 from hived.protocol.channel import Channel, ChannelClosed, unlink_socket
 from hived.protocol.errors import ProtocolError
@@ -56,6 +57,8 @@ class CellRuntime:
     destroyed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     isolation_ms: float = 0.0
     teardown_ms: float = 0.0
+    alloc: object = None
+    vcpu_threads: dict = dataclasses.field(default_factory=dict)
 
 
 class BoxDaemon:
@@ -72,6 +75,7 @@ class BoxDaemon:
         self.cancels: dict[str, asyncio.Event] = {}
         self.boot_sem = asyncio.Semaphore(config.boot_concurrency)
         self.cgroups = None
+        self.partition = make_partition(config)
         self.metrics_port = 0
         self.leftovers_cleaned: list[str] = []
         self._server = None
@@ -83,6 +87,7 @@ class BoxDaemon:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        self.partition.check_shapes(cfg.shapes.values())  # PartitionError: refuse to start
         cfg.cells_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.cgroups = open_cgroups(cfg.cgroup_parent)
@@ -142,8 +147,10 @@ class BoxDaemon:
         return task
 
     # -- cells -----------------------------------------------------------------------------
-    def cell_spec(self, cell: Cell, shape, cgroup_procs, mode: str = "agent") -> CellSpec:
+    def cell_spec(self, cell: Cell, shape, cgroup_procs, mode: str = "agent", alloc=None) -> CellSpec:
+        uid = self.config.vmm_uid_base + alloc.slot if (alloc and self.config.vmm_uid_base) else 0
         return CellSpec(
+            cores=alloc.cores if alloc else (), vmm_uid=uid,
             cell_id=cell.id, cell_dir=self.config.cells_dir / cell.id, vcpus=shape.vcpus,
             memory_mib=shape.memory_mib, scratch_mib=shape.scratch_mib,
             kernel=self.image.kernel, initrd=self.image.initrd, rootfs=self.image.rootfs,
@@ -159,15 +166,19 @@ class BoxDaemon:
         async with self.boot_sem:
             try:
                 t0 = time.monotonic()
+                rt.alloc = alloc = self.partition.admit(cell.id, shape)
                 procs = []
                 if self.cgroups is not None:
-                    limit = (shape.memory_mib + self.config.vmm_overhead_mib) << 20
-                    procs = self.cgroups.create(cell.id, CellLimits(memory_bytes=limit, pids_max=4096))
+                    limits = CellLimits(memory_bytes=alloc.memory_mib << 20, cpus=alloc.cpuset, pids_max=4096,
+                                        disk_bytes_s=shape.disk_bytes_s, disk_iops=shape.disk_iops,
+                                        disk_dev=_block_device(self.config.cells_dir))
+                    procs = self.cgroups.create(cell.id, limits)
                     rt.cgroup = True
-                await rt.driver.prepare(self.cell_spec(cell, shape, procs))
+                await rt.driver.prepare(self.cell_spec(cell, shape, procs, alloc=alloc))
                 rt.isolation_ms = (time.monotonic() - t0) * 1000
                 cell.transition(CellState.BOOTING)
                 cell.pid = await rt.driver.launch()
+                rt.vcpu_threads = await rt.driver.pin_vcpus(alloc.cores)
                 rt.watcher = asyncio.get_running_loop().create_task(self._watch_vmm(rt))
                 rt.channel = await rt.driver.accept(self.config.boot_timeout_s)
                 msg = await asyncio.wait_for(rt.channel.recv(), self.config.boot_timeout_s)
@@ -176,7 +187,8 @@ class BoxDaemon:
                                         f"{msg.fields.get('cell_id', '')!r}")
                 cell.boot = dict(msg["boot"], kernel=msg["kernel"])
                 cell.transition(CellState.WARM)
-            except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError) as exc:
+            except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError,
+                    NoCapacity) as exc:
                 why = f"cell {cell.id} failed to boot: {exc}"
                 if isinstance(exc, (ChannelClosed, TimeoutError, ProtocolError)):
                     why += f"; console: {rt.driver.console_tail(6) or '(empty)'}"
@@ -223,6 +235,7 @@ class BoxDaemon:
                     log.error("cell %s: %s", cell.id, exc)
             if rt.watcher and asyncio.current_task() is not rt.watcher:
                 rt.watcher.cancel()
+            self.partition.release(cell.id)
             rt.teardown_ms = (time.monotonic() - t0) * 1000
             cell.transition(CellState.DESTROYED)
             self.cells.pop(cell.id, None)
@@ -287,10 +300,13 @@ class BoxDaemon:
             "cells": [
                 {"id": rt.cell.id, "shape": rt.cell.shape, "state": rt.cell.state.value,
                  "pid": rt.cell.pid, "build": rt.cell.build_id,
+                 "cores": list(rt.alloc.cores) if rt.alloc else [],
+                 "vcpu_threads": rt.vcpu_threads,
                  "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
                 for rt in self.cells.values()
             ],
             "pools": {name: pool.describe() for name, pool in self.pools.items()},
+            "partition": self.partition.describe(),
             "builds": list(self.builds.values())[-50:],
             "leftovers_cleaned_at_start": self.leftovers_cleaned,
             "metrics_port": self.metrics_port,
@@ -299,3 +315,27 @@ class BoxDaemon:
     def status_line(self) -> str:
         warm = sum(len(p.warm) for p in self.pools.values())
         return f"{len(self.cells)} cells, {warm} warm"
+
+
+def make_partition(config: BoxConfig) -> Partition:
+    memory = config.memory_mib
+    if not memory:
+        with open("/proc/meminfo") as f:
+            total_kib = int(f.readline().split()[1])
+        memory = max(0, (total_kib >> 10) - 1024)
+    return Partition(
+        host_cores=sorted(os.sched_getaffinity(0)), reserved_cores=config.reserved_cores,
+        memory_mib=memory, vmm_overhead_mib=config.vmm_overhead_mib, overcommit=config.overcommit,
+        disk_bytes_s=config.disk_bytes_s, net_bits_s=config.net_bits_s,
+    )
+
+
+def _block_device(path: Path) -> str:
+    """major:minor of the block device holding `path` (where the cells' disks live)."""
+    st = os.stat(path)
+    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
+    # A partition's throttle must name the whole disk: follow sysfs to the parent.
+    sys_dev = Path(f"/sys/dev/block/{major}:{minor}")
+    if (sys_dev / "partition").exists():
+        return (sys_dev.resolve().parent / "dev").read_text().strip()
+    return f"{major}:{minor}" if sys_dev.exists() else ""

@@ -32,6 +32,8 @@ class CellSpec:
     disk_bytes_s: int = 0    # 0: unlimited
     disk_iops: int = 0
     extra_cmdline: str = ""
+    cores: tuple[int, ...] = ()  # host cores the vCPUs are pinned to (one each, round robin)
+    vmm_uid: int = 0             # run the VMM confined as this uid (0: as root, unconfined)
 
 
 class VmmDriver(abc.ABC):
@@ -47,6 +49,10 @@ class VmmDriver(abc.ABC):
     @abc.abstractmethod
     async def accept(self, timeout: float):
         """Wait for the guest to connect and say hello; returns a hived.protocol Channel."""
+
+    async def pin_vcpus(self, cores: tuple[int, ...]) -> dict[int, int]:
+        """Pin each vCPU thread to one of `cores`; returns vCPU index -> host thread id."""
+        return {}
 
     @abc.abstractmethod
     async def wait_exit(self) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 from hived.protocol.channel import Channel
 from hived.protocol.session import Session
 from hived.vmm.base import CellSpec, VmmDriver, VmmError
+from hived.vmm.qmp import Qmp, QmpError
 
 QEMU = "qemu-system-x86_64"
 SOCKET_PATH_MAX = 107  # sun_path
@@ -97,7 +98,8 @@ def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch:
         "-append", append,
         "-chardev", f"file,id=con,path={console}",
         "-serial", "chardev:con",
-        "-drive", f"id=root,file={spec.rootfs},format=raw,if=none,readonly=on{throttle}",
+        # Only the build's own disk is throttled: the read-only root is shared and cached.
+        "-drive", f"id=root,file={spec.rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-drive", f"id=scratch,file={scratch},format=raw,if=none,discard=unmap{throttle}",
         "-device", "virtio-blk-device,drive=scratch",
@@ -201,6 +203,31 @@ class QemuMicrovm(VmmDriver):
             detail = f"no hello within {timeout:g} s" if timeout else "timed out"
         console = self.console_tail(8)
         return f"{what} ({detail}); console: {console or '(empty)'}"
+
+    async def pin_vcpus(self, cores: tuple[int, ...]) -> dict[int, int]:
+        """vCPU thread ids come from QMP (query-cpus-fast); each is pinned to one core."""
+        if not cores:
+            return {}
+        path = self._p("qmp.sock")
+        deadline = asyncio.get_running_loop().time() + 5
+        while not path.exists():  # QEMU makes the socket while it starts
+            if self.proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
+                raise VmmError(f"QMP socket {path} did not appear: {_tail(self._p('qemu.stderr'), 3)}")
+            await asyncio.sleep(0.005)
+        try:
+            qmp = await Qmp.connect(str(path))
+            try:
+                cpus = await qmp.execute("query-cpus-fast")
+            finally:
+                qmp.close()
+        except (QmpError, OSError, ValueError, TimeoutError) as exc:
+            raise VmmError(f"cannot read vCPU threads over QMP ({path}): {exc}") from None
+        threads = {}
+        for cpu in cpus:
+            index, tid = cpu["cpu-index"], cpu["thread-id"]
+            os.sched_setaffinity(tid, {cores[index % len(cores)]})
+            threads[index] = tid
+        return threads
 
     async def wait_exit(self) -> int:
         return await self.proc.wait()
