@@ -17,6 +17,7 @@ from boxharness import BoxHarness
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 DISK_BPS = 8 << 20
+VMM_UID_BASE = 3_100_000
 SHAPES = {
     "one": {"vcpus": 1, "memory_mib": 320, "scratch_mib": 256, "pool_target": 2,
             "disk_bytes_s": DISK_BPS},
@@ -30,7 +31,7 @@ def box():
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two cores to give two cells one each")
     harness = BoxHarness(SHAPES, box={"reserved_cores": len(os.sched_getaffinity(0)) - 2,
-                                      "overcommit": False})
+                                      "overcommit": False, "vmm_uid_base": VMM_UID_BASE})
     try:
         harness.start()
         harness.wait_pool_full()
@@ -120,3 +121,34 @@ def test_shape_larger_than_the_box_refuses_to_start():
         assert not h.config.cells_dir.exists()
     finally:
         h.stop()
+
+
+def _status_fields(pid: int) -> dict:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.split()
+    return out
+
+
+def test_vmm_runs_confined(box):
+    box.wait_pool_full()
+    cells = [c for c in box.status()["cells"] if c["state"] == "warm"]
+    uids = set()
+    for c in cells:
+        pid = c["pid"]
+        st = _status_fields(pid)
+        assert len(set(st["Uid"])) == 1 and int(st["Uid"][0]) >= VMM_UID_BASE  # real, effective, saved
+        uids.add(st["Uid"][0])
+        assert int(st["CapEff"][0], 16) == 0 and int(st["CapBnd"][0], 16) == 0
+        assert st["NoNewPrivs"] == ["1"] and st["Seccomp"] == ["2"]
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        root = Path(f"/proc/{pid}/root")
+        assert sorted(os.listdir(root)) <= sorted(["bin", "dev", "etc", "lib", "lib64", "sbin", "tmp", "usr",
+                                                   "var"])
+        assert not (root / "root").exists() and not (root / "home").exists()
+        # only its own cell directory is visible, not its neighbours'
+        visible = os.listdir(root / str(box.config.cells_dir).lstrip("/"))
+        assert visible == [c["id"]]
+        assert sorted(os.listdir(root / "dev")) <= ["kvm", "null", "random", "urandom", "zero"]
+    assert len(uids) == len(cells)  # one uid per cell: a VMM cannot signal or ptrace another
