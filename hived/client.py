@@ -99,6 +99,8 @@ def status(home: str) -> dict:
                 msg = await ch.recv()
                 if msg.name == "status":
                     return msg["report"]
+        except ChannelClosed as exc:
+            raise UserError(f"the box closed the connection before answering: {exc.reason}") from None
         finally:
             ch.close()
 
@@ -113,9 +115,17 @@ def render_status(report: dict) -> str:
         lines.append(f"pool {name}: {pool['warm']}/{pool['target']} warm, {pool['booting']} booting, "
                      f"{pool['waiting_builds']} waiting" +
                      (f", last error: {pool['last_error']}" if pool["last_error"] else ""))
+    part = report.get("partition")
+    if part:
+        owners = ", ".join(f"{core}: {'+'.join(cells) or 'free'}" for core, cells in part["cell_cores"].items())
+        mem = part["memory_mib"]
+        lines.append(f"partition: box daemon cores {part['box_cores'] or 'none reserved'}; cell cores {owners}")
+        lines.append(f"  memory {mem['used']}/{mem['allocatable']} MiB used; overcommit "
+                     f"{'allowed' if part['overcommit_allowed'] else 'refused'}"
+                     f"{', OVERCOMMITTED now' if part['overcommitted'] else ''}")
     for cell in report["cells"]:
-        lines.append(f"  {cell['id']} {cell['shape']} {cell['state']} pid {cell['pid']} "
-                     f"boot {cell['boot_s']} s {cell['build']}")
+        lines.append(f"  {cell['id']} {cell['shape']} {cell['state']} pid {cell['pid']} cores "
+                     f"{','.join(map(str, cell.get('cores', []))) or '-'} boot {cell['boot_s']} s {cell['build']}")
     for b in report["builds"][-10:]:
         lines.append(f"build {b['id']} {b.get('state')} {b.get('reason', '')} cell {b.get('cell', '-')} "
                      f"{' '.join(b.get('argv', []))[:60]}")

@@ -210,3 +210,11 @@ def test_channel_backpressure_pauses_reading(event_loop_policy_name):
         ch.close()
         peer.close()
     run_on(event_loop_policy_name, main)
+
+
+def test_any_field_refuses_what_would_not_decode():
+    with pytest.raises(ProtocolError, match="map key 0 is a int"):
+        codec.encode("status", report={"cells": {0: "x"}})
+    with pytest.raises(ProtocolError, match="object cannot be sent"):
+        codec.encode("status", report={"x": object()})
+    assert codec.decode(codec.encode("status", report={"a": [1, {"b": None}]}))["report"] == {"a": [1, {"b": None}]}

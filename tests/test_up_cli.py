@@ -96,6 +96,9 @@ def test_up_run_status_and_exit_codes(home):
         assert [b["code"] for b in report["builds"][-2:]] == [5, -1]
         human = subprocess.run([*HIVED, "status", "--home", str(home)], capture_output=True, check=True)
         assert b"pool small:" in human.stdout
+        # hived up on a small machine shares cores and says so
+        assert b"partition:" in human.stdout and b"overcommit" in human.stdout
+        assert report["partition"]["cell_cores"]
     finally:
         assert up.stop() == 0
     assert host_leftovers(home) == []

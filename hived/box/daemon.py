@@ -301,7 +301,7 @@ class BoxDaemon:
                 {"id": rt.cell.id, "shape": rt.cell.shape, "state": rt.cell.state.value,
                  "pid": rt.cell.pid, "build": rt.cell.build_id,
                  "cores": list(rt.alloc.cores) if rt.alloc else [],
-                 "vcpu_threads": rt.vcpu_threads,
+                 "vcpu_threads": {str(k): v for k, v in rt.vcpu_threads.items()},
                  "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
                 for rt in self.cells.values()
             ],

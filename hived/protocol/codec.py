@@ -96,6 +96,7 @@ def _check_for(ftype: str, spec: dict) -> Check:
             return bytes(v)
     elif ftype == "any":
         def check(v):
+            _check_plain(v, 0)
             return v
     elif ftype.startswith("list<") and ftype.endswith(">"):
         item = _check_for(ftype[5:-1], {"max": item_max})
@@ -119,6 +120,24 @@ def _check_for(ftype: str, spec: dict) -> Check:
     else:
         raise ValueError(f"unknown field type {ftype!r} in protocol/messages.toml")
     return check
+
+
+def _check_plain(v: Any, depth: int) -> None:
+    """An `any` value must decode the way it was sent: plain types, str map keys, bounded depth."""
+    if depth > 32:
+        raise ValueError("value nests deeper than 32 levels")
+    if v is None or isinstance(v, (bool, int, float, str, bytes)):
+        return
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            _check_plain(x, depth + 1)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise ValueError(f"map key {k!r} is a {type(k).__name__}; keys must be str")
+            _check_plain(x, depth + 1)
+    else:
+        raise ValueError(f"{type(v).__name__} cannot be sent")
 
 
 def _build() -> tuple[dict[int, MessageSpec], dict[str, MessageSpec]]:
