@@ -82,10 +82,10 @@ def announce_frames(cell_id: str) -> str:
 class HostileBox(BoxDaemon):
     hostile_initrd: Path
 
-    def cell_spec(self, cell, shape, cgroup_procs, mode="agent"):
+    def cell_spec(self, cell, shape, cgroup_procs, mode="agent", alloc=None):
         import dataclasses
 
-        spec = super().cell_spec(cell, shape, cgroup_procs, mode)
+        spec = super().cell_spec(cell, shape, cgroup_procs, mode, alloc=alloc)
         if shape.name == "good":
             return spec
         extra = f"hostile={shape.name} hostile.pre={announce_frames(cell.id)}"
@@ -190,3 +190,24 @@ def test_full_disk_is_a_precise_error():
             h.stop()
         finally:
             subprocess.run(["umount", "-l", str(h.config.state_dir)], check=False)
+
+
+class BuggyBox(BoxDaemon):
+    def cell_spec(self, *args, **kw):
+        raise RuntimeError("a bug in the box")
+
+
+def test_internal_error_while_booting_leaks_nothing():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: cells get cgroups")
+    h = BoxHarness({"small": {"pool_target": 0}}, daemon_cls=BuggyBox, box={"queue_timeout_s": 60})
+    try:
+        h.start(wait_ready=False)
+        r = h.build(["true"])
+        assert r.exit["reason"] == "no_capacity" and "internal error" in r.exit["message"], r.exit
+        assert h.daemon.partition.cells == {}          # allocations released
+        assert h.daemon.cgroups.cells() == []          # cgroups removed
+        assert list(h.config.cells_dir.iterdir()) == []
+        assert h.status()["cells"] == []
+    finally:
+        h.stop()

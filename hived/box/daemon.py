@@ -199,6 +199,11 @@ class BoxDaemon:
             except asyncio.CancelledError:
                 await self.destroy(rt, "box stopping")
                 raise
+            except Exception as exc:  # a bug must not leak the cell: clean up, report, go on
+                log.exception("cell %s: internal error while booting", cell.id)
+                self.metrics.cell_failures.labels("boot").inc()
+                await self.destroy(rt, f"internal error: {exc!r}")
+                raise BootFailed(f"cell {cell.id} failed to boot: internal error: {exc!r}") from None
         self.metrics.boot_seconds.labels(shape.name).observe(cell.boot_seconds())
         return rt
 
