@@ -82,6 +82,18 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_control(args, rest) -> int:
+    from hived.control.cli import main
+
+    return main(rest)
+
+
+def cmd_router(args) -> int:
+    from hived import router
+
+    return router.main(args.config)
+
+
 def cmd_bench(args, rest) -> int:
     from hived import bench
 
@@ -113,6 +125,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--home", default="/var/lib/hived/up")
     s.add_argument("--json", action="store_true")
     sub.add_parser("bench", help="benchmarks (hived bench boot|codec --json)", add_help=False)
+    sub.add_parser("control", help="the control plane of one hive (hived control --config FILE; "
+                   "init, add-box, token)", add_help=False)
+    rt = sub.add_parser("router", help="route builds to hives by rules (hived router --config FILE)")
+    rt.add_argument("--config", required=True, help="router config file (TOML)")
     return p
 
 
@@ -120,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
     # `image` and `bench` own their sub-parsers: hand them the rest of the line untouched.
-    for name, fn in (("image", cmd_image), ("bench", cmd_bench)):
+    for name, fn in (("image", cmd_image), ("bench", cmd_bench), ("control", cmd_control)):
         if name in argv[:2]:
             i = argv.index(name)
             args = p.parse_args(argv[:i] + [name])
@@ -128,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             return _guard(lambda: fn(args, argv[i + 1:]))  # noqa: B023
     args = p.parse_args(argv)
     _logging(args.verbose)
-    handlers = {"doctor": cmd_doctor, "up": cmd_up, "box": cmd_box, "run": cmd_run, "status": cmd_status}
+    handlers = {"doctor": cmd_doctor, "up": cmd_up, "box": cmd_box, "run": cmd_run, "status": cmd_status,
+                "router": cmd_router}
     return _guard(lambda: handlers[args.command](args))
 
 

@@ -103,8 +103,20 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
     if accel not in ("", "kvm", "tcg"):
         raise ConfigError(f"{source}: box.accelerator: expected \"kvm\", \"tcg\" or absent, got {accel!r}")
     state_dir = Path(box.get("state_dir", "/var/lib/hived/box"))
+    name = str(box.get("name", socket.gethostname().split(".")[0] or "box"))
+    extra = {}
+    if "control" in data:  # the link to the hive's control plane (hived/box/controllink.py)
+        from hived.box.controllink import LinkConfig, LinkConfigError
+
+        if not isinstance(data["control"], dict):
+            raise ConfigError(f"{source}: control: expected a [control] table (address, token_file, ...)")
+        try:
+            extra["control"] = LinkConfig.from_table(data["control"], box_name=name,
+                                                     source=f"{source}: control")
+        except LinkConfigError as exc:
+            raise ConfigError(str(exc)) from None
     return BoxConfig(
-        name=str(box.get("name", socket.gethostname().split(".")[0] or "box")),
+        name=name,
         state_dir=state_dir,
         image_dir=Path(box.get("image_dir", os.environ.get("HIVED_IMAGE_DIR", "/var/lib/hived/images"))),
         shapes=shapes,
@@ -121,6 +133,7 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
         net_bits_s=_int(f"{source}: box.net_bits_s", box.get("net_bits_s", 0), 0),
         overcommit=_bool(f"{source}: box.overcommit", box.get("overcommit", False)),
         vmm_uid_base=_int(f"{source}: box.vmm_uid_base", box.get("vmm_uid_base", 0), 0),
+        extra=extra,
     )
 
 

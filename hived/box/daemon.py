@@ -82,6 +82,7 @@ class BoxDaemon:
         self._watchdog: asyncio.Task | None = None
         self._clients: set[Channel] = set()
         self._tasks: set[asyncio.Task] = set()
+        self.control_link = None  # hived.box.controllink.ControlLink when [control] is configured
         self.started_at = time.time()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -108,6 +109,12 @@ class BoxDaemon:
         interval = sdnotify.watchdog_interval()
         if interval:
             self._watchdog = loop.create_task(self._watchdog_loop(interval))
+        link = cfg.extra.get("control")
+        if link is not None:
+            from hived.box.controllink import ControlLink
+
+            self.control_link = ControlLink(self, link)
+            self.control_link.start()
 
     async def wait_ready(self) -> None:
         """Until every pool with a target has had a warm cell; then READY=1."""
@@ -121,6 +128,8 @@ class BoxDaemon:
 
     async def stop(self) -> None:
         sdnotify.notify("STOPPING=1")
+        if self.control_link is not None:
+            await self.control_link.stop()
         if self._server:
             self._server.close()
         for ch in list(self._clients):
@@ -315,6 +324,7 @@ class BoxDaemon:
             "builds": list(self.builds.values())[-50:],
             "leftovers_cleaned_at_start": self.leftovers_cleaned,
             "metrics_port": self.metrics_port,
+            "control": self.control_link.describe() if self.control_link is not None else None,
         }
 
     def status_line(self) -> str:

@@ -1,0 +1,417 @@
+"""The box's link to its hive's control plane: connect (TCP, TLS when configured) with
+backoff, register, heartbeat, run what is assigned, and hold every result until the
+control plane has acknowledged it, across disconnects and control plane restarts.
+
+    box.register {box_id, token, shapes, capacity, warm, targets, builds held} ->
+                                             <- box.registered {heartbeat_s, lost_s}
+    box.heartbeat {warm, booting, running, assigns_seen} -> (every heartbeat_s) <- pong
+                                             <- build.assign {build_id, lease, ...}
+    build.started / build.output / build.exit (each with the lease) ->
+                                             <- build.ack (the exit is stored: forget it)
+                                             <- cancel, pool.target
+
+Builds run through the same `run_build()` as builds from a local client: `Relay` is the
+"client" it talks to, turning build.accepted / output / exit into the messages above.
+While the link is down, output is held up to HOLD_OUTPUT_BYTES per build (beyond that it is
+dropped and the control plane's log shows a gap) and exits are held without limit; both go
+out, in order, after the next registration. A build that has not got a cell when the link
+has been down for half of `lost_s` is cancelled here (self-fencing): by then the control
+plane may give it to another box, and it must not run twice.
+
+Config (the box's TOML):
+
+    [control]
+    address = "10.0.0.1:7070"
+    token_file = "/etc/hived/box.token"     # or token = "..." (`hived control add-box NAME`)
+    box_id = "box-a"                        # default: [box] name
+    capacity = 4                            # cells at once; default: the box's cell cores, at least the pools
+    ca_file = "/etc/hived/hive-ca.pem"      # TLS, verifying the control plane against the hive CA
+    cert_file = "" ; key_file = ""          # a box certificate, if the hive asks for one
+    server_name = ""                        # name in the control plane's certificate (default: host)
+"""
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import ssl
+from pathlib import Path
+
+from hived.box.builds import run_build
+from hived.protocol.channel import Channel, ChannelClosed
+from hived.protocol.codec import Message
+from hived.protocol.errors import ProtocolError
+from hived.protocol.session import Session
+
+log = logging.getLogger(__name__)
+
+HOLD_OUTPUT_BYTES = 4 << 20
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 10.0
+REFUSED_BACKOFF_S = 30.0
+REGISTER_TIMEOUT_S = 10.0
+
+
+class LinkConfigError(Exception):
+    pass
+
+
+class LinkRefused(Exception):
+    """The control plane said no (wrong token, unknown box): retrying soon will not help."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkConfig:
+    host: str
+    port: int
+    token: str
+    box_id: str
+    capacity: int | None = None       # None: from the box (its cell cores, at least its pool targets)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str = ""
+
+    @classmethod
+    def from_table(cls, table: dict, *, box_name: str, source: str = "[control]") -> "LinkConfig":
+        known = {"address", "token", "token_file", "box_id", "capacity", "ca_file", "cert_file", "key_file",
+                 "server_name"}
+        for key in table:
+            if key not in known:
+                raise LinkConfigError(f"{source}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        address = table.get("address")
+        if not isinstance(address, str) or ":" not in address:
+            raise LinkConfigError(f"{source}.address: expected \"HOST:PORT\" of the control plane, "
+                                  f"got {address!r}")
+        host, _, port = address.rpartition(":")
+        if not port.isdigit():
+            raise LinkConfigError(f"{source}.address: port {port!r} is not a number")
+        if "token_file" in table:
+            try:
+                token = Path(table["token_file"]).read_text().strip()
+            except OSError as exc:
+                raise LinkConfigError(f"{source}.token_file: {exc}") from None
+        else:
+            token = table.get("token", "")
+        if not isinstance(token, str) or not token:
+            raise LinkConfigError(f"{source}: needs token_file or token (from `hived control add-box NAME`)")
+        capacity = table.get("capacity")
+        if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)
+                                     or capacity < 1):
+            raise LinkConfigError(f"{source}.capacity: expected an integer >= 1, got {capacity!r}")
+
+        def path(key):
+            return Path(table[key]) if table.get(key) else None
+
+        return cls(host.strip("[]"), int(port), token, str(table.get("box_id", box_name)), capacity,
+                   path("ca_file"), path("cert_file"), path("key_file"), str(table.get("server_name", "")))
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.ca_file is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        if self.cert_file is not None:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
+        return ctx
+
+
+@dataclasses.dataclass
+class HeldBuild:
+    build_id: str
+    lease: int
+    shape: str
+    started: bool = False         # it has a cell (build.accepted)
+    outbox: collections.deque = dataclasses.field(default_factory=collections.deque)
+    held_bytes: int = 0
+    dropped_bytes: int = 0
+    exit: dict | None = None      # until build.ack
+    fenced: bool = False
+
+
+class Relay:
+    """The `client` run_build() talks to, for one build assigned by the control plane."""
+
+    def __init__(self, link: "ControlLink", rec: HeldBuild) -> None:
+        self.link = link
+        self.rec = rec
+
+    async def send(self, name: str, **fields) -> None:
+        rec = self.rec
+        if name == "build.accepted":
+            rec.started = True
+            await self.link.deliver(rec, "build.started", build_id=rec.build_id, lease=rec.lease,
+                                    cell_id=fields["cell_id"])
+        elif name == "output":
+            await self.link.deliver(rec, "build.output", build_id=rec.build_id, lease=rec.lease,
+                                    stream=fields["stream"], seq=fields["seq"], data=fields["data"])
+        elif name == "exit":
+            message = fields["message"]
+            if rec.fenced and not rec.started:
+                message = "the box lost the control plane before the build got a cell; not started"
+            rec.exit = dict(build_id=rec.build_id, lease=rec.lease, code=fields["code"],
+                            signal=fields["signal"], reason=fields["reason"][:32], message=message[:4096],
+                            usage=fields["usage"], started=rec.started)
+            await self.link.send_exit(rec)
+        elif name == "error":
+            log.warning("build %s: %s: %s", rec.build_id, fields.get("code"), fields.get("message"))
+
+
+class ControlLink:
+    def __init__(self, box, config: LinkConfig) -> None:
+        self.box = box
+        self.config = config
+        self.capacity = config.capacity or _default_capacity(box)
+        self.records: dict[str, HeldBuild] = {}
+        self.channel: Channel | None = None
+        self.ready = False             # registered and everything held has been sent
+        self.registered = asyncio.Event()
+        self.heartbeat_s = 1.0
+        self.lost_s = 10.0
+        self.assigns_seen = 0
+        self.connects = 0
+        self.last_error = ""
+        self._task: asyncio.Task | None = None
+        self._fence: asyncio.TimerHandle | None = None
+        self._stopping = False
+        self._wake = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="control-link")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self.channel is not None:
+            self.channel.close("box stopping")
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._fence is not None:
+            self._fence.cancel()
+
+    def describe(self) -> dict:
+        return {"control": f"{self.config.host}:{self.config.port}", "box_id": self.config.box_id,
+                "connected": self.ready, "connects": self.connects, "last_error": self.last_error,
+                "held_builds": {b.build_id: {"lease": b.lease, "started": b.started,
+                                             "finished": b.exit is not None,
+                                             "held_output_bytes": b.held_bytes}
+                                for b in self.records.values()}}
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            delay = None
+            try:
+                channel = await self._connect()
+                try:
+                    await self._register(channel)
+                    attempt = 0
+                    self.last_error = ""
+                    await self._serve(channel)
+                finally:
+                    self._disconnected(channel)
+            except LinkRefused as exc:
+                self.last_error = str(exc)
+                log.error("control plane %s:%d refused box %s: %s", self.config.host, self.config.port,
+                          self.config.box_id, exc)
+                delay = REFUSED_BACKOFF_S
+            except (OSError, ChannelClosed, TimeoutError, ProtocolError, ssl.SSLError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("control link to %s:%d: %s", self.config.host, self.config.port, self.last_error)
+            if self._stopping:
+                return
+            if delay is None:
+                delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** attempt) * random.uniform(0.5, 1.0)
+                attempt += 1
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _connect(self) -> Channel:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        session = Session("box", cfg.box_id, {"control"})
+        ctx = cfg.ssl_context()
+        _, channel = await asyncio.wait_for(loop.create_connection(
+            lambda: Channel(session, hello_timeout=REGISTER_TIMEOUT_S), cfg.host, cfg.port, ssl=ctx,
+            server_hostname=(cfg.server_name or cfg.host) if ctx else None), REGISTER_TIMEOUT_S)
+        return channel
+
+    async def _register(self, channel: Channel) -> None:
+        cfg = self.config
+        await channel.handshake()
+        pools = self.box.pools
+        await channel.send("box.register", box_id=cfg.box_id, token=cfg.token, shapes=sorted(pools),
+                           capacity=self.capacity, warm=self._warm(),
+                           targets={name: p.shape.pool_target for name, p in pools.items()},
+                           builds={b.build_id: b.lease for b in self.records.values()}, agent=_version())
+        msg = await asyncio.wait_for(channel.recv(), REGISTER_TIMEOUT_S)
+        if msg.name == "error":
+            raise LinkRefused(f"{msg['code']}: {msg['message']}")
+        if msg.name != "box.registered":
+            raise ProtocolError("bad_message", f"expected box.registered, got {msg.name}")
+        self.heartbeat_s, self.lost_s = msg["heartbeat_s"], msg["lost_s"]
+        self.channel = channel
+        self.assigns_seen = 0
+        self.connects += 1
+        if self._fence is not None:
+            self._fence.cancel()
+            self._fence = None
+        log.info("box %s registered with hive %s at %s:%d (holding %d build(s))", cfg.box_id, msg["hive"],
+                 cfg.host, cfg.port, len(self.records))
+        # Everything held goes out in order before anything new: then the link is ready.
+        while True:
+            pending = [b for b in self.records.values() if b.outbox]
+            if not pending:
+                break
+            for rec in pending:
+                while rec.outbox:
+                    name, fields = rec.outbox.popleft()
+                    rec.held_bytes -= len(fields.get("data", b""))
+                    await channel.send(name, **fields)
+        for rec in list(self.records.values()):
+            if rec.exit is not None:
+                await channel.send("build.exit", **rec.exit)
+        self.ready = True
+        self.registered.set()
+
+    def _disconnected(self, channel: Channel) -> None:
+        channel.close("link ended")
+        was_ready = self.ready
+        self.ready = False
+        self.channel = None
+        self.registered.clear()
+        if was_ready and not self._stopping and self._fence is None:
+            self._fence = asyncio.get_running_loop().call_later(self.lost_s / 2, self._self_fence)
+
+    def _self_fence(self) -> None:
+        """Down for half of lost_s: builds without a cell yet are cancelled here, since the
+        control plane may soon give them to another box."""
+        self._fence = None
+        if self.ready:
+            return
+        for rec in self.records.values():
+            if not rec.started and rec.exit is None:
+                rec.fenced = True
+                event = self.box.cancels.get(rec.build_id)
+                if event is not None:
+                    event.set()
+                log.warning("build %s: control plane unreachable for %.1f s before it got a cell: "
+                            "cancelled", rec.build_id, self.lost_s / 2)
+
+    async def _serve(self, channel: Channel) -> None:
+        beat = asyncio.get_running_loop().create_task(self._heartbeat(channel))
+        try:
+            while True:
+                msg = await asyncio.wait_for(channel.recv(), self.lost_s)
+                self._on_message(msg)
+        except TimeoutError:
+            raise TimeoutError(f"control plane silent for {self.lost_s:g} s") from None
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+
+    async def _heartbeat(self, channel: Channel) -> None:
+        seq = 0
+        with contextlib.suppress(ChannelClosed):
+            while True:
+                seq += 1
+                booting = {name: p.booting for name, p in self.box.pools.items()}
+                running = sum(1 for b in self.records.values() if b.exit is None)
+                await channel.send("box.heartbeat", seq=seq, warm=self._warm(), booting=booting,
+                                   running=running, assigns_seen=self.assigns_seen)
+                await asyncio.sleep(self.heartbeat_s)
+
+    def _warm(self) -> dict:
+        """Warm cells not already promised to a build that is about to take one."""
+        promised = collections.Counter(b.shape for b in self.records.values()
+                                       if not b.started and b.exit is None)
+        return {name: max(0, len(p.warm) - promised[name]) for name, p in self.box.pools.items()}
+
+    # -- messages from the control plane -------------------------------------------------------------
+    def _on_message(self, msg) -> None:
+        f = msg.fields
+        if msg.name == "build.assign":
+            self.assigns_seen += 1
+            self._assign(msg)
+        elif msg.name == "cancel":
+            event = self.box.cancels.get(f["build_id"])
+            if event is not None:
+                log.info("build %s: cancel from the control plane: %s", f["build_id"], f["reason"])
+                event.set()
+        elif msg.name == "build.ack":
+            rec = self.records.get(f["build_id"])
+            if rec is not None and rec.lease == f["lease"] and rec.exit is not None:
+                del self.records[rec.build_id]
+        elif msg.name == "pool.target":
+            for shape, n in f["targets"].items():
+                pool = self.box.pools.get(shape)
+                if pool is not None and n >= 0 and pool.target != n:
+                    log.info("pool %s: target %d -> %d (control plane)", shape, pool.target, n)
+                    pool.target = n
+                    pool.kick()
+        elif msg.name == "error":
+            log.warning("control plane says %s: %s (%s)", f["code"], f["message"], f["ref"])
+        elif msg.name == "ping" and self.channel is not None:
+            self.channel.send_nowait("pong", seq=f["seq"])
+
+    def _assign(self, msg) -> None:
+        f = msg.fields
+        old = self.records.get(f["build_id"])
+        if old is not None:
+            if old.exit is None or old.lease == f["lease"]:
+                log.warning("build %s: assigned again (lease %d, held %d): ignored", f["build_id"],
+                            f["lease"], old.lease)
+                return
+            del self.records[old.build_id]  # a finished earlier attempt: the new lease wins
+        rec = HeldBuild(f["build_id"], f["lease"], f["shape"])
+        self.records[rec.build_id] = rec
+        self.box.cancels[rec.build_id] = asyncio.Event()
+        request = Message("build.submit", {
+            "request_id": f"{rec.build_id}.{rec.lease}", "shape": f["shape"], "customer": f["customer"],
+            "argv": f["argv"], "env": f["env"], "cwd": f["cwd"], "timeout_s": f["timeout_s"]})
+        self.box.spawn(run_build(self.box, Relay(self, rec), rec.build_id, request))
+
+    # -- messages to the control plane ------------------------------------------------------------------
+    async def deliver(self, rec: HeldBuild, name: str, **fields) -> None:
+        """Send now if the link is up and nothing of this build is waiting; else hold it."""
+        if self.ready and not rec.outbox and self.channel is not None:
+            try:
+                await self.channel.send(name, **fields)
+                return
+            except ChannelClosed:
+                pass
+        size = len(fields.get("data", b""))
+        if name == "build.output" and rec.held_bytes + size > HOLD_OUTPUT_BYTES:
+            rec.dropped_bytes += size
+            return
+        rec.held_bytes += size
+        rec.outbox.append((name, fields))
+
+    async def send_exit(self, rec: HeldBuild) -> None:
+        if self.ready and not rec.outbox and self.channel is not None:
+            with contextlib.suppress(ChannelClosed):
+                await self.channel.send("build.exit", **rec.exit)
+        # else: sent after the next registration, from self.records
+
+
+def _default_capacity(box) -> int:
+    pools = sum(p.shape.pool_target for p in box.pools.values()) if box.pools else \
+        sum(s.pool_target for s in box.config.shapes.values())
+    partition = getattr(box, "partition", None)
+    cores = getattr(partition, "cell_cores", None)
+    n = len(cores) if isinstance(cores, list) else (os.cpu_count() or 2) - 1
+    return max(1, n, pools)
+
+
+def _version() -> str:
+    try:
+        from hived import __version__
+
+        return str(__version__)[:64]
+    except ImportError:
+        return "hived"

@@ -1,0 +1,256 @@
+"""Control plane config (TOML): one hive, its shapes, customers, boxes and webhook repos.
+
+    [hive]
+    name = "eu1"                       # lower-case letters, digits, '-'; prefixes build ids
+    state_dir = "/var/lib/hived/control/eu1"   # eu1.db (SQLite, WAL) lives here
+    api_listen = "127.0.0.1:8080"      # HTTP API; port 0 picks a free one
+    box_listen = "127.0.0.1:7070"      # boxes connect here (msgpack)
+    heartbeat_s = 1.0                  # boxes heartbeat this often
+    box_lost_s = 10.0                  # a box silent this long loses its builds
+    max_body_bytes = 1048576           # larger request bodies get 413
+    log_max_bytes = 8388608            # output kept per build; beyond, a truncation marker
+    synchronous = "full"               # SQLite: full (durable across power loss) or normal
+    tls_dir = ""                       # "": plain TCP; else the dir `hived control init` made
+    require_box_certs = false          # with TLS: boxes must also show their certificate (CN = box id)
+
+    [shapes.small]                     # the shapes this hive offers (keys are informational)
+    [customers.acme]
+    shapes = ["small"]                 # optional: what this customer may use (default: all)
+    api_tokens_sha256 = ["<64 hex>"]   # SHA-256 of the customer's API tokens
+    [admin]
+    api_tokens_sha256 = []             # tokens that may act for any customer
+    [boxes.box-a]
+    token_sha256 = "<64 hex>"          # or minted into the state file by `hived control add-box`
+    [repos."acme/web"]                 # GitHub push webhooks
+    customer = "acme"
+    secret = "..."                     # or secret_file = "/etc/hived/acme-web.secret"
+    command = ["make", "test"]
+    shape = "small"
+    branches = ["main"]                # optional: only pushes to these
+
+Every error names the key and what was expected.
+"""
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Customer:
+    name: str
+    shapes: tuple[str, ...] | None = None       # None: every shape of the hive
+    api_tokens_sha256: tuple[str, ...] = ()
+    secure_compute: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Repo:
+    name: str
+    customer: str
+    secret: bytes
+    command: tuple[str, ...]
+    shape: str
+    branches: tuple[str, ...] | None = None
+    env: dict = dataclasses.field(default_factory=dict)
+    timeout_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlConfig:
+    hive: str
+    state_dir: Path
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    box_host: str = "127.0.0.1"
+    box_port: int = 7070
+    heartbeat_s: float = 1.0
+    box_lost_s: float = 10.0
+    max_body_bytes: int = 1 << 20
+    log_max_bytes: int = 8 << 20
+    synchronous: str = "full"
+    tls_dir: Path | None = None
+    require_box_certs: bool = False
+    shapes: dict = dataclasses.field(default_factory=dict)
+    customers: dict = dataclasses.field(default_factory=dict)
+    admin_tokens_sha256: tuple[str, ...] = ()
+    box_tokens_sha256: dict = dataclasses.field(default_factory=dict)
+    repos: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / f"{self.hive}.db"
+
+
+def _addr(where: str, value) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{where}: expected \"HOST:PORT\", got {value!r}")
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{where}: port {port!r} is not a number 0..65535")
+    return host.strip("[]"), int(port)
+
+
+def _num(where: str, value, lo: float, kind=float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (kind is int and not isinstance(value, int)) or value < lo:
+        raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'} >= {lo}, "
+                          f"got {value!r}")
+    return kind(value)
+
+
+def _strs(where: str, value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _hashes(where: str, value) -> tuple[str, ...]:
+    out = _strs(where, value)
+    for h in out:
+        if not HEX64_RE.match(h):
+            raise ConfigError(f"{where}: {h[:12]!r}... is not a SHA-256 in lower-case hex "
+                              "(64 characters; `hived control token` prints one)")
+    return out
+
+
+def _known(where: str, table: dict, keys: set) -> None:
+    for key in table:
+        if key not in keys:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(keys))})")
+
+
+def parse(data: dict, source: str = "<config>", base: Path | None = None) -> ControlConfig:
+    _known(source, data, {"hive", "shapes", "customers", "admin", "boxes", "repos"})
+    hive = data.get("hive", {})
+    _known(f"{source}: hive", hive, {"name", "state_dir", "api_listen", "box_listen", "heartbeat_s",
+                                     "box_lost_s", "max_body_bytes", "log_max_bytes", "synchronous",
+                                     "tls_dir", "require_box_certs"})
+    name = hive.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{source}: hive.name: expected lower-case letters, digits and '-' (at most 32), "
+                          f"got {name!r}")
+    api_host, api_port = _addr(f"{source}: hive.api_listen", hive.get("api_listen", "127.0.0.1:8080"))
+    box_host, box_port = _addr(f"{source}: hive.box_listen", hive.get("box_listen", "127.0.0.1:7070"))
+    sync = hive.get("synchronous", "full")
+    if sync not in ("full", "normal"):
+        raise ConfigError(f"{source}: hive.synchronous: expected \"full\" or \"normal\", got {sync!r}")
+
+    shapes = data.get("shapes", {})
+    if not shapes or not isinstance(shapes, dict):
+        raise ConfigError(f"{source}: no [shapes.NAME] table: a hive offers at least one shape")
+    for sname, sval in shapes.items():
+        if not isinstance(sval, dict):
+            raise ConfigError(f"{source}: shapes.{sname}: expected a table")
+
+    customers = {}
+    for cname, raw in data.get("customers", {}).items():
+        where = f"{source}: customers.{cname}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a table")
+        _known(where, raw, {"shapes", "api_tokens_sha256", "secure_compute"})
+        cshapes = _strs(f"{where}.shapes", raw["shapes"]) if "shapes" in raw else None
+        for s in cshapes or ():
+            if s not in shapes:
+                raise ConfigError(f"{where}.shapes: {s!r} is not a shape of this hive "
+                                  f"({', '.join(shapes)})")
+        customers[cname] = Customer(cname, cshapes, _hashes(f"{where}.api_tokens_sha256",
+                                                            raw.get("api_tokens_sha256", [])),
+                                    bool(raw.get("secure_compute", False)))
+
+    admin = data.get("admin", {})
+    _known(f"{source}: admin", admin, {"api_tokens_sha256"})
+    admin_tokens = _hashes(f"{source}: admin.api_tokens_sha256", admin.get("api_tokens_sha256", []))
+
+    boxes = {}
+    for bname, raw in data.get("boxes", {}).items():
+        where = f"{source}: boxes.{bname}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a table")
+        _known(where, raw, {"token_sha256"})
+        if "token_sha256" in raw:
+            boxes[bname] = _hashes(f"{where}.token_sha256", [raw["token_sha256"]])[0]
+
+    repos = {}
+    for rname, raw in data.get("repos", {}).items():
+        where = f"{source}: repos.{rname}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a table")
+        _known(where, raw, {"customer", "secret", "secret_file", "command", "shape", "branches", "env",
+                            "timeout_s"})
+        if raw.get("customer") not in customers:
+            raise ConfigError(f"{where}.customer: {raw.get('customer')!r} is not a [customers.NAME] "
+                              "of this hive")
+        if "secret_file" in raw:
+            path = Path(raw["secret_file"])
+            if base is not None and not path.is_absolute():
+                path = base / path
+            try:
+                secret = path.read_bytes().strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}.secret_file: {exc}") from None
+        elif isinstance(raw.get("secret"), str) and raw["secret"]:
+            secret = raw["secret"].encode()
+        else:
+            raise ConfigError(f"{where}: needs secret = \"...\" or secret_file (the webhook's secret)")
+        command = _strs(f"{where}.command", raw.get("command", []))
+        if not command:
+            raise ConfigError(f"{where}.command: expected the build command, e.g. [\"make\", \"test\"]")
+        shape = raw.get("shape", next(iter(shapes)))
+        if shape not in shapes:
+            raise ConfigError(f"{where}.shape: {shape!r} is not a shape of this hive ({', '.join(shapes)})")
+        env = raw.get("env", {})
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise ConfigError(f"{where}.env: expected a table of strings")
+        repos[rname] = Repo(rname, raw["customer"], secret, command, shape,
+                            _strs(f"{where}.branches", raw["branches"]) if "branches" in raw else None,
+                            dict(env), _num(f"{where}.timeout_s", raw.get("timeout_s", 0), 0))
+
+    heartbeat = _num(f"{source}: hive.heartbeat_s", hive.get("heartbeat_s", 1.0), 0.01)
+    lost = _num(f"{source}: hive.box_lost_s", hive.get("box_lost_s", 10.0), 0.05)
+    if lost <= heartbeat * 2:
+        raise ConfigError(f"{source}: hive.box_lost_s ({lost:g}) must be more than twice heartbeat_s "
+                          f"({heartbeat:g}), or one late heartbeat loses a box")
+    tls_dir = hive.get("tls_dir", "")
+    tls_path = None
+    if tls_dir:
+        tls_path = Path(tls_dir)
+        if base is not None and not tls_path.is_absolute():
+            tls_path = base / tls_path
+    require_certs = hive.get("require_box_certs", False)
+    if not isinstance(require_certs, bool):
+        raise ConfigError(f"{source}: hive.require_box_certs: expected true or false")
+    if require_certs and tls_path is None:
+        raise ConfigError(f"{source}: hive.require_box_certs needs hive.tls_dir (box certificates are TLS)")
+    state_dir = Path(hive.get("state_dir", f"/var/lib/hived/control/{name}"))
+    if base is not None and not state_dir.is_absolute():
+        state_dir = base / state_dir
+    return ControlConfig(
+        hive=name, state_dir=state_dir, api_host=api_host, api_port=api_port, box_host=box_host,
+        box_port=box_port, heartbeat_s=heartbeat, box_lost_s=lost,
+        max_body_bytes=_num(f"{source}: hive.max_body_bytes", hive.get("max_body_bytes", 1 << 20), 1024, int),
+        log_max_bytes=_num(f"{source}: hive.log_max_bytes", hive.get("log_max_bytes", 8 << 20), 1024, int),
+        synchronous=sync, tls_dir=tls_path, require_box_certs=require_certs,
+        shapes={k: dict(v) for k, v in shapes.items()},
+        customers=customers, admin_tokens_sha256=admin_tokens, box_tokens_sha256=boxes, repos=repos,
+    )
+
+
+def load(path: Path | str) -> ControlConfig:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return parse(data, str(path), base=path.resolve().parent)

@@ -1,0 +1,417 @@
+"""The control plane of one hive (`hived control --config FILE`): one process, uvloop.
+
+    API (aiohttp) --submit/cancel--> ControlPlane --actions--> store (durable first)
+                                         |  Scheduler (pure)        |
+                                         v                          v
+                         box links (msgpack over TCP/TLS) <-- build.assign / cancel / pool.target
+                         box.register, heartbeat, build.started/output/exit (with the lease) -->
+
+Order for every decision: the scheduler decides in memory, the store records it (a
+conditional update on the lease), then the box is told. A box's exit is acknowledged
+(`build.ack`) only after the store has it, so a box holds results across our restarts.
+"""
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+
+from hived.control import scheduler as sch
+from hived.control.config import ControlConfig
+from hived.control.metrics import ControlMetrics
+from hived.control.store import Build, SQLiteStore, Store
+from hived.protocol.channel import Channel, ChannelClosed
+from hived.protocol.errors import ProtocolError
+from hived.protocol.session import Session
+
+log = logging.getLogger(__name__)
+
+REGISTER_TIMEOUT_S = 10.0
+BOX_ROW_EVERY_S = 10.0  # how often a heartbeating box's row in the store is refreshed
+
+
+def token_hash(token: str) -> str:
+    """Tokens are 256-bit random strings: one SHA-256 is enough (no password stretching)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class BoxLink:
+    """One registered box's connection."""
+
+    def __init__(self, box_id: str, channel: Channel) -> None:
+        self.box_id = box_id
+        self.channel = channel
+        self.stale_cancelled: set[str] = set()
+        self.row_written = 0.0
+
+    def send(self, name: str, **fields) -> None:
+        try:
+            self.channel.send_nowait(name, **fields)
+        except (ProtocolError, OSError, RuntimeError) as exc:
+            log.warning("box %s: cannot send %s: %s", self.box_id, name, exc)
+
+
+class ControlPlane:
+    def __init__(self, config: ControlConfig, *, store: Store | None = None, clock=time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = store
+        self.scheduler = sch.Scheduler(lost_s=config.box_lost_s)
+        self.metrics = ControlMetrics(self)
+        self.links: dict[str, BoxLink] = {}
+        self.api_port = 0
+        self.box_port = 0
+        self._log_events: dict[str, asyncio.Event] = {}
+        self.schedule_samples: collections.deque = collections.deque(maxlen=100_000)  # seconds
+        self._box_server = None
+        self._api_runner = None
+        self._tasks: set[asyncio.Task] = set()
+        self._ticker: asyncio.Task | None = None
+        self.started_at = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        if self.store is None:
+            self.store = SQLiteStore(cfg.db_path, cfg.hive, synchronous=cfg.synchronous,
+                                     log_max_bytes=cfg.log_max_bytes)
+        self.store.sync_config({k: {"shapes": v.shapes, "secure_compute": v.secure_compute}
+                                for k, v in cfg.customers.items()}, cfg.shapes)
+        for box_id, digest in cfg.box_tokens_sha256.items():
+            self.store.set_box_token(box_id, digest)
+        self.started_at = self.clock()
+        self.scheduler.load(self.store.live_builds(), self.started_at)
+        self._apply(self.scheduler.dispatch(self.started_at))
+        loop = asyncio.get_running_loop()
+        ssl_ctx = None
+        if cfg.tls_dir is not None:
+            from hived.control import tls
+
+            ssl_ctx = tls.server_context(cfg.tls_dir)
+        self._box_server = await loop.create_server(self._box_factory, cfg.box_host, cfg.box_port,
+                                                    ssl=ssl_ctx, reuse_address=True)
+        self.box_port = self._box_server.sockets[0].getsockname()[1]
+        from hived.control.api import start_api
+
+        self._api_runner, self.api_port = await start_api(self, cfg.api_host, cfg.api_port)
+        self._ticker = loop.create_task(self._tick_loop())
+
+    async def stop(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+        if self._box_server:
+            self._box_server.close()
+        for link in list(self.links.values()):
+            link.channel.close("control plane stopping")
+        if self._api_runner:
+            await self._api_runner.cleanup()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ticker:
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        for event in self._log_events.values():
+            event.set()
+        if self.store is not None:
+            self.store.close()
+
+    def endpoints(self) -> dict:
+        host = self.config.api_host or "127.0.0.1"
+        return {"hive": self.config.hive, "api": f"http://{_url_host(host)}:{self.api_port}",
+                "box": f"{self.config.box_host}:{self.box_port}", "tls": self.config.tls_dir is not None,
+                "pid": os.getpid()}
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _tick_loop(self) -> None:
+        period = min(self.config.heartbeat_s, self.config.box_lost_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self._apply(self.scheduler.tick(self.clock()))
+            except Exception:  # a bug here must not stop loss detection for good
+                log.exception("scheduler tick failed")
+
+    # -- builds (the API calls these) -------------------------------------------------------
+    def new_build_id(self) -> str:
+        return f"{self.config.hive}_{secrets.token_hex(8)}"
+
+    def submit(self, build: Build) -> tuple[Build, bool]:
+        """Store the build durably, then schedule it. Returns (build, created)."""
+        build, created = self.store.create_build(build)
+        if created:
+            self._apply(self.scheduler.submit(build, self.clock()))
+        return build, created
+
+    def cancel(self, build_id: str) -> bool:
+        if not self.store.request_cancel(build_id):
+            return False
+        self._apply(self.scheduler.cancel(build_id, self.clock()))
+        return True
+
+    # -- log followers -------------------------------------------------------------------------
+    def log_event(self, build_id: str) -> asyncio.Event:
+        """An event set at the next change of the build's log or state: take it *before*
+        reading, so a change between the read and the wait is not missed."""
+        event = self._log_events.get(build_id)
+        if event is None:
+            event = self._log_events[build_id] = asyncio.Event()
+        return event
+
+    def _notify(self, build_id: str) -> None:
+        event = self._log_events.pop(build_id, None)
+        if event is not None:
+            event.set()
+
+    # -- actions -------------------------------------------------------------------------------
+    def _apply(self, actions) -> None:
+        for action in actions:
+            if isinstance(action, sch.Assign):
+                b = action.build
+                if not self.store.assign(b.id, action.box_id, action.old_lease, action.lease, self.clock()):
+                    log.error("build %s: the store refused assignment to %s (lease %d)", b.id,
+                              action.box_id, action.lease)
+                    continue
+                self.metrics.schedule_seconds.observe(action.waited_s)
+                self.schedule_samples.append(action.waited_s)
+                link = self.links.get(action.box_id)
+                if link is not None:  # else: the box reconnects without it and it is requeued
+                    link.send("build.assign", build_id=b.id, lease=action.lease, shape=b.shape,
+                              customer=b.customer, argv=b.argv, env=b.env, cwd=b.cwd,
+                              timeout_s=b.timeout_s, options=b.options)
+                self._notify(b.id)
+            elif isinstance(action, sch.Requeue):
+                self.store.requeue(action.build_id, action.lease, action.reason)
+                log.info("build %s requeued: %s", action.build_id, action.reason)
+                self._notify(action.build_id)
+            elif isinstance(action, sch.Finish):
+                ok = self.store.finish(action.build_id, action.lease, action.state, code=action.code,
+                                       signal=action.signal, reason=action.reason, message=action.message,
+                                       usage=action.usage, now=self.clock())
+                if ok:
+                    self.metrics.finished.labels(action.state).inc()
+                    if action.reason == "infrastructure":
+                        log.warning("build %s %s: %s", action.build_id, action.state, action.message)
+                self._notify(action.build_id)
+            elif isinstance(action, sch.CancelOnBox):
+                link = self.links.get(action.box_id)
+                if link is not None:
+                    link.send("cancel", build_id=action.build_id, reason=action.reason[:256])
+            elif isinstance(action, sch.PoolTarget):
+                link = self.links.get(action.box_id)
+                if link is not None:
+                    link.send("pool.target", targets=action.targets)
+            elif isinstance(action, sch.DropBox):
+                link = self.links.get(action.box_id)
+                if link is not None:
+                    log.warning("box %s: dropping its link: %s", action.box_id, action.reason)
+                    link.channel.close(action.reason)
+            else:  # pragma: no cover - a new action type without a handler is a bug
+                raise TypeError(f"unknown scheduler action {action!r}")
+
+    # -- box links ------------------------------------------------------------------------------
+    def _box_factory(self) -> Channel:
+        channel = Channel(Session("control", self.config.hive, {"box"}), hello_timeout=REGISTER_TIMEOUT_S)
+        self.spawn(self._serve_box(channel))
+        return channel
+
+    def _authenticate(self, msg, channel: Channel) -> str | None:
+        """None if the box may register, else why not (said to the box, and logged)."""
+        box_id, token = msg["box_id"], msg["token"]
+        if self.config.tls_dir is not None:
+            from hived.control.tls import peer_common_name
+
+            cn = peer_common_name(channel.transport)
+            if cn is not None and cn != box_id:
+                return f"the certificate presented is for box {cn!r}, not {box_id!r}"
+            if cn is None and self.config.require_box_certs:
+                return f"box {box_id!r} presented no certificate and this hive requires one"
+        record = self.store.get_box(box_id)
+        if record is None or not record.token_hash:
+            return (f"unknown box {box_id!r}: give it a token with `hived control add-box {box_id}` "
+                    "or [boxes.NAME] token_sha256 in the hive's config")
+        if not hmac.compare_digest(token_hash(token), record.token_hash):
+            return f"wrong token for box {box_id!r}"
+        return None
+
+    async def _serve_box(self, channel: Channel) -> None:
+        link = None
+        try:
+            await channel.handshake()
+            msg = await asyncio.wait_for(channel.recv(), REGISTER_TIMEOUT_S)
+            if msg.name != "box.register":
+                raise ProtocolError("bad_message", f"a box must send box.register first, not {msg.name}")
+            refused = self._authenticate(msg, channel)
+            if refused:
+                log.warning("box link from %s refused: %s", _peer(channel), refused)
+                raise ProtocolError("not_allowed", refused)
+            box_id = msg["box_id"]
+            old = self.links.get(box_id)
+            if old is not None:
+                old.channel.close("the box connected again")
+            link = self.links[box_id] = BoxLink(box_id, channel)
+            now = self.clock()
+            link.row_written = now
+            self.store.box_seen(box_id, capacity=msg["capacity"], shapes=msg["shapes"], warm=msg["warm"],
+                                now=now, registered=True)
+            await channel.send("box.registered", box_id=box_id, hive=self.config.hive,
+                               heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s)
+            log.info("box %s registered from %s: shapes %s, capacity %d, warm %s, holding %d build(s)",
+                     box_id, _peer(channel), msg["shapes"], msg["capacity"], msg["warm"], len(msg["builds"]))
+            self._apply(self.scheduler.box_connected(
+                box_id, shapes=msg["shapes"], capacity=msg["capacity"], warm=msg["warm"],
+                targets=msg["targets"], held=msg["builds"], now=now))
+            while True:
+                msg = await channel.recv()
+                self._on_box_message(link, msg)
+        except ProtocolError as exc:
+            with contextlib.suppress(Exception):
+                channel.transport.write(channel.session.error_frame(exc))
+            channel.close(str(exc))
+        except (ChannelClosed, TimeoutError) as exc:
+            if link is None:
+                log.info("box link from %s closed before registering: %s", _peer(channel), exc)
+        except Exception:  # a bug (or the store failing) ends this link only; the box reconnects
+            log.exception("box link %s failed", link.box_id if link else _peer(channel))
+        finally:
+            channel.close("link ended")
+            if link is not None and self.links.get(link.box_id) is link:
+                del self.links[link.box_id]
+                log.warning("box %s disconnected: %s", link.box_id, channel.closed_reason)
+                self._apply(self.scheduler.box_disconnected(link.box_id, self.clock()))
+
+    def _on_box_message(self, link: BoxLink, msg) -> None:
+        now = self.clock()
+        box_id, f = link.box_id, msg.fields
+        self.scheduler.seen(box_id, now)
+        name = msg.name
+        if name == "box.heartbeat":
+            link.send("pong", seq=f["seq"])
+            if now - link.row_written >= BOX_ROW_EVERY_S:
+                link.row_written = now
+                box = self.scheduler.boxes.get(box_id)
+                self.store.box_seen(box_id, capacity=box.capacity if box else 0,
+                                    shapes=sorted(box.shapes) if box else [], warm=f["warm"], now=now)
+            self._apply(self.scheduler.heartbeat(box_id, warm=f["warm"], assigns_seen=f["assigns_seen"],
+                                                 now=now))
+        elif name == "build.started":
+            if self.scheduler.started(box_id, f["build_id"], f["lease"]):
+                self.store.mark_started(f["build_id"], f["lease"], f["cell_id"], now)
+                self._notify(f["build_id"])
+            else:
+                self._stale(link, f["build_id"], f["lease"], name)
+        elif name == "build.output":
+            if self.scheduler.holds(box_id, f["build_id"], f["lease"]):
+                if self.store.append_log(f["build_id"], f["lease"], f["seq"], f["stream"], f["data"]) \
+                        is not None:
+                    self._notify(f["build_id"])
+            else:
+                self._stale(link, f["build_id"], f["lease"], name)
+        elif name == "build.exit":
+            actions = self.scheduler.exited(box_id, f["build_id"], f["lease"], started=f["started"],
+                                            reason=f["reason"], code=f["code"], signal=f["signal"],
+                                            message=f["message"], usage=f["usage"], now=now)
+            if not actions:
+                self.metrics.refused.inc()
+                log.info("box %s: exit of %s with stale lease %d: acknowledged, ignored", box_id,
+                         f["build_id"], f["lease"])
+            self._apply(actions)  # durable first ...
+            link.send("build.ack", build_id=f["build_id"], lease=f["lease"])  # ... then the box forgets
+        elif name == "error":
+            log.warning("box %s says %s: %s (%s)", box_id, f["code"], f["message"], f["ref"])
+        elif name == "ping":
+            link.send("pong", seq=f["seq"])
+        elif name == "pong":
+            pass
+        else:
+            link.send("error", code="not_allowed", fatal=False, ref="",
+                      message=f"the control plane does not take {name} from a box")
+
+    def _stale(self, link: BoxLink, build_id: str, lease: int, what: str) -> None:
+        """A message for a build this box no longer holds: tell it (once) to stop that build."""
+        self.metrics.refused.inc()
+        if build_id not in link.stale_cancelled:
+            link.stale_cancelled.add(build_id)
+            log.warning("box %s: %s for %s with stale lease %d: telling it to cancel", link.box_id, what,
+                        build_id, lease)
+            link.send("cancel", build_id=build_id, reason="this box no longer holds the build's lease")
+
+
+def _peer(channel: Channel) -> str:
+    try:
+        peer = channel.transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    except Exception:
+        return "?"
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+# -- process -----------------------------------------------------------------------------------
+async def serve(config: ControlConfig, *, ready_file=None) -> int:
+    from hived import sdnotify
+
+    cp = ControlPlane(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await cp.start()
+    endpoints = config.state_dir / "endpoints.json"
+    try:
+        tmp = endpoints.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cp.endpoints(), indent=2) + "\n")
+        tmp.rename(endpoints)
+        print(f"ready {json.dumps(cp.endpoints())}", flush=True)
+        sdnotify.notify(f"READY=1\nSTATUS=hive {config.hive}: API on port {cp.api_port}, "
+                        f"boxes on port {cp.box_port}")
+        await stop.wait()
+        return 0
+    finally:
+        sdnotify.notify("STOPPING=1")
+        with contextlib.suppress(FileNotFoundError):
+            endpoints.unlink()
+        await cp.stop()
+        print("stopped", file=sys.stderr, flush=True)
+
+
+def main(config_path: str) -> int:
+    """`hived control --config FILE`. Raises hived.cli.UserError on a bad config or state file."""
+    import uvloop
+
+    from hived.cli import UserError
+    from hived.control.config import ConfigError, load
+    from hived.control.store import StoreError
+
+    try:
+        config = load(config_path)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        return uvloop.run(serve(config))
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"hive {config.hive} cannot start: {exc}") from None

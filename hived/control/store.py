@@ -1,0 +1,441 @@
+r"""The control plane's durable state behind one small interface; SQLite (WAL) implements it.
+
+Every method is one transaction: when it returns, the change is on disk (with
+`synchronous = full`, also after a power cut), so callers acknowledge only after it.
+Build transitions are compare-and-set on (state, lease): the lease is the fencing token,
+so a late message from a box that lost its lease cannot change a build, whatever the
+caller's memory says. Nothing here is SQLite-specific beyond `SQLiteStore`; a PostgreSQL
+store implements the same methods with the same conditional UPDATEs.
+
+    builds:  queued -> assigned -> running -> succeeded | failed | cancelled
+                \  ^      |  \________________________^
+                 \  \-----'  (requeue: never started, retry policy)
+                  \-> cancelled | failed (before any box had it)
+"""
+
+import abc
+import dataclasses
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+QUEUED, ASSIGNED, RUNNING = "queued", "assigned", "running"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+STATES = (QUEUED, ASSIGNED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+LIVE = (QUEUED, ASSIGNED, RUNNING)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+STREAM_MARKER = 0  # a log chunk written by the control plane itself (truncation notice)
+SCHEMA_VERSION = 1
+
+
+class StoreError(Exception):
+    """The store cannot be used as asked (wrong hive's file, newer schema, bad path)."""
+
+
+@dataclasses.dataclass
+class Build:
+    id: str
+    customer: str
+    shape: str
+    argv: list[str]
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    cwd: str = "/work"
+    timeout_s: float = 0.0
+    options: dict = dataclasses.field(default_factory=dict)
+    state: str = QUEUED
+    box: str = ""
+    cell: str = ""
+    lease: int = 0              # fencing counter: +1 on every assignment
+    attempts: int = 0
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str = ""
+    message: str = ""
+    usage: dict = dataclasses.field(default_factory=dict)
+    submitted_at: float = 0.0
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    idem_key: str | None = None  # per customer: a second submit with the same key gets this build
+    source: str = "api"
+    log_bytes: int = 0
+    log_truncated: bool = False
+    cancel_requested: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def public(self) -> dict:
+        """What the API shows (no env values: they may hold secrets)."""
+        return {
+            "id": self.id, "customer": self.customer, "shape": self.shape, "argv": self.argv,
+            "env_keys": sorted(self.env), "cwd": self.cwd, "timeout_s": self.timeout_s,
+            "options": self.options, "state": self.state, "box": self.box or None,
+            "cell": self.cell or None, "attempts": self.attempts, "lease": self.lease,
+            "exit_code": self.exit_code, "signal": self.signal, "reason": self.reason or None,
+            "message": self.message or None, "usage": self.usage, "submitted_at": self.submitted_at,
+            "assigned_at": self.assigned_at, "started_at": self.started_at,
+            "finished_at": self.finished_at, "source": self.source, "log_bytes": self.log_bytes,
+            "log_truncated": self.log_truncated, "cancel_requested": self.cancel_requested,
+        }
+
+
+@dataclasses.dataclass
+class BoxRecord:
+    id: str
+    token_hash: str = ""
+    capacity: int = 0
+    shapes: list[str] = dataclasses.field(default_factory=list)
+    warm: dict[str, int] = dataclasses.field(default_factory=dict)
+    last_heartbeat: float | None = None
+    registered_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LogChunk:
+    seq: int
+    stream: int  # 1 stdout, 2 stderr, 0 a marker from the control plane
+    data: bytes
+
+
+class Store(abc.ABC):
+    """Durable state of one hive. Each method is atomic and durable when it returns."""
+
+    # -- hive ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def sync_config(self, customers: dict, shapes: dict) -> None:
+        """Record the hive's customers and shapes (from its config file) for operators."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # -- boxes --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def set_box_token(self, box_id: str, token_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    def get_box(self, box_id: str) -> BoxRecord | None: ...
+
+    @abc.abstractmethod
+    def box_seen(self, box_id: str, *, capacity: int, shapes: list[str], warm: dict, now: float,
+                 registered: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    def boxes(self) -> list[BoxRecord]: ...
+
+    # -- builds -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def create_build(self, build: Build) -> tuple[Build, bool]:
+        """Insert a queued build; with an idem_key already used by the customer, return that
+        build instead. Returns (build, created)."""
+
+    @abc.abstractmethod
+    def get_build(self, build_id: str) -> Build | None: ...
+
+    @abc.abstractmethod
+    def live_builds(self) -> list[Build]:
+        """Queued, assigned and running builds, oldest first (a restart rebuilds from these)."""
+
+    @abc.abstractmethod
+    def assign(self, build_id: str, box: str, old_lease: int, new_lease: int, now: float) -> bool:
+        """queued -> assigned to `box` with `new_lease`, if the build is queued at `old_lease`."""
+
+    @abc.abstractmethod
+    def mark_started(self, build_id: str, lease: int, cell: str, now: float) -> bool:
+        """assigned -> running, if `lease` is current."""
+
+    @abc.abstractmethod
+    def requeue(self, build_id: str, lease: int, reason: str) -> bool:
+        """assigned -> queued (the box never started it), if `lease` is current."""
+
+    @abc.abstractmethod
+    def finish(self, build_id: str, lease: int | None, state: str, *, code: int | None, signal: int | None,
+               reason: str, message: str, usage: dict | None, now: float) -> bool:
+        """A live build -> a terminal state. `lease` None: whatever the lease (cancel of a
+        queued build, a box lost); otherwise only if it is current."""
+
+    @abc.abstractmethod
+    def request_cancel(self, build_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def count_by_state(self) -> dict[str, int]: ...
+
+    # -- logs ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes) -> int | None:
+        """Store a chunk from the box holding `lease`; duplicates (box_seq not above the last
+        one) and chunks past the build's cap are dropped. Returns the stored seq or None."""
+
+    @abc.abstractmethod
+    def read_log(self, build_id: str, after: int = -1, limit: int = 256) -> list[LogChunk]: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS config (kind TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL,
+                                   PRIMARY KEY (kind, name));
+CREATE TABLE IF NOT EXISTS boxes (
+    id TEXT PRIMARY KEY, token_hash TEXT NOT NULL DEFAULT '', capacity INTEGER NOT NULL DEFAULT 0,
+    shapes TEXT NOT NULL DEFAULT '[]', warm TEXT NOT NULL DEFAULT '{}', last_heartbeat REAL,
+    registered_at REAL);
+CREATE TABLE IF NOT EXISTS builds (
+    id TEXT PRIMARY KEY, customer TEXT NOT NULL, shape TEXT NOT NULL, argv TEXT NOT NULL,
+    env TEXT NOT NULL, cwd TEXT NOT NULL, timeout_s REAL NOT NULL, options TEXT NOT NULL,
+    state TEXT NOT NULL, box TEXT NOT NULL DEFAULT '', cell TEXT NOT NULL DEFAULT '',
+    lease INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER, signal INTEGER, reason TEXT NOT NULL DEFAULT '',
+    message TEXT NOT NULL DEFAULT '', usage TEXT NOT NULL DEFAULT '{}',
+    submitted_at REAL NOT NULL, assigned_at REAL, started_at REAL, finished_at REAL,
+    idem_key TEXT, source TEXT NOT NULL DEFAULT 'api',
+    log_bytes INTEGER NOT NULL DEFAULT 0, log_truncated INTEGER NOT NULL DEFAULT 0,
+    log_next_seq INTEGER NOT NULL DEFAULT 0, log_box_seq INTEGER NOT NULL DEFAULT -1,
+    cancel_requested INTEGER NOT NULL DEFAULT 0);
+CREATE UNIQUE INDEX IF NOT EXISTS builds_idem ON builds (customer, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS builds_live ON builds (state) WHERE state IN ('queued', 'assigned', 'running');
+CREATE TABLE IF NOT EXISTS build_logs (
+    build_id TEXT NOT NULL, seq INTEGER NOT NULL, stream INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (build_id, seq)) WITHOUT ROWID;
+"""
+
+_BUILD_COLS = ("id", "customer", "shape", "argv", "env", "cwd", "timeout_s", "options", "state", "box",
+               "cell", "lease", "attempts", "exit_code", "signal", "reason", "message", "usage",
+               "submitted_at", "assigned_at", "started_at", "finished_at", "idem_key", "source",
+               "log_bytes", "log_truncated", "cancel_requested")
+_JSON_COLS = {"argv", "env", "options", "usage"}
+_BOOL_COLS = {"log_truncated", "cancel_requested"}
+
+
+def _row_to_build(row) -> Build:
+    kw = {}
+    for col, value in zip(_BUILD_COLS, row, strict=True):
+        if col in _JSON_COLS:
+            value = json.loads(value)
+        elif col in _BOOL_COLS:
+            value = bool(value)
+        kw[col] = value
+    return Build(**kw)
+
+
+class SQLiteStore(Store):
+    """One SQLite file per hive, WAL mode. Safe to call from several threads (one lock)."""
+
+    def __init__(self, path: Path | str, hive: str, *, synchronous: str = "full",
+                 log_max_bytes: int = 8 << 20) -> None:
+        if synchronous not in ("full", "normal", "extra"):
+            raise StoreError(f"synchronous must be full, normal or extra, not {synchronous!r}")
+        self.path = Path(path)
+        self.hive = hive
+        self.log_max_bytes = log_max_bytes
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the hive's database {self.path}: {exc}") from None
+        self.lock = threading.Lock()
+        db = self.db
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode}); is it on a network fs?")
+        db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        db.execute("PRAGMA busy_timeout=5000")
+        with self._tx():
+            for statement in _SCHEMA.split(";"):  # executescript() would commit the transaction
+                if statement.strip():
+                    db.execute(statement)
+            rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if not rows:
+                db.execute("INSERT INTO meta VALUES ('hive', ?), ('schema', ?)", (hive, str(SCHEMA_VERSION)))
+            else:
+                if rows.get("hive") != hive:
+                    raise StoreError(f"{self.path} holds hive {rows.get('hive')!r}, not {hive!r}: "
+                                     "each hive needs its own state file")
+                if int(rows.get("schema", 0)) > SCHEMA_VERSION:
+                    raise StoreError(f"{self.path} has schema {rows['schema']}, newer than this hived "
+                                     f"({SCHEMA_VERSION}): upgrade hived")
+
+    # -- plumbing ---------------------------------------------------------------------------
+    class _Tx:
+        def __init__(self, store: "SQLiteStore") -> None:
+            self.store = store
+
+        def __enter__(self):
+            self.store.lock.acquire()
+            try:
+                self.store.db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store.lock.release()
+                raise
+            return self.store.db
+
+        def __exit__(self, exc_type, exc, tb):
+            try:
+                self.store.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.store.lock.release()
+            return False
+
+    def _tx(self) -> "_Tx":
+        return self._Tx(self)
+
+    def _read(self, sql: str, args=()) -> list:
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def journal_mode(self) -> str:
+        return self._read("PRAGMA journal_mode")[0][0]
+
+    # -- hive -----------------------------------------------------------------------------
+    def sync_config(self, customers: dict, shapes: dict) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM config")
+            db.executemany("INSERT INTO config VALUES (?, ?, ?)",
+                           [("customer", k, json.dumps(v, sort_keys=True, default=str))
+                            for k, v in customers.items()] +
+                           [("shape", k, json.dumps(v, sort_keys=True, default=str))
+                            for k, v in shapes.items()])
+
+    def config(self, kind: str) -> dict:
+        return {name: json.loads(body) for name, body in
+                self._read("SELECT name, body FROM config WHERE kind = ?", (kind,))}
+
+    # -- boxes ----------------------------------------------------------------------------
+    def set_box_token(self, box_id: str, token_hash: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO boxes (id, token_hash) VALUES (?, ?) "
+                       "ON CONFLICT (id) DO UPDATE SET token_hash = excluded.token_hash",
+                       (box_id, token_hash))
+
+    def get_box(self, box_id: str) -> BoxRecord | None:
+        rows = self._read("SELECT id, token_hash, capacity, shapes, warm, last_heartbeat, registered_at "
+                          "FROM boxes WHERE id = ?", (box_id,))
+        return self._box(rows[0]) if rows else None
+
+    @staticmethod
+    def _box(row) -> BoxRecord:
+        return BoxRecord(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], row[6])
+
+    def box_seen(self, box_id: str, *, capacity: int, shapes: list[str], warm: dict, now: float,
+                 registered: bool = False) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO boxes (id, capacity, shapes, warm, last_heartbeat, registered_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET capacity = excluded.capacity, "
+                "shapes = excluded.shapes, warm = excluded.warm, last_heartbeat = excluded.last_heartbeat, "
+                "registered_at = COALESCE(excluded.registered_at, boxes.registered_at)",
+                (box_id, capacity, json.dumps(shapes), json.dumps(warm), now, now if registered else None))
+
+    def boxes(self) -> list[BoxRecord]:
+        return [self._box(r) for r in self._read(
+            "SELECT id, token_hash, capacity, shapes, warm, last_heartbeat, registered_at "
+            "FROM boxes ORDER BY id")]
+
+    # -- builds ---------------------------------------------------------------------------
+    def create_build(self, build: Build) -> tuple[Build, bool]:
+        values = []
+        for col in _BUILD_COLS:
+            v = getattr(build, col)
+            values.append(json.dumps(v) if col in _JSON_COLS else int(v) if col in _BOOL_COLS else v)
+        with self._tx() as db:
+            if build.idem_key is not None:
+                row = db.execute(f"SELECT {', '.join(_BUILD_COLS)} FROM builds WHERE customer = ? "
+                                 "AND idem_key = ?", (build.customer, build.idem_key)).fetchone()
+                if row:
+                    return _row_to_build(row), False
+            db.execute(f"INSERT INTO builds ({', '.join(_BUILD_COLS)}) VALUES "
+                       f"({', '.join('?' * len(_BUILD_COLS))})", values)
+        return build, True
+
+    def get_build(self, build_id: str) -> Build | None:
+        rows = self._read(f"SELECT {', '.join(_BUILD_COLS)} FROM builds WHERE id = ?", (build_id,))
+        return _row_to_build(rows[0]) if rows else None
+
+    def live_builds(self) -> list[Build]:
+        rows = self._read(f"SELECT {', '.join(_BUILD_COLS)} FROM builds WHERE state IN "
+                          "('queued', 'assigned', 'running') ORDER BY submitted_at, id")
+        return [_row_to_build(r) for r in rows]
+
+    def _update(self, sql: str, args) -> bool:
+        with self._tx() as db:
+            return db.execute(sql, args).rowcount == 1
+
+    def assign(self, build_id: str, box: str, old_lease: int, new_lease: int, now: float) -> bool:
+        return self._update(
+            "UPDATE builds SET state = 'assigned', box = ?, lease = ?, attempts = attempts + 1, "
+            "assigned_at = ? WHERE id = ? AND state = 'queued' AND lease = ? AND cancel_requested = 0",
+            (box, new_lease, now, build_id, old_lease))
+
+    def mark_started(self, build_id: str, lease: int, cell: str, now: float) -> bool:
+        return self._update(
+            "UPDATE builds SET state = 'running', cell = ?, started_at = ? "
+            "WHERE id = ? AND state = 'assigned' AND lease = ?", (cell, now, build_id, lease))
+
+    def requeue(self, build_id: str, lease: int, reason: str) -> bool:
+        return self._update(
+            "UPDATE builds SET state = 'queued', box = '', cell = '', message = ? "
+            "WHERE id = ? AND state = 'assigned' AND lease = ?", (reason, build_id, lease))
+
+    def finish(self, build_id: str, lease: int | None, state: str, *, code: int | None, signal: int | None,
+               reason: str, message: str, usage: dict | None, now: float) -> bool:
+        if state not in TERMINAL:
+            raise ValueError(f"finish() needs a terminal state, not {state!r}")
+        sql = ("UPDATE builds SET state = ?, exit_code = ?, signal = ?, reason = ?, message = ?, usage = ?, "
+               "finished_at = ? WHERE id = ? AND state IN ('queued', 'assigned', 'running')")
+        args = [state, code, signal, reason, message, json.dumps(usage or {}), now, build_id]
+        if lease is not None:
+            sql += " AND lease = ?"
+            args.append(lease)
+        return self._update(sql, args)
+
+    def request_cancel(self, build_id: str) -> bool:
+        return self._update("UPDATE builds SET cancel_requested = 1 WHERE id = ? AND state IN "
+                            "('queued', 'assigned', 'running')", (build_id,))
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        counts.update(self._read("SELECT state, count(*) FROM builds GROUP BY state"))
+        return counts
+
+    # -- logs -------------------------------------------------------------------------------
+    def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes) -> int | None:
+        with self._tx() as db:
+            row = db.execute("SELECT lease, state, log_bytes, log_truncated, log_next_seq, log_box_seq "
+                             "FROM builds WHERE id = ?", (build_id,)).fetchone()
+            if row is None:
+                return None
+            cur_lease, state, nbytes, truncated, next_seq, last_box_seq = row
+            if cur_lease != lease or state not in LIVE or box_seq <= last_box_seq:
+                return None
+            if truncated:
+                db.execute("UPDATE builds SET log_box_seq = ? WHERE id = ?", (box_seq, build_id))
+                return None
+            if nbytes + len(data) > self.log_max_bytes:
+                room = self.log_max_bytes - nbytes
+                if room > 0:
+                    db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)",
+                               (build_id, next_seq, stream, bytes(data[:room])))
+                    next_seq += 1
+                marker = (f"\n[hived: log truncated: the control plane keeps {self.log_max_bytes} bytes "
+                          "per build]\n").encode()
+                db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)",
+                           (build_id, next_seq, STREAM_MARKER, marker))
+                db.execute("UPDATE builds SET log_bytes = ?, log_truncated = 1, log_next_seq = ?, "
+                           "log_box_seq = ? WHERE id = ?",
+                           (self.log_max_bytes, next_seq + 1, box_seq, build_id))
+                return next_seq
+            db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)",
+                       (build_id, next_seq, stream, bytes(data)))
+            db.execute("UPDATE builds SET log_bytes = log_bytes + ?, log_next_seq = ?, log_box_seq = ? "
+                       "WHERE id = ?", (len(data), next_seq + 1, box_seq, build_id))
+            return next_seq
+
+    def read_log(self, build_id: str, after: int = -1, limit: int = 256) -> list[LogChunk]:
+        return [LogChunk(*r) for r in self._read(
+            "SELECT seq, stream, data FROM build_logs WHERE build_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (build_id, after, limit))]
