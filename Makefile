@@ -4,7 +4,8 @@
 PYTHON ?= python3
 HIVED  := $(PYTHON) -m hived
 APT_PACKAGES := qemu-system-x86 debootstrap erofs-utils busybox-static e2fsprogs cpio \
-	iproute2 crun wireguard-go wireguard-tools zstd xz-utils
+	iproute2 crun wireguard-go wireguard-tools zstd xz-utils \
+	docker-registry apache2-utils openssl
 PYTEST_ARGS ?=
 
 .PHONY: deps image test demo lint bench clean

@@ -33,6 +33,10 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_image(args, rest) -> int:
+    from hived.oci import cli as oci_cli
+
+    if rest and rest[0] in oci_cli.COMMANDS:  # build images cached on this box
+        return oci_cli.main(rest)
     from hived import image
 
     return image.main(rest)
@@ -106,7 +110,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("doctor", help="check this host for what hived needs")
     d.add_argument("--json", action="store_true", help="print one JSON object")
-    sub.add_parser("image", help="build or locate the cell image (hived image build)", add_help=False)
+    sub.add_parser("image", help="the cell image (hived image build) and build images (hived image pull|ls|rm)",
+                   add_help=False)
     u = sub.add_parser("up", help="a whole box on this machine, foreground until SIGTERM")
     u.add_argument("--home", default="/var/lib/hived/up", help="state directory (default %(default)s)")
     u.add_argument("--pool", type=int, default=1, help="warm cells to keep (default %(default)s)")

@@ -1,0 +1,824 @@
+"""The box's build-image cache: OCI images pulled once, kept as read-only filesystem images.
+
+Layout under the root (default /var/lib/hived/oci, one per box):
+
+    index.json              refs -> manifest digest, images (size, last use, config);
+                            replaced atomically (write, fsync, rename, fsync dir)
+    .lock                   flock: index changes, across processes (box daemon, CLI)
+    blobs/sha256/<hex>      verified layer blobs (shared between images)
+    images/<hex>/           one per image manifest digest, complete or absent:
+        rootfs.erofs        the merged layers (rootfs.ext4 where mkfs.erofs is missing)
+        image.json          digest, refs, layers, config (entrypoint, env, workdir, user)
+    tmp/pull-<pid>-<rand>/  a pull in progress (flock'ed .lock inside); renamed into
+                            images/ when complete, removed by the next start otherwise
+    tmp/del-*/              being removed (renamed out of images/ first)
+
+Rules:
+* Nothing is visible under its final name before it is complete and verified: blobs are
+  hashed while they stream and renamed into blobs/ after; an image directory is built in
+  tmp/ and renamed into images/ in one step, then the index names it.
+* Leases: `acquire()` opens the image file and holds a shared flock on it until
+  `release()`; removal takes an exclusive non-blocking flock first, so an image in use by
+  any process (box daemon, CLI) is never evicted or removed. A dead process's leases go
+  with it (the kernel drops its locks).
+* Size bound (`max_bytes`, stored in the index so every process uses the box's value):
+  after each pull, least recently used images (last pull or acquire) that are not in use
+  are evicted until images + blobs fit.
+* A tag that is cached is served without asking the registry (`refresh=True` re-resolves
+  it); a digest is always served from the cache when present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hived.oci import reference
+from hived.oci.errors import CacheError, InUse, NotCached, OciError, UnsupportedImage
+from hived.oci.layers import TreeBuilder
+from hived.oci.registry import (
+    DEFAULT_PLATFORM,
+    Credentials,
+    Descriptor,
+    ImageManifest,
+    Progress,
+    RegistryClient,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = "/var/lib/hived/oci"
+DEFAULT_MAX_BYTES = 20 << 30
+INDEX_VERSION = 1
+FS_FILES = {"erofs": "rootfs.erofs", "ext4": "rootfs.ext4"}
+PARALLEL_BLOBS = 3
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What a build container needs from the image config."""
+
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    env: list[str] = field(default_factory=list)
+    workdir: str = ""
+    user: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_image_config(cls, doc: Any) -> ImageConfig:
+        c = doc.get("config") if isinstance(doc, dict) else None
+        c = c if isinstance(c, dict) else {}
+
+        def strings(v: Any) -> list[str] | None:
+            return [str(x) for x in v] if isinstance(v, list) else None
+
+        labels = c.get("Labels") if isinstance(c.get("Labels"), dict) else {}
+        return cls(strings(c.get("Entrypoint")), strings(c.get("Cmd")), strings(c.get("Env")) or [],
+                   str(c.get("WorkingDir") or ""), str(c.get("User") or ""),
+                   {str(k): str(v) for k, v in labels.items()})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageConfig:
+        return cls(d.get("entrypoint"), d.get("cmd"), list(d.get("env") or []), d.get("workdir", ""),
+                   d.get("user", ""), dict(d.get("labels") or {}))
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    digest: str  # image manifest digest (the platform's, not the index's)
+    path: Path  # the read-only filesystem image
+    size: int  # bytes of that file
+    config: ImageConfig
+    fs_type: str = "erofs"
+    refs: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()
+    created: float = 0.0
+    last_used: float = 0.0
+    in_use: bool = False
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["refs"] = list(self.refs)
+        d["layers"] = list(self.layers)
+        return d
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, doc: Any, durable: bool = True) -> None:
+    """Write then rename: readers see the old or the new file, never a mix. durable=False
+    skips the fsyncs (for last-use times: a power cut may lose them, or leave an empty
+    index, which `_load` survives by rebuilding from images/)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _first_error(e: BaseException) -> BaseException:
+    """The error that matters inside (nested) exception groups: an OciError, else the first."""
+    if isinstance(e, BaseExceptionGroup):
+        leaves = []
+
+        def walk(g: BaseExceptionGroup) -> None:
+            for x in g.exceptions:
+                if isinstance(x, BaseExceptionGroup):
+                    walk(x)
+                else:
+                    leaves.append(x)
+
+        walk(e)
+        for x in leaves:
+            if isinstance(x, OciError):
+                return x
+        return leaves[0] if leaves else e
+    return e
+
+
+class ImageCache:
+    """See the module doc. One object per process; all methods but `pull` are synchronous."""
+
+    min_free_bytes = 64 << 20  # besides the layers, free space a pull needs before it starts
+
+    def __init__(self, root: str | os.PathLike = DEFAULT_ROOT, *, max_bytes: int | None = None,
+                 fs_type: str = "auto", insecure: tuple[str, ...] = (), ssl: Any = None,
+                 platform: str = DEFAULT_PLATFORM):
+        self.root = Path(root)
+        self.fs_type = fs_type
+        self.insecure = tuple(insecure)
+        self.ssl = ssl
+        self.platform = platform
+        self._leases: dict[str, list[int]] = {}
+        self._trash: list[Path] = []  # detached dirs, removed once the index lock is released
+        self._inflight: dict[str, asyncio.Future] = {}
+        for sub in ("blobs/sha256", "images", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        with self._locked():
+            index = self._load()
+            if max_bytes is not None:
+                index["max_bytes"] = int(max_bytes)
+            self._reconcile(index)
+            self._save(index)
+            self._clean_tmp()
+        self.max_bytes = int(index["max_bytes"])
+
+    # ------------------------------------------------------------------ state on disk
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.json"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The index lock. Never await while holding it (flock is per open file, so a second
+        coroutine of the same process would block the event loop). Directories removed
+        meanwhile are only renamed under it; they are deleted after it is released."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+            trash, self._trash = self._trash, []
+            for d in trash:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _load(self) -> dict:
+        try:
+            doc = json.loads(self.index_path.read_text())
+            if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION:
+                raise ValueError("unknown index version")
+            doc.setdefault("images", {})
+            doc.setdefault("refs", {})
+            doc.setdefault("max_bytes", DEFAULT_MAX_BYTES)
+            return doc
+        except FileNotFoundError:
+            broken = False
+        except (ValueError, OSError) as e:
+            log.warning("image cache index %s unreadable (%s): rebuilding it from images/", self.index_path, e)
+            broken = True
+        doc = {"version": INDEX_VERSION, "max_bytes": getattr(self, "max_bytes", DEFAULT_MAX_BYTES),
+               "images": {}, "refs": {}}
+        if broken:
+            self._reconcile(doc)  # every complete image directory describes itself (image.json)
+        return doc
+
+    def _save(self, index: dict, durable: bool = True) -> None:
+        _write_json_atomic(self.index_path, index, durable)
+
+    def _image_dir(self, digest: str) -> Path:
+        return self.root / "images" / _hex(digest)
+
+    def _image_file(self, digest: str, entry: dict) -> Path:
+        return self._image_dir(digest) / entry.get("file", FS_FILES["erofs"])
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / _hex(digest)
+
+    def _reconcile(self, index: dict) -> None:
+        """Index <-> images/: drop entries without files, adopt complete dirs it lacks."""
+        images = index["images"]
+        for digest in list(images):
+            if not self._image_file(digest, images[digest]).is_file():
+                log.warning("image cache: %s is gone from disk; dropping it", digest)
+                del images[digest]
+        for d in (self.root / "images").iterdir():
+            digest = f"sha256:{d.name}"
+            if digest in images:
+                continue
+            try:
+                meta = json.loads((d / "image.json").read_text())
+                if meta.get("digest") != digest or not (d / meta["file"]).is_file():
+                    raise ValueError("incomplete")
+            except (OSError, ValueError, KeyError):
+                log.warning("image cache: removing stray %s", d)
+                self._detach_and_remove(d)
+                continue
+            now = time.time()
+            images[digest] = {k: meta[k] for k in ("file", "fs", "size", "layers", "config", "created",
+                                                   "index_digests") if k in meta}
+            images[digest]["last_used"] = now
+            for r in meta.get("refs", []):
+                index["refs"].setdefault(r, digest)
+        index["refs"] = {r: dg for r, dg in index["refs"].items() if dg in images}
+
+    def _clean_tmp(self) -> None:
+        """Remove what crashed pulls and removals left (but not another live pull's dir)."""
+        for d in (self.root / "tmp").iterdir():
+            if d.name.startswith("pull-"):
+                lock = d / ".lock"
+                try:
+                    fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    pid = d.name.split("-")[1]
+                    if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+                        continue  # just created, lock not there yet
+                    fd = -1
+                if fd >= 0:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        os.close(fd)
+                        continue  # a live pull
+                    os.close(fd)
+            self._detach_and_remove(d, rename=False)
+        for p in self.root.glob(".index.json.tmp-*"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def _detach_and_remove(self, d: Path, rename: bool = True) -> None:
+        """Rename d out of the way now (atomic), delete it when the index lock is released."""
+        if rename:
+            dest = self.root / "tmp" / f"del-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(d, dest)
+            except FileNotFoundError:
+                return
+            d = dest
+        if d.is_dir() and not d.is_symlink():
+            self._trash.append(d)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                d.unlink()
+
+    def _entry_image(self, index: dict, digest: str) -> CachedImage:
+        e = index["images"][digest]
+        refs = tuple(sorted(r for r, dg in index["refs"].items() if dg == digest))
+        return CachedImage(digest=digest, path=self._image_file(digest, e), size=int(e.get("size", 0)),
+                           config=ImageConfig.from_dict(e.get("config") or {}), fs_type=e.get("fs", "erofs"),
+                           refs=refs, layers=tuple(e.get("layers") or ()), created=e.get("created", 0.0),
+                           last_used=e.get("last_used", 0.0), in_use=self._in_use(digest, e))
+
+    def _find(self, index: dict, ref_or_digest: str) -> str | None:
+        """Manifest digest for a reference, a digest (image or index) or a unique hex prefix."""
+        images = index["images"]
+        text = ref_or_digest.strip()
+        if text.startswith("sha256:") or (len(text) >= 12 and all(c in "0123456789abcdef" for c in text)):
+            want = text if text.startswith("sha256:") else f"sha256:{text}"
+            if want in images:
+                return want
+            hits = [dg for dg, e in images.items() if dg.startswith(want) or want in e.get("index_digests", [])]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise CacheError(f"{text} matches {len(hits)} images", "give more digits")
+            if text.startswith("sha256:"):
+                return None
+        r = reference.parse(text)
+        if r.digest:
+            if r.digest in images:
+                return r.digest
+            hits = [dg for dg, e in images.items() if r.digest in e.get("index_digests", [])]
+            return hits[0] if hits else None
+        return index["refs"].get(str(r))
+
+    # ------------------------------------------------------------------ leases
+
+    def _in_use(self, digest: str, entry: dict) -> bool:
+        if self._leases.get(digest):
+            return True
+        fd = self._try_exclusive(digest, entry)
+        if fd is None:
+            return True
+        if fd >= 0:
+            os.close(fd)
+        return False
+
+    def _try_exclusive(self, digest: str, entry: dict) -> int | None:
+        """An fd holding the image file's exclusive flock; None when someone holds a lease;
+        -1 when the file is already gone."""
+        try:
+            fd = os.open(self._image_file(digest, entry), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return -1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def acquire(self, ref_or_digest: str) -> Path:
+        """Lease a cached image: returns its file, kept (never evicted) until `release`."""
+        with self._locked():
+            index = self._load()
+            digest = self._find(index, ref_or_digest)
+            if digest is None:
+                raise NotCached(f"{ref_or_digest} is not in the image cache")
+            path = self._lease(index, digest)
+            index["images"][digest]["last_used"] = time.time()
+            self._save(index, durable=False)
+            return path
+
+    def _lease(self, index: dict, digest: str) -> Path:
+        path = self._image_file(digest, index["images"][digest])
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotCached(f"{digest} was removed from the image cache") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(fd), os.stat(path)):
+                raise FileNotFoundError(path)
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            raise NotCached(f"{digest} is being removed from the image cache") from None
+        self._leases.setdefault(digest, []).append(fd)
+        return path
+
+    def release(self, ref_digest_or_path: str | os.PathLike) -> None:
+        """Give back one lease taken by `acquire` (by ref, digest or the path it returned)."""
+        key = os.fspath(ref_digest_or_path)
+        digest = None
+        for dg in self._leases:
+            if key.startswith(str(self._image_dir(dg))):
+                digest = dg
+        if digest is None:
+            with self._locked():
+                digest = self._find(self._load(), key)
+        fds = self._leases.get(digest or "")
+        if not fds:
+            raise CacheError(f"{key} is not acquired by this process", "release only what acquire returned")
+        os.close(fds.pop())
+        if not fds:
+            del self._leases[digest]
+
+    @contextlib.contextmanager
+    def leased(self, ref_or_digest: str) -> Iterator[Path]:
+        path = self.acquire(ref_or_digest)
+        try:
+            yield path
+        finally:
+            self.release(path)
+
+    def close(self) -> None:
+        """Drop every lease this object holds."""
+        for fds in self._leases.values():
+            for fd in fds:
+                os.close(fd)
+        self._leases.clear()
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, ref_or_digest: str) -> CachedImage | None:
+        with self._locked():
+            index = self._load()
+            digest = self._find(index, ref_or_digest)
+            return self._entry_image(index, digest) if digest else None
+
+    def list(self) -> list[CachedImage]:
+        with self._locked():
+            index = self._load()
+            out = [self._entry_image(index, dg) for dg in index["images"]]
+        return sorted(out, key=lambda i: i.last_used, reverse=True)
+
+    def usage(self) -> int:
+        """Bytes on disk: image files and blobs."""
+        total = 0
+        for sub in ("images", "blobs/sha256"):
+            for dirpath, _dirs, files in os.walk(self.root / sub):
+                for f in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        total += os.lstat(os.path.join(dirpath, f)).st_size
+        return total
+
+    # ------------------------------------------------------------------ removal
+
+    def remove(self, ref_or_digest: str) -> list[str]:
+        """By reference: untag, and remove the image when no reference is left. By digest:
+        remove the image and all its references. Returns the digests removed."""
+        with self._locked():
+            index = self._load()
+            digest = self._find(index, ref_or_digest)
+            if digest is None:
+                raise NotCached(f"{ref_or_digest} is not in the image cache", "`hived image ls` shows what is")
+            by_ref = not (ref_or_digest.startswith("sha256:") or digest.startswith(f"sha256:{ref_or_digest}"))
+            if by_ref:
+                r = reference.parse(ref_or_digest)
+                if not r.digest:
+                    index["refs"].pop(str(r), None)
+                    if any(dg == digest for dg in index["refs"].values()):
+                        self._save(index)
+                        return []
+            if not self._remove_image(index, digest):
+                raise InUse(f"{digest} is in use by a cell")
+            self._drop_unreferenced_blobs(index)
+            self._save(index)
+            return [digest]
+
+    def _remove_image(self, index: dict, digest: str) -> bool:
+        entry = index["images"].get(digest)
+        if entry is None:
+            return True
+        if self._leases.get(digest):
+            return False
+        fd = self._try_exclusive(digest, entry)
+        if fd is None:
+            return False
+        try:
+            self._detach_and_remove(self._image_dir(digest))
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        del index["images"][digest]
+        index["refs"] = {r: dg for r, dg in index["refs"].items() if dg != digest}
+        return True
+
+    def _drop_unreferenced_blobs(self, index: dict) -> int:
+        wanted = {_hex(d) for e in index["images"].values() for d in e.get("layers") or ()}
+        freed = 0
+        for p in (self.root / "blobs" / "sha256").iterdir():
+            if p.name not in wanted:
+                with contextlib.suppress(FileNotFoundError):
+                    freed += p.stat().st_size
+                    p.unlink()
+        return freed
+
+    def _evict(self, index: dict, protect: set[str]) -> list[str]:
+        evicted = []
+        used = self.usage()
+        if used <= self.max_bytes:
+            return evicted
+        for digest in sorted(index["images"], key=lambda dg: index["images"][dg].get("last_used", 0)):
+            if used <= self.max_bytes:
+                break
+            if digest in protect:
+                continue
+            if self._remove_image(index, digest):
+                evicted.append(digest)
+                log.info("image cache: evicted %s (least recently used; cache over %d bytes)",
+                         digest, self.max_bytes)
+                self._drop_unreferenced_blobs(index)
+                used = self.usage()
+        if used > self.max_bytes:
+            log.warning("image cache: %d bytes used, bound %d: the rest is in use", used, self.max_bytes)
+        return evicted
+
+    def gc(self) -> dict:
+        """Leftover temp dirs, missing or stray images, unreferenced blobs, then the size bound."""
+        with self._locked():
+            index = self._load()
+            self._clean_tmp()
+            self._reconcile(index)
+            freed = self._drop_unreferenced_blobs(index)
+            evicted = self._evict(index, set())
+            self._save(index)
+            return {"evicted": evicted, "blob_bytes_freed": freed, "bytes": self.usage(),
+                    "max_bytes": self.max_bytes}
+
+    # ------------------------------------------------------------------ pull
+
+    async def pull(self, ref: str, credentials: Credentials | None = None, *, refresh: bool = False,
+                   acquire: bool = False, progress: Progress | None = None) -> CachedImage:
+        """The image for ref, from the cache when there, else pulled, verified and converted.
+
+        acquire=True also leases it (release with `release(image.path)`), so no concurrent
+        eviction can remove it between the pull and its use.
+        """
+        r = reference.parse(ref)
+        if not refresh or r.digest:
+            hit = self._hit(r, acquire)
+            if hit is not None:
+                return hit
+        if os.geteuid() != 0:
+            raise CacheError(f"{r} is not cached, and turning an image into a filesystem image needs root "
+                             "(file owners, device nodes)", "pull as root (the box daemon runs as root)")
+        client = RegistryClient(credentials, insecure=self.insecure, ssl=self.ssl, platform=self.platform)
+        owned = True
+        try:
+            manifest = await client.resolve(r, progress)
+            hit = self._hit(r, acquire, manifest)
+            if hit is not None:
+                return hit
+            task = self._inflight.get(manifest.digest)
+            if task is None:  # the task owns the client from here (it may outlive this call)
+                task = asyncio.ensure_future(self._fetch_and_build(client, r, manifest, progress))
+                owned = False
+                self._inflight[manifest.digest] = task
+                task.add_done_callback(self._pull_done)
+            await asyncio.shield(task)
+        finally:
+            if owned:
+                await client.close()
+        hit = self._hit(r, acquire, manifest)
+        if hit is None:  # evicted in between by a smaller bound: should not happen
+            raise CacheError(f"{r} vanished from the cache right after its pull", "pull again")
+        return hit
+
+    def _pull_done(self, task: asyncio.Future) -> None:
+        for dg, t in list(self._inflight.items()):
+            if t is task:
+                del self._inflight[dg]
+        if not task.cancelled():
+            task.exception()  # retrieved here: the waiters (if any are left) raise it themselves
+
+    def _hit(self, r: reference.Reference, acquire: bool, manifest: ImageManifest | None = None) -> CachedImage | None:
+        with self._locked():
+            index = self._load()
+            if manifest is not None:
+                digest = manifest.digest if manifest.digest in index["images"] else None
+            else:
+                digest = self._find(index, str(r))
+            if digest is None:
+                return None
+            entry = index["images"][digest]
+            if not self._image_file(digest, entry).is_file():
+                return None
+            new_ref = index["refs"].get(str(r)) != digest
+            index["refs"][str(r)] = digest
+            if manifest is not None and manifest.index_digest:
+                ids = entry.setdefault("index_digests", [])
+                if manifest.index_digest not in ids:
+                    ids.append(manifest.index_digest)
+                    new_ref = True
+            entry["last_used"] = time.time()
+            if acquire:
+                self._lease(index, digest)
+            self._save(index, durable=new_ref)
+            return self._entry_image(index, digest)
+
+    async def _fetch_and_build(self, client: RegistryClient, r: reference.Reference, manifest: ImageManifest,
+                               progress: Progress | None) -> None:
+        layer_bytes = sum(d.size for d in manifest.layers)
+        if layer_bytes > self.max_bytes:
+            raise CacheError(f"{r} has {layer_bytes} bytes of layers, more than the cache bound {self.max_bytes}",
+                             "raise the image cache's max_bytes or use a smaller image")
+        work = self.root / "tmp" / f"pull-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        work.mkdir()
+        ok = False
+        lock_fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            free = shutil.disk_usage(self.root).free
+            if free < layer_bytes + self.min_free_bytes:
+                raise CacheError(f"only {free >> 20} MiB free under {self.root}, {r} needs more than "
+                                 f"{(layer_bytes + self.min_free_bytes) >> 20} MiB",
+                                 "free disk space or lower the cache bound")
+            config_raw = await client.fetch_blob_bytes(r, manifest.config)
+            config = self._check_config(r, manifest, config_raw)
+            sem = asyncio.Semaphore(PARALLEL_BLOBS)
+
+            async def fetch(desc: Descriptor) -> None:
+                async with sem:
+                    await self._fetch_layer(client, r, desc, work, progress)
+
+            async with asyncio.TaskGroup() as tg:
+                for desc in {d.digest: d for d in manifest.layers}.values():
+                    tg.create_task(fetch(desc))
+            if progress:
+                progress("convert", {"digest": manifest.digest})
+            fs_type, fs_file, size = await asyncio.to_thread(self._build, r, manifest, config, work)
+            meta = {"digest": manifest.digest, "refs": [str(r)], "file": fs_file, "fs": fs_type, "size": size,
+                    "layers": [d.digest for d in manifest.layers], "config_digest": manifest.config.digest,
+                    "config": asdict(ImageConfig.from_image_config(config)), "created": time.time(),
+                    "index_digests": [manifest.index_digest] if manifest.index_digest else []}
+            _write_json_atomic(work / "image" / "image.json", meta)
+            await asyncio.to_thread(self._commit, r, manifest, work, meta)  # evictions delete in there
+            ok = True
+            if progress:
+                progress("done", {"digest": manifest.digest, "size": size})
+        except BaseException as exc:
+            e = _first_error(exc)
+            if isinstance(e, OSError) and not isinstance(e, OciError):
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CacheError(f"disk full under {self.root} while pulling {r}",
+                                     "free disk space or lower the cache bound (nothing partial was kept)") from None
+                raise CacheError(f"pulling {r} failed on the cache disk: {e.strerror or e} ({e.filename or ''})",
+                                 "check the cache directory's disk and permissions") from None
+            if e is not exc and isinstance(e, OciError | asyncio.CancelledError):
+                raise e from None
+            raise
+        finally:
+            os.close(lock_fd)
+            await client.close()
+            if ok:  # the image is in place: delete the unpacked tree off the critical path
+                trash = self.root / "tmp" / f"del-{work.name}"
+                os.rename(work, trash)  # a crash before the rmtree ends: the next start removes it
+                threading.Thread(target=shutil.rmtree, args=(trash, True), name="hived-oci-rm", daemon=True).start()
+            else:
+                await asyncio.to_thread(shutil.rmtree, work, True)
+
+    async def _fetch_layer(self, client: RegistryClient, r: reference.Reference, desc: Descriptor,
+                           work: Path, progress: Progress | None) -> None:
+        """Get the blob into work/: a hard link of blobs/<hex> when a cached image has it (gc
+        cannot take it away then), else downloaded and verified. Linked into blobs/ at commit."""
+        mine = work / f"layer-{_hex(desc.digest)}"
+        final = self._blob_path(desc.digest)
+        try:
+            os.link(final, mine)
+            if os.stat(mine).st_size == desc.size:
+                if progress:
+                    progress("blob-done", {"digest": desc.digest, "total": desc.size, "cached": True})
+                return
+            log.warning("image cache: blob %s has the wrong size on disk; fetching it again", desc.digest)
+            mine.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                final.unlink()
+        except FileNotFoundError:
+            pass
+        partial = work / f"partial-{_hex(desc.digest)}"
+        await client.fetch_blob(r, desc, partial, progress)
+        os.rename(partial, mine)
+
+    def _check_config(self, r: reference.Reference, manifest: ImageManifest, raw: bytes) -> dict:
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise UnsupportedImage(f"{r}: the image config is not JSON") from None
+        if not isinstance(doc, dict):
+            raise UnsupportedImage(f"{r}: the image config is not a JSON object")
+        want_os, want_arch = self.platform.split("/")[:2]
+        if doc.get("os", want_os) != want_os or doc.get("architecture", want_arch) != want_arch:
+            raise UnsupportedImage(f"{r} is a {doc.get('os')}/{doc.get('architecture')} image, not {self.platform}")
+        rootfs = doc.get("rootfs") if isinstance(doc.get("rootfs"), dict) else {}
+        diff_ids = rootfs.get("diff_ids")
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(manifest.layers):
+            raise UnsupportedImage(f"{r}: the config lists {len(diff_ids or [])} layers, the manifest "
+                                   f"{len(manifest.layers)}")
+        return doc
+
+    # ------------------------------------------------------------------ conversion (in a thread)
+
+    def _build(self, r: reference.Reference, manifest: ImageManifest, config: dict,
+               work: Path) -> tuple[str, str, int]:
+        t0 = time.monotonic()
+        tree = work / "tree"
+        tree.mkdir(mode=0o755)
+        builder = TreeBuilder(tree, max_bytes=self.max_bytes)
+        diff_ids = config["rootfs"]["diff_ids"]
+        for i, desc in enumerate(manifest.layers):
+            builder.apply_file(work / f"layer-{_hex(desc.digest)}", f"{i + 1}/{len(manifest.layers)} "
+                               f"({desc.digest[:19]})", diff_ids[i])
+        builder.finish()
+        t1 = time.monotonic()
+        out = work / "image"
+        out.mkdir()
+        fs_type = self._fs_type()
+        fs_file = FS_FILES[fs_type]
+        target = out / fs_file
+        if fs_type == "erofs":
+            _run(["mkfs.erofs", "--quiet", f"-U{uuid.UUID(_hex(manifest.digest)[:32])}",
+                  str(target), str(tree)], "mkfs.erofs")
+        else:
+            _mkfs_ext4(target, tree, _hex(manifest.digest))
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(target, 0o444)
+        size = target.stat().st_size
+        log.info("image cache: %s unpacked (%d files, %d bytes) in %.2f s, %s image (%d bytes) in %.2f s",
+                 r, builder.entries, builder.bytes, t1 - t0, fs_type, size, time.monotonic() - t1)
+        return fs_type, fs_file, size
+
+    def _fs_type(self) -> str:
+        if self.fs_type in FS_FILES:
+            want = {"erofs": "mkfs.erofs", "ext4": "mke2fs"}[self.fs_type]
+            if shutil.which(want) is None:
+                raise CacheError(f"{want} is not installed", "apt-get install erofs-utils e2fsprogs")
+            return self.fs_type
+        if shutil.which("mkfs.erofs"):
+            return "erofs"
+        if shutil.which("mke2fs"):
+            return "ext4"
+        raise CacheError("neither mkfs.erofs nor mke2fs is installed", "apt-get install erofs-utils")
+
+    def _commit(self, r: reference.Reference, manifest: ImageManifest, work: Path, meta: dict) -> None:
+        final = self._image_dir(manifest.digest)
+        with self._locked():
+            for d in manifest.layers:  # blobs gc took away meanwhile come back from our links
+                with contextlib.suppress(FileExistsError):
+                    os.link(work / f"layer-{_hex(d.digest)}", self._blob_path(d.digest))
+            index = self._load()
+            try:
+                os.rename(work / "image", final)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # Another process finished the same image first: keep theirs.
+            _fsync_dir(final.parent)
+            if manifest.digest not in index["images"]:
+                index["images"][manifest.digest] = {k: meta[k] for k in ("file", "fs", "size", "layers", "config",
+                                                                         "created", "index_digests")}
+            index["images"][manifest.digest]["last_used"] = time.time()
+            index["refs"][str(r)] = manifest.digest
+            self._evict(index, {manifest.digest})
+            self._save(index)
+
+
+def _run(cmd: list[str], what: str) -> None:
+    import subprocess
+
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                       check=False)
+    if p.returncode != 0:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        if any("No space left" in line for line in lines):
+            raise OSError(errno.ENOSPC, "No space left on device", cmd[-2])
+        raise CacheError(f"{what} failed (exit {p.returncode}): {lines[-1] if lines else 'no output'}",
+                         f"check that {what} works on this box (hived doctor)")
+
+
+def _mkfs_ext4(target: Path, tree: Path, digest_hex: str) -> None:
+    """Fallback when erofs-utils is missing: a read-only-mounted ext4 with no journal."""
+    blocks = 0
+    inodes = 16
+    for dirpath, dirs, files in os.walk(tree):
+        inodes += len(dirs) + len(files)
+        blocks += 1
+        for f in files:
+            st = os.lstat(os.path.join(dirpath, f))
+            if stat.S_ISREG(st.st_mode):
+                blocks += (st.st_size + 4095) // 4096
+    size_kib = int((blocks * 4 * 1.10) + inodes * 0.25 + 16 * 1024)
+    _run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N", str(inodes + 1024),
+          "-O", "^has_journal,^resize_inode", "-U", str(uuid.UUID(digest_hex[:32])), "-L", "hived-build",
+          "-E", "root_owner=0:0", "-d", str(tree), str(target), f"{size_kib}k"], "mke2fs")
