@@ -47,7 +47,7 @@ import time
 import uuid
 from pathlib import Path
 
-DEADLINE = 15.0          # seconds for the whole doctor; a check still running then is a problem
+DEADLINE = 30.0          # seconds for the whole doctor; a check still running then is a problem
 CMD_TIMEOUT = 5.0        # seconds for one --version / help command
 NET_CHILD_TIMEOUT = 8.0  # seconds for the whole network child
 KVM_TIMEOUT = 4.0        # seconds for the KVM probe child

@@ -128,7 +128,10 @@ def test_control_plane_restart_mid_build(e2e):
     status, b = e2e.http("POST", "/v1/builds", {"argv": ["sh", "-c", script]})
     assert status == 201
     e2e.wait(b["id"], {"running"}, timeout=60)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while e2e.http("GET", f"/v1/builds/{b['id']}/logs")[1] != b"one\n":  # "one" is stored, "two" not yet
+        assert time.monotonic() < deadline, "the first line never reached the control plane"
+        time.sleep(0.05)
     e2e.stop_control()            # the control plane goes away mid-build ...
 
     async def held():

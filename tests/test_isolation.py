@@ -91,13 +91,20 @@ def test_memory_hog_kills_only_its_own_build(box):
     assert good.exit["code"] == 0 and good.stdout == b"calm\n"
 
 
-def test_disk_writes_run_at_the_limit(box):
-    mib = 24
-    script = (f"s=$(date +%s.%N); dd if=/dev/zero of=/work/f bs=1M count={mib} oflag=direct 2>/dev/null; "
+def _disk_write_rate(box, mib: int) -> float:
+    script = (f"s=$(date +%s.%N); dd if=/dev/zero of=/work/f bs=4M count={mib // 4} oflag=direct 2>/dev/null; "
               "e=$(date +%s.%N); echo $s $e")
     r = box.build(["sh", "-c", script])
     start, end = map(float, r.stdout.split())
-    rate = (mib << 20) / (end - start)
+    return (mib << 20) / (end - start)
+
+
+def test_disk_writes_run_at_the_limit(box):
+    rate = _disk_write_rate(box, 24)
+    if rate < 0.85 * DISK_BPS:
+        # Under TCG a guest starved of CPU by a busy host writes slower than any limit:
+        # measure once more. Going *over* the limit is never retried.
+        rate = _disk_write_rate(box, 24)
     print(f"disk write rate in the cell: {rate / 2**20:.2f} MiB/s (limit {DISK_BPS / 2**20:g} MiB/s)")
     assert 0.85 * DISK_BPS <= rate <= 1.15 * DISK_BPS
 
@@ -152,3 +159,11 @@ def test_vmm_runs_confined(box):
         assert visible == [c["id"]]
         assert sorted(os.listdir(root / "dev")) <= ["kvm", "null", "random", "urandom", "zero"]
     assert len(uids) == len(cells)  # one uid per cell: a VMM cannot signal or ptrace another
+
+
+def test_more_builds_than_room_wait_for_it(box):
+    """Two cores, no overcommit: a third build waits until a cell is destroyed, then runs."""
+    results = box.builds_at_once(*[(["sh", "-c", f"sleep 1; echo {i}"], {}) for i in range(3)])
+    assert [r.exit["code"] for r in results] == [0, 0, 0], [r.exit for r in results]
+    assert [r.stdout for r in results] == [b"0\n", b"1\n", b"2\n"]
+    assert box.status()["pools"]["one"]["consecutive_failures"] == 0  # no room is not a failure

@@ -24,7 +24,7 @@ from hived.box.cgroups import CellLimits, CgroupError, open_cgroups
 from hived.box.config import BoxConfig
 from hived.box.metrics import BoxMetrics
 from hived.box.partition import NoCapacity, Partition
-from hived.box.pool import BootFailed, WarmPool
+from hived.box.pool import BootFailed, NoRoom, WarmPool
 from hived.protocol.channel import Channel, ChannelClosed, unlink_socket
 from hived.protocol.errors import ProtocolError
 from hived.protocol.session import Session
@@ -174,8 +174,12 @@ class BoxDaemon:
         self.cells[cell.id] = rt
         async with self.boot_sem:
             try:
-                t0 = time.monotonic()
                 rt.alloc = alloc = self.partition.admit(cell.id, shape)
+            except NoCapacity as exc:
+                await self.destroy(rt, f"no room: {exc}")
+                raise NoRoom(str(exc)) from None
+            try:
+                t0 = time.monotonic()
                 procs = []
                 if self.cgroups is not None:
                     limits = CellLimits(memory_bytes=alloc.memory_mib << 20, cpus=alloc.cpuset, pids_max=4096,
@@ -196,8 +200,7 @@ class BoxDaemon:
                                         f"{msg.fields.get('cell_id', '')!r}")
                 cell.boot = dict(msg["boot"], kernel=msg["kernel"])
                 cell.transition(CellState.WARM)
-            except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError,
-                    NoCapacity) as exc:
+            except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError) as exc:
                 why = f"cell {cell.id} failed to boot: {exc}"
                 if isinstance(exc, (ChannelClosed, TimeoutError, ProtocolError)):
                     why += f"; console: {rt.driver.console_tail(6) or '(empty)'}"
@@ -254,6 +257,9 @@ class BoxDaemon:
             cell.transition(CellState.DESTROYED)
             self.cells.pop(cell.id, None)
             rt.destroyed.set()
+            if rt.alloc is not None:  # its cores and memory are free: any shape may fit now
+                for pool in self.pools.values():
+                    pool.room_freed()
             pool = self.pools.get(cell.shape)
             if pool:
                 pool.kick()

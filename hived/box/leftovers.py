@@ -25,6 +25,11 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+# What a cell's VMM process is called at each step of its start: a confined VMM is
+# briefly unshare, then the jail script (sh), chroot and setpriv, before it becomes QEMU.
+VMM_STAGES = ("qemu-system-x86_64", "unshare", "sh", "chroot", "setpriv", "firecracker")
+
+
 def vmm_pids(cells_dir: Path) -> dict[int, str]:
     """Processes whose command line refers to a cell directory of this box: pid -> cell id."""
     prefix = str(cells_dir) + "/"
@@ -34,7 +39,7 @@ def vmm_pids(cells_dir: Path) -> dict[int, str]:
             continue
         cmd = _cmdline(int(entry))
         i = cmd.find(prefix)
-        if i >= 0 and "qemu" in cmd.split(" ", 1)[0]:
+        if i >= 0 and os.path.basename(cmd.split(" ", 1)[0]) in VMM_STAGES:
             found[int(entry)] = cmd[i + len(prefix):].split("/", 1)[0]
     return found
 

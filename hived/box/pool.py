@@ -15,6 +15,10 @@ class BootFailed(Exception):
     pass
 
 
+class NoRoom(Exception):
+    """The box has no room for another cell of this shape now: not a failure, wait."""
+
+
 class WarmPool:
     def __init__(self, shape, boot, metrics=None) -> None:
         self.shape = shape
@@ -30,6 +34,7 @@ class WarmPool:
         self._task: asyncio.Task | None = None
         self._boots: set[asyncio.Task] = set()
         self._stopping = False
+        self.no_room = ""                  # why the last boot could not be admitted, until room frees
         self.ready = asyncio.Event()      # set once a cell has been warm (for READY=1)
 
     def start(self) -> None:
@@ -39,12 +44,16 @@ class WarmPool:
     def kick(self) -> None:
         self._kick.set()
 
+    def room_freed(self) -> None:
+        self.no_room = ""
+        self.kick()
+
     def _wanted(self) -> int:
         return self.target + len(self._waiters) - len(self.warm) - self.booting
 
     async def _run(self) -> None:
         while not self._stopping:
-            while self._wanted() > 0 and not self._stopping:
+            while self._wanted() > 0 and not self._stopping and not self.no_room:
                 if self.failures:
                     delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (self.failures - 1))
                     log.warning("pool %s: %d failed boot(s) in a row, next try in %.1f s: %s",
@@ -71,6 +80,9 @@ class WarmPool:
     async def _boot_one(self) -> None:
         try:
             rt = await self._boot(self.shape)
+        except NoRoom as exc:
+            self.no_room = str(exc)  # the box calls room_freed() when a cell goes away
+            return
         except BootFailed as exc:
             self.failures += 1
             self.last_error = str(exc)
@@ -153,4 +165,5 @@ class WarmPool:
     def describe(self) -> dict:
         return {"target": self.target, "warm": len(self.warm), "booting": self.booting,
                 "waiting_builds": len(self._waiters), "consecutive_failures": self.failures,
+                "waiting_for_room": self.no_room,
                 "last_error": self.last_error}
