@@ -45,5 +45,5 @@ def cython_extensions():
 
 setup(
     ext_modules=cython_extensions(),
-    cffi_modules=["_native/kvm_build.py:ffibuilder"],
+    cffi_modules=["_native/kvm_build.py:ffibuilder", "_native/sys_build.py:ffibuilder"],
 )

@@ -53,18 +53,22 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 # Bump whenever the build recipe in this file changes (slimming, users, mke2fs
 # options, initramfs layout...): this module is not among the hashed guest files.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: busybox `ip` applet, lib/modules/net (the guest's network)
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # Wanted kernel modules; their dependencies (from .modinfo) are added and the
 # load order is worked out at build time. Those built into the kernel are skipped.
-MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk")
+# Modules only a cell with a network needs (init.sh loads them only with hived.ip=);
+# with the dependencies they alone pull in (virtio_net: net_failover, failover), they
+# are listed in the initramfs's lib/modules/net. They come last in MODULES.
+NET_MODULES = ("virtio_net",)
+MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk") + NET_MODULES
 # Kconfig symbol of each wanted module (=y: built in, =m: ship the .ko).
 MODULE_CONFIG = {
     "virtio_ring": "CONFIG_VIRTIO",
@@ -72,10 +76,14 @@ MODULE_CONFIG = {
     "virtio_mmio": "CONFIG_VIRTIO_MMIO",
     "virtio_console": "CONFIG_VIRTIO_CONSOLE",
     "virtio_blk": "CONFIG_VIRTIO_BLK",
+    "virtio_net": "CONFIG_VIRTIO_NET",
+    "net_failover": "CONFIG_NET_FAILOVER",
+    "failover": "CONFIG_FAILOVER",
 }
 # What init.sh relies on being built into the kernel.
 REQUIRED_BUILTIN = (
     "CONFIG_BLK_DEV_INITRD",
+    "CONFIG_INET",  # hived.ip= (eth0 configured by init.sh)
     "CONFIG_DEVTMPFS",
     "CONFIG_EXT4_FS",
     "CONFIG_TMPFS",
@@ -94,7 +102,7 @@ INITRD_COMPRESSION = "none"  # or "gzip"
 # busybox applets init.sh uses (linked as /bin/<applet>).
 BUSYBOX_APPLETS = (
     "sh", "mount", "umount", "insmod", "usleep", "sleep", "reboot", "sync",
-    "env", "switch_root", "cat", "ls", "mkdir",
+    "env", "switch_root", "cat", "ls", "mkdir", "ip",
 )
 
 BUILD_USER = "build"
@@ -433,6 +441,7 @@ class KernelParts:
     config: dict[str, str]
     modules: list[tuple[str, bytes]]  # (name, decompressed .ko) in load order
     builtin: list[str]  # wanted modules that are built in
+    net_only: list[str] = field(default_factory=list)  # needed only with a network
 
 
 def extract_kernel(deb: Path, workdir: Path, log: _Log | None = None) -> KernelParts:
@@ -498,9 +507,13 @@ def extract_kernel(deb: Path, workdir: Path, log: _Log | None = None) -> KernelP
         seen.add(name)
         order.append((name, elf))
 
+    net_start = None
     for name in MODULES:
+        if name in NET_MODULES and net_start is None:
+            net_start = len(order)  # what is loaded from here on only the network needs
         visit(name, ())
-    return KernelParts(release, vmlinuz[0], config, order, builtin)
+    net_only = [n for n, _ in order[net_start:]] if net_start is not None else []
+    return KernelParts(release, vmlinuz[0], config, order, builtin, net_only)
 
 
 # --------------------------------------------------------------------------
@@ -569,7 +582,7 @@ def find_busybox() -> Path:
 
 
 def build_initramfs(busybox: Path, modules: list[tuple[str, bytes]], init_sh: bytes,
-                    compression: str = INITRD_COMPRESSION) -> bytes:
+                    compression: str = INITRD_COMPRESSION, net_only: list[str] | tuple = ()) -> bytes:
     listing = subprocess.run([str(busybox), "--list"], capture_output=True, text=True,
                              check=False).stdout.split()
     missing = [a for a in BUSYBOX_APPLETS if a not in listing]
@@ -587,6 +600,7 @@ def build_initramfs(busybox: Path, modules: list[tuple[str, bytes]], init_sh: by
     for name, elf in modules:
         c.file(f"lib/modules/{name}.ko", elf)
     c.file("lib/modules/order", "".join(f"{n}\n" for n, _ in modules).encode())
+    c.file("lib/modules/net", "".join(f"{n}\n" for n in net_only).encode())
     c.file("init", init_sh, 0o755)
     data = c.finish()
     if compression == "gzip":
@@ -904,7 +918,8 @@ def _build(dest_root: Path, cache_dir: Path, kernel: Kernel, inputs: dict, local
             note["note"] = ("cached .deb, " if cached else "") + \
                 f"modules {' '.join(n for n, _ in kp.modules)}"
         with prog.step("initrd", f"initramfs ({INITRD_COMPRESSION})"):
-            (img / "initrd.img").write_bytes(build_initramfs(busybox, kp.modules, init_sh))
+            (img / "initrd.img").write_bytes(build_initramfs(busybox, kp.modules, init_sh,
+                                                             net_only=kp.net_only))
             shutil.rmtree(work / "kernel")
         with prog.step("debootstrap", f"debootstrap {SUITE} ({VARIANT})") as note:
             tarball, cached = debootstrap_tarball(cache_dir, work, log, refresh=force)
@@ -942,6 +957,7 @@ def _build(dest_root: Path, cache_dir: Path, kernel: Kernel, inputs: dict, local
                            "version": kernel.version, "release": kp.release},
                 "modules": [n for n, _ in kp.modules],
                 "modules_builtin": kp.builtin,
+                "modules_net_only": kp.net_only,
                 "initrd": {"compression": INITRD_COMPRESSION,
                            "busybox": str(busybox), "busybox_sha256": _sha256_file(busybox)},
                 "root": rootinfo,

@@ -46,6 +46,10 @@ class BoxConfig:
     net_bits_s: int = 0              # the box's network bandwidth to share out; 0: not partitioned
     overcommit: bool = False         # allow cells to share cores / exceed memory
     vmm_uid_base: int = 0            # VMMs run as uid base+slot; 0: as root (no confinement)
+    network: bool = True             # each cell gets a netns, a tap and a NIC (hived/box/network.py)
+    net_subnet: str = "10.213.0.0/16"
+    net_uplink: str = ""             # host interface cells' egress leaves by; "": no egress
+    net_deny: tuple = ()             # extra destinations cells may not reach (the control plane)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -82,7 +86,8 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
     box = data.get("box", {})
     known = {"name", "state_dir", "image_dir", "boot_concurrency", "boot_timeout_s", "vmm_overhead_mib",
              "metrics_addr", "metrics_port", "queue_timeout_s", "accelerator", "reserved_cores",
-             "memory_mib", "disk_bytes_s", "net_bits_s", "overcommit", "vmm_uid_base"}
+             "memory_mib", "disk_bytes_s", "net_bits_s", "overcommit", "vmm_uid_base", "network",
+             "net_subnet", "net_uplink", "net_deny"}
     for key in box:
         if key not in known:
             raise ConfigError(f"{source}: box.{key}: unknown key (known: {', '.join(sorted(known))})")
@@ -133,6 +138,10 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
         net_bits_s=_int(f"{source}: box.net_bits_s", box.get("net_bits_s", 0), 0),
         overcommit=_bool(f"{source}: box.overcommit", box.get("overcommit", False)),
         vmm_uid_base=_int(f"{source}: box.vmm_uid_base", box.get("vmm_uid_base", 0), 0),
+        network=_bool(f"{source}: box.network", box.get("network", True)),
+        net_subnet=str(box.get("net_subnet", "10.213.0.0/16")),
+        net_uplink=str(box.get("net_uplink", "")),
+        net_deny=tuple(box.get("net_deny", ())),
         extra=extra,
     )
 

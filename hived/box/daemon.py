@@ -9,6 +9,7 @@
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -23,6 +24,7 @@ from hived.box.cell import Cell, CellState, new_cell_id
 from hived.box.cgroups import CellLimits, CgroupError, open_cgroups
 from hived.box.config import BoxConfig
 from hived.box.metrics import BoxMetrics
+from hived.box.network import NetworkError
 from hived.box.partition import NoCapacity, Partition
 from hived.box.pool import BootFailed, NoRoom, WarmPool
 from hived.protocol.channel import Channel, ChannelClosed, unlink_socket
@@ -58,6 +60,7 @@ class CellRuntime:
     isolation_ms: float = 0.0
     teardown_ms: float = 0.0
     alloc: object = None
+    net: object = None  # hived.box.network.CellNetInfo
     vcpu_threads: dict = dataclasses.field(default_factory=dict)
 
 
@@ -75,6 +78,7 @@ class BoxDaemon:
         self.cancels: dict[str, asyncio.Event] = {}
         self.boot_sem = asyncio.Semaphore(config.boot_concurrency)
         self.cgroups = None
+        self.network = None
         self.partition = make_partition(config)
         self.metrics_port = 0
         self.leftovers_cleaned: list[str] = []
@@ -97,6 +101,18 @@ class BoxDaemon:
                 raise
             log.warning("running without per-cell cgroups: %s", exc)
         self.leftovers_cleaned = leftovers.clean(cfg.cells_dir, self.cgroups)
+        if cfg.network:
+            from hived.box.network import DEFAULT_DENY, CellNetwork
+
+            try:
+                self.network = CellNetwork(cfg.name, cfg.net_subnet, cfg.net_uplink or None,
+                                           deny=(*DEFAULT_DENY, *cfg.net_deny))
+                for cell_id in self.network.cells():  # after the VMMs above are gone
+                    await self.network.teardown(cell_id)
+                    if cell_id not in self.leftovers_cleaned:
+                        self.leftovers_cleaned.append(cell_id)
+            except NetworkError as exc:
+                raise CgroupError(f"cell networking cannot start: {exc}") from None
         self.metrics_port = self.metrics.serve(cfg.metrics_addr, cfg.metrics_port)
         unlink_socket(str(cfg.client_socket))
         loop = asyncio.get_running_loop()
@@ -147,6 +163,8 @@ class BoxDaemon:
         unlink_socket(str(self.config.client_socket))
         if self.cgroups is not None:
             self.cgroups.remove_parent()
+        if self.network is not None:
+            await self.network.close()
         self.metrics.close()
 
     def spawn(self, coro) -> asyncio.Task:
@@ -156,10 +174,11 @@ class BoxDaemon:
         return task
 
     # -- cells -----------------------------------------------------------------------------
-    def cell_spec(self, cell: Cell, shape, cgroup_procs, mode: str = "agent", alloc=None) -> CellSpec:
+    def cell_spec(self, cell: Cell, shape, cgroup_procs, mode: str = "agent", alloc=None, net=None) -> CellSpec:
         uid = self.config.vmm_uid_base + alloc.slot if (alloc and self.config.vmm_uid_base) else 0
         return CellSpec(
             cores=alloc.cores if alloc else (), vmm_uid=uid,
+            tap_fd=net.tap_fd if net else -1, mac=net.mac if net else "", net_cmdline=net.cmdline if net else "",
             cell_id=cell.id, cell_dir=self.config.cells_dir / cell.id, vcpus=shape.vcpus,
             memory_mib=shape.memory_mib, scratch_mib=shape.scratch_mib,
             kernel=self.image.kernel, initrd=self.image.initrd, rootfs=self.image.rootfs,
@@ -187,10 +206,23 @@ class BoxDaemon:
                                         disk_dev=_block_device(self.config.cells_dir))
                     procs = self.cgroups.create(cell.id, limits)
                     rt.cgroup = True
-                await rt.driver.prepare(self.cell_spec(cell, shape, procs, alloc=alloc))
+                if self.network is not None:
+                    # Set up in a worker thread, which a cancel cannot stop: on cancel, wait for it
+                    # to finish so destroy() below tears down what it made.
+                    setup = asyncio.ensure_future(
+                        self.network.setup(cell.id, shape.net_in_bits_s, shape.net_out_bits_s))
+                    try:
+                        rt.net = await asyncio.shield(setup)
+                    except asyncio.CancelledError:
+                        with contextlib.suppress(Exception):
+                            rt.net = await setup
+                        raise
+                await rt.driver.prepare(self.cell_spec(cell, shape, procs, alloc=alloc, net=rt.net))
                 rt.isolation_ms = (time.monotonic() - t0) * 1000
                 cell.transition(CellState.BOOTING)
                 cell.pid = await rt.driver.launch()
+                if rt.net is not None:
+                    self.network.release_fd(cell.id)  # the VMM has its own copy now
                 rt.vcpu_threads = await rt.driver.pin_vcpus(alloc.cores)
                 rt.watcher = asyncio.get_running_loop().create_task(self._watch_vmm(rt))
                 rt.channel = await rt.driver.accept(self.config.boot_timeout_s)
@@ -200,7 +232,8 @@ class BoxDaemon:
                                         f"{msg.fields.get('cell_id', '')!r}")
                 cell.boot = dict(msg["boot"], kernel=msg["kernel"])
                 cell.transition(CellState.WARM)
-            except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError) as exc:
+            except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError,
+                    NetworkError) as exc:
                 why = f"cell {cell.id} failed to boot: {exc}"
                 if isinstance(exc, (ChannelClosed, TimeoutError, ProtocolError)):
                     why += f"; console: {rt.driver.console_tail(6) or '(empty)'}"
@@ -245,6 +278,11 @@ class BoxDaemon:
         try:
             await rt.driver.destroy()
         finally:
+            if self.network is not None and (rt.net is not None or cell.id in self.network.known()):
+                try:
+                    await self.network.teardown(cell.id)
+                except Exception as exc:  # never stop the rest of the cleanup
+                    log.error("cell %s: network teardown: %s", cell.id, exc)
             if rt.cgroup:
                 try:
                     self.cgroups.remove(cell.id)
@@ -321,6 +359,7 @@ class BoxDaemon:
                 {"id": rt.cell.id, "shape": rt.cell.shape, "state": rt.cell.state.value,
                  "pid": rt.cell.pid, "build": rt.cell.build_id,
                  "cores": list(rt.alloc.cores) if rt.alloc else [],
+                 "net": {"netns": rt.net.netns, "ip": rt.net.guest_ip} if rt.net else None,
                  "vcpu_threads": {str(k): v for k, v in rt.vcpu_threads.items()},
                  "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
                 for rt in self.cells.values()

@@ -37,7 +37,11 @@ Isolation (all enforced outside the guest):
 
 Rate limits (per shape): host->guest is a tbf on tap0's egress; guest->host is tap0's
 ingress redirected (u32 match-all, mirred) to ifb0 in the cell ns, shaped by a tbf there.
-See tbf_params() for burst and queue sizing.
+See tbf_params() for burst and queue sizing. Limits count Ethernet frames: a TCP stream's
+goodput is ~4.4 % below the limit (1448 payload bytes per 1514-byte frame).
+Measured here (TCP, 4 s, tbf byte counters): wire rate within 0.6 % of the limit at 1,
+10, 20, 100 and 1000 Mbit/s, both ways. Setup ~10 ms and teardown ~20-30 ms per cell
+(the first setup of a box also makes the router ns: ~10 ms, plus ~120 ms to import pyroute2).
 
 Names: everything a cell owns is in its namespace `hv-<box tag>-<cell id>` (tap0, ifb0,
 v<8hex>b) plus the router end of its veth, v<8hex>a, removed explicitly on teardown
@@ -256,12 +260,14 @@ def entered(name: str):
         except FileNotFoundError:
             raise NetworkError(f"network namespace {name} does not exist") from None
         try:
+            # safe: moves only this thread, and the finally below moves it back (or raises _Stranded)
             _errcheck(s.lib.setns(target, s.lib.CLONE_NEWNET), f"setns into {name}")
         finally:
             os.close(target)
         try:
             yield
         finally:
+            # safe: `home` is this thread's own netns, held open since before it left
             if s.lib.setns(home, s.lib.CLONE_NEWNET) < 0:
                 raise _Stranded(f"cannot return from netns {name}: {os.strerror(s.ffi.errno)}")
     finally:
@@ -273,12 +279,15 @@ def _share_netns_dir() -> None:
     s = _sys()
     os.makedirs(NETNS_DIR, mode=0o755, exist_ok=True)
     flags = s.lib.MS_SHARED | s.lib.MS_REC
+    # safe: changes only the propagation of /run/netns (as iproute2 does); nothing is mounted
     if s.lib.mount(b"none", NETNS_DIR.encode(), s.ffi.NULL, flags, s.ffi.NULL) == 0:
         return
     if s.ffi.errno != errno.EINVAL:  # EINVAL: not a mount point yet
         _errcheck(-1, f"make {NETNS_DIR} shared")
+    # safe: binds /run/netns onto itself, only to make it a mount point (as iproute2 does)
     _errcheck(s.lib.mount(NETNS_DIR.encode(), NETNS_DIR.encode(), b"none",
                           s.lib.MS_BIND | s.lib.MS_REC, s.ffi.NULL), f"bind-mount {NETNS_DIR}")
+    # safe: as above, propagation only
     _errcheck(s.lib.mount(b"none", NETNS_DIR.encode(), s.ffi.NULL, flags, s.ffi.NULL),
               f"make {NETNS_DIR} shared")
 
@@ -298,18 +307,20 @@ def create_netns(name: str) -> None:
     os.close(fd)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        # unshare(CLONE_NEWNET) moves only this thread into a new namespace.
+        # safe: CLONE_NEWNET moves only this thread into a new netns; the setns below returns it
         if s.lib.unshare(s.lib.CLONE_NEWNET) < 0:
             e = s.ffi.errno
             os.unlink(path)
             raise OSError(e, f"unshare(CLONE_NEWNET) for {name}: {os.strerror(e)}")
         try:
+            # safe: binds this thread's brand-new netns onto the file we just created (O_EXCL)
             _errcheck(s.lib.mount(b"/proc/thread-self/ns/net", path.encode(), b"none",
                                   s.lib.MS_BIND, s.ffi.NULL), f"bind-mount netns {name}")
         except OSError:
             os.unlink(path)
             raise
         finally:
+            # safe: `home` is this thread's own netns, held open since before unshare
             if s.lib.setns(home, s.lib.CLONE_NEWNET) < 0:
                 raise _Stranded(f"cannot leave new netns {name}: {os.strerror(s.ffi.errno)}")
     finally:
@@ -322,6 +333,7 @@ def delete_netns(name: str) -> bool:
     path = netns_path(name)
     if not os.path.lexists(path):
         return False
+    # safe: detaches only the bind mount that names the namespace (the netns dies with its last user)
     if s.lib.umount2(path.encode(), s.lib.MNT_DETACH) < 0 and s.ffi.errno not in (errno.EINVAL,
                                                                                   errno.ENOENT):
         _errcheck(-1, f"unmount netns {name}")
@@ -348,6 +360,7 @@ def tap_open(name: str, *, create: bool = False, persist: bool = False) -> int:
     EBUSY if it exists); persist=True keeps it after the last fd closes.
     """
     s = _sys()
+    # safe: the C side bounds the name to IFNAMSIZ and opens the fd O_CLOEXEC
     fd = s.lib.hived_tap_open(name.encode(), int(create), int(persist))
     if fd < 0:
         raise OSError(-fd, f"tap {name}: {os.strerror(-fd)}")
@@ -490,7 +503,7 @@ class CellNetwork:
             s = _sys()
             fd = os.open(netns_path(self.host_netns), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                # The worker lives in the host ns for good: it is its "home".
+                # safe: runs once, in the new worker thread, which lives there for good ("home")
                 _errcheck(s.lib.setns(fd, s.lib.CLONE_NEWNET), f"setns into {self.host_netns}")
             finally:
                 os.close(fd)

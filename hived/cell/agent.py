@@ -304,7 +304,7 @@ class Agent:
         t_agent = uptime()
         await self.channel.handshake()
         boot = {"agent": t_agent, "hello": uptime()}
-        for stage in ("init", "modules", "root"):
+        for stage in ("init", "modules", "net", "root"):
             value = os.environ.get(f"HIVED_T_{stage.upper()}")
             if value:
                 boot[stage] = float(value)

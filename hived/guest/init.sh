@@ -2,9 +2,10 @@
 # hived cell initramfs /init (busybox sh, PID 1).
 #
 # Loads the virtio modules listed in /lib/modules/order (dependency order,
-# written by `hived image build`), mounts the read-only root image on /newroot,
-# the per-cell scratch disk on /newroot/work, tmpfs on /tmp /run /var/tmp, and
-# hands over to the agent (or, in bare mode, reports and reboots).
+# written by `hived image build`; the network's only with hived.ip=), brings up
+# eth0 if asked to, mounts the read-only root image on /newroot, the per-cell
+# scratch disk on /newroot/work, tmpfs on /tmp /run /var/tmp, and hands over to
+# the agent (or, in bare mode, reports and reboots).
 #
 # Kernel command line (all optional):
 #   hived.mode=agent|bare   agent (default): switch_root to the Python agent;
@@ -13,6 +14,9 @@
 #   hived.root=DEV          root image device (default /dev/vda)
 #   hived.work=DEV          scratch disk (default /dev/vdb; skipped if absent)
 #   hived.debug=1           print the stage times on the console
+#   hived.ip=ADDR/PREFIX    configure eth0 (the virtio-net device) with this address,
+#   hived.gw=GW             a default route via GW, and optionally
+#   hived.mtu=N             this MTU; without hived.ip the cell has no network
 #
 # Every failure prints one line "hived-init-error: <what failed>" and reboots;
 # the cell runs with reboot=t panic=-1 and QEMU -no-reboot, so QEMU exits.
@@ -43,6 +47,9 @@ mode=agent
 root=/dev/vda
 work=/dev/vdb
 debug=0
+net_ip=
+net_gw=
+net_mtu=
 read -r cmdline < /proc/cmdline
 for arg in $cmdline; do
     case "$arg" in
@@ -50,6 +57,9 @@ for arg in $cmdline; do
         hived.root=*) root=${arg#hived.root=} ;;
         hived.work=*) work=${arg#hived.work=} ;;
         hived.debug=*) debug=${arg#hived.debug=} ;;
+        hived.ip=*) net_ip=${arg#hived.ip=} ;;
+        hived.gw=*) net_gw=${arg#hived.gw=} ;;
+        hived.mtu=*) net_mtu=${arg#hived.mtu=} ;;
     esac
 done
 case "$mode" in
@@ -57,14 +67,44 @@ case "$mode" in
     *) die "unknown hived.mode=$mode (expected agent or bare)" ;;
 esac
 
-# Modules, in dependency order (one name per line).
+# Modules, in dependency order (one name per line); those in /lib/modules/net
+# (virtio_net and what only it needs) only when the cell has a network.
 [ -r /lib/modules/order ] || die "module list /lib/modules/order missing"
+net_only=" "
+if [ -z "$net_ip" ] && [ -r /lib/modules/net ]; then
+    while read -r m; do
+        net_only="$net_only$m "
+    done < /lib/modules/net
+fi
 while read -r m; do
     [ -n "$m" ] || continue
+    case "$net_only" in
+        *" $m "*) continue ;;
+    esac
     [ -f "/lib/modules/$m.ko" ] || die "module $m missing from the initramfs"
     insmod "/lib/modules/$m.ko" || die "insmod $m"
 done < /lib/modules/order
 T_MODULES=$(uptime_s)
+
+# Network (only with hived.ip): virtio-net probes inside insmod, so eth0 is there
+# already; the host end (tap0 in the cell's namespace) holds the gateway address.
+T_NET=
+if [ -n "$net_ip" ]; then
+    case "$net_ip" in
+        */*) ;;
+        *) die "hived.ip=$net_ip needs a prefix length (ADDR/PREFIX)" ;;
+    esac
+    [ -n "$net_gw" ] || die "hived.ip=$net_ip given without hived.gw"
+    [ -e /sys/class/net/eth0 ] || die "hived.ip given but no eth0 (is a virtio-net device attached?)"
+    ip link set lo up || die "ip link set lo up"
+    if [ -n "$net_mtu" ]; then
+        ip link set eth0 mtu "$net_mtu" || die "ip link set eth0 mtu $net_mtu"
+    fi
+    ip addr add "$net_ip" dev eth0 || die "ip addr add $net_ip dev eth0"
+    ip link set eth0 up || die "ip link set eth0 up"
+    ip route add default via "$net_gw" dev eth0 || die "ip route add default via $net_gw"
+    T_NET=$(uptime_s)
+fi
 
 # virtio-blk probes synchronously inside insmod, so the disk is normally
 # there already; allow up to ~5 s anyway.
@@ -87,7 +127,8 @@ mount -t tmpfs -o nodev,nosuid,mode=1777 tmpfs /newroot/var/tmp \
 T_ROOT=$(uptime_s)
 
 if [ "$debug" = 1 ]; then
-    echo "hived-init: init $T_INIT modules $T_MODULES root $T_ROOT mode $mode" > /dev/console
+    echo "hived-init: init $T_INIT modules $T_MODULES net ${T_NET:-none} root $T_ROOT mode $mode" \
+        > /dev/console
 fi
 
 if [ "$mode" = bare ]; then
@@ -109,4 +150,5 @@ exec env -i \
     HOME=/root LANG=C.UTF-8 \
     PYTHONPATH=/opt/hived PYTHONDONTWRITEBYTECODE=1 HIVED_PUREPYTHON=1 \
     HIVED_T_INIT="$T_INIT" HIVED_T_MODULES="$T_MODULES" HIVED_T_ROOT="$T_ROOT" \
+    HIVED_T_NET="$T_NET" \
     /bin/switch_root /newroot /usr/bin/python3 -m hived.cell.agent

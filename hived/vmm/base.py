@@ -34,6 +34,9 @@ class CellSpec:
     extra_cmdline: str = ""
     cores: tuple[int, ...] = ()  # host cores the vCPUs are pinned to (one each, round robin)
     vmm_uid: int = 0             # run the VMM confined as this uid (0: as root, unconfined)
+    tap_fd: int = -1             # the cell's tap (in its own netns), handed to the VMM; -1: no NIC
+    mac: str = ""
+    net_cmdline: str = ""        # hived.ip=... hived.gw=... for the guest's init
 
 
 class VmmDriver(abc.ABC):

@@ -69,6 +69,8 @@ def guest_cmdline(spec: CellSpec) -> str:
         # See host_tsc_khz(); tsc=reliable also stops the clocksource watchdog from
         # dropping the TSC when a busy host delays the emulated timers.
         args += ["no_timer_check", "tsc=reliable"] + ([f"tsc_early_khz={khz}"] if khz else [])
+    if spec.net_cmdline:
+        args.append(spec.net_cmdline)
     if spec.extra_cmdline:
         args.append(spec.extra_cmdline)
     return " ".join(args)
@@ -110,6 +112,10 @@ def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch:
         "-pidfile", str(pidfile),
         "-sandbox", SANDBOX,
     ]
+    if spec.tap_fd >= 0:
+        # vhost needs /dev/vhost-net inside the jail: off until measured worth it.
+        argv += ["-netdev", f"tap,id=n0,fd={spec.tap_fd},vhost=off",
+                 "-device", f"virtio-net-device,netdev=n0,mac={spec.mac}"]
     return argv
 
 
@@ -218,6 +224,8 @@ class QemuMicrovm(VmmDriver):
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                     stderr=stderr, preexec_fn=enter_cgroup if procs else None,
                     start_new_session=True,
+                    # the tap fd is O_CLOEXEC in the box: only this VMM inherits it
+                    pass_fds=(spec.tap_fd,) if spec.tap_fd >= 0 else (),
                 )
         except OSError as exc:
             raise VmmError(f"cannot start {argv[0]}: {exc}") from None
