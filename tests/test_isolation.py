@@ -6,6 +6,7 @@ reserved for the daemon here), a memory limit, and a disk throttle on its scratc
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,114 @@ def test_more_builds_than_room_wait_for_it(box):
     assert [r.exit["code"] for r in results] == [0, 0, 0], [r.exit for r in results]
     assert [r.stdout for r in results] == [b"0\n", b"1\n", b"2\n"]
     assert box.status()["pools"]["one"]["consecutive_failures"] == 0  # no room is not a failure
+
+
+NET_BPS = 20_000_000
+SINK = r"""
+import socket, sys, time
+mode, secs = sys.argv[1], float(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 0)); srv.listen(1); srv.settimeout(120)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+if mode == "recv":
+    n, t0 = 0, None
+    while True:
+        b = conn.recv(1 << 16)
+        if not b:
+            break
+        t0 = t0 or time.monotonic()
+        n += len(b)
+    print(n, time.monotonic() - t0, flush=True)
+    conn.close()  # tells the guest everything arrived
+else:
+    end = time.monotonic() + secs
+    chunk = b"\0" * (1 << 16)
+    while time.monotonic() < end:
+        conn.sendall(chunk)
+conn.close()
+"""
+GUEST = r"""
+import socket, sys, time
+host, port, mode, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+s = socket.create_connection((host, port), timeout=30)
+if mode == "send":
+    end = time.monotonic() + secs
+    chunk = b"\0" * (1 << 16)
+    while time.monotonic() < end:
+        s.sendall(chunk)
+    # the cell is destroyed when the build exits: wait until the sink has read it all
+    s.shutdown(socket.SHUT_WR)
+    s.recv(1)
+    s.close()
+else:
+    n, t0 = 0, None
+    while True:
+        b = s.recv(1 << 16)
+        if not b:
+            break
+        t0 = t0 or time.monotonic()
+        n += len(b)
+    print(n, time.monotonic() - t0)
+"""
+
+
+@pytest.fixture(scope="module")
+def netbox():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: namespaces")
+    harness = BoxHarness({"net": {"vcpus": 1, "memory_mib": 320, "scratch_mib": 128, "pool_target": 2,
+                                  "net_in_bits_s": NET_BPS, "net_out_bits_s": NET_BPS}})
+    try:
+        harness.start()
+        harness.wait_pool_full()
+        yield harness
+    finally:
+        harness.stop()
+    assert not [n for n in os.listdir("/run/netns") if harness.daemon.network.tag in n] \
+        if os.path.isdir("/run/netns") else True
+
+
+def _sink(box, mode, secs):
+    import subprocess
+
+    ns = box.daemon.network.router_netns
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SINK, mode, str(secs)],
+                            stdout=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline())
+    return proc, port
+
+
+@pytest.mark.parametrize("direction", ["guest_to_host", "host_to_guest"])
+def test_network_runs_at_the_limit_each_way(netbox, direction):
+    cell = next(c for c in netbox.status()["cells"] if c["state"] == "warm")
+    router_ip = netbox.daemon.cells[cell["id"]].net.router_ip
+    proc, port = _sink(netbox, "recv" if direction == "guest_to_host" else "send", 4)
+    try:
+        mode = "send" if direction == "guest_to_host" else "recv"
+        r = netbox.build(["python3", "-c", GUEST, router_ip, str(port), mode, "4"], timeout_s=120)
+        assert r.exit["code"] == 0, (r.exit, r.stderr)
+        out = proc.communicate(timeout=60)[0] if direction == "guest_to_host" else r.stdout.decode()
+        n, secs = out.split()
+    finally:
+        proc.kill()
+        proc.wait()
+    rate = int(n) * 8 / float(secs)
+    print(f"{direction}: {rate / 1e6:.2f} Mbit/s of TCP payload (limit {NET_BPS / 1e6:g} Mbit/s on the wire)")
+    # the limit counts whole Ethernet frames; TCP payload is ~4 % less
+    assert 0.85 * NET_BPS <= rate <= 1.15 * NET_BPS
+
+
+def test_cell_cannot_reach_another_cell_or_the_host(netbox):
+    cells = [c for c in netbox.status()["cells"] if c["state"] == "warm"]
+    other = cells[1]["net"]["ip"]
+    host_ips = [a.split("/")[0] for a in os.popen("ip -o -4 addr show scope global | awk '{print $4}'").read().split()]
+    probe = ("import socket, sys\n"
+             "for h in sys.argv[1:]:\n"
+             "    s = socket.socket(); s.settimeout(2)\n"
+             "    try:\n        s.connect((h, 22)); print('reached', h)\n"
+             "    except OSError as e:\n        print('blocked', h, type(e).__name__)\n")
+    r = netbox.build(["python3", "-c", probe, other, *host_ips], timeout_s=120)
+    lines = r.stdout.decode().splitlines()
+    assert len(lines) == 1 + len(host_ips), r
+    assert all(line.startswith("blocked") for line in lines), lines
