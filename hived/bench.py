@@ -1,4 +1,4 @@
-"""`hived bench codec|boot`: benchmarks that run side by side with their baseline.
+"""`hived bench codec|boot|control`: benchmarks that run side by side with their baseline.
 
     hived bench codec [--json] [--seconds S] [--rounds R]
         frame encode/decode throughput, compiled framing (hived._framing) against its
@@ -7,6 +7,9 @@
         cold boot (spawn -> cell.hello) against bare QEMU (same kernel and image, the
         initramfs reports and powers off), cell by cell in one run; then warm start
         (build request -> process started in the guest) through a real box daemon.
+    hived bench control [--json] [--boxes N] [--builds N] [--rate R]
+        scheduling throughput (saturation) and latency (open loop at a fixed rate) of the
+        real control plane against simulated boxes in another process (hived/control/bench.py).
 
 Every result is a distribution (p50, p95 or min/max over rounds) and a ratio to the
 baseline measured in the same run; never a single time. `--json` prints exactly one JSON
@@ -788,11 +791,42 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a boot or build may take before the run is an error (default %(default)g)")
     b.add_argument("--cmdline", default="",
                    help="extra guest kernel arguments for every cell (diagnosis; recorded in the JSON)")
+    from hived.control import bench as control_bench
+
+    control_bench.parser(sub.add_parser(
+        "control", help="control plane scheduling throughput and latency, simulated boxes"))
+    from hived.repos import bench as repos_bench
+
+    repos_bench.parser(sub.add_parser(
+        "repos", help="repository cache: clone cold vs warm (checkout image), and bundles"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.which == "repos":
+        from hived.repos import bench as repos_bench
+
+        try:
+            report = repos_bench.run(args)
+        except repos_bench.BenchError as exc:
+            print(f"hived bench repos: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(report, indent=2) if args.json else repos_bench.render(report))
+        return 0
+    if args.which == "control":
+        from hived.control import bench as control_bench
+
+        try:
+            report = control_bench.run(args)
+        except control_bench.BenchError as exc:
+            print(f"hived bench control: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("hived bench control: interrupted", file=sys.stderr)
+            return 130
+        print(json.dumps(report, indent=2) if args.json else control_bench.render(report))
+        return 0
     try:
         report = run_codec(args.seconds, args.rounds) if args.which == "codec" else run_boot(args)
     except BenchError as exc:

@@ -42,6 +42,12 @@ def cmd_image(args, rest) -> int:
     return image.main(rest)
 
 
+def cmd_repo(args, rest) -> int:
+    from hived.repos import cli as repos_cli
+
+    return repos_cli.main(rest)
+
+
 def cmd_up(args) -> int:
     from hived import up
 
@@ -71,7 +77,7 @@ def cmd_run(args) -> int:
         if not sep or not key:
             raise UserError(f"--env {item!r}: expected NAME=VALUE")
         env[key] = value
-    return client.run(args.home, argv, shape=args.shape, customer=args.customer, env=env,
+    return client.run(args.home, argv, hive=args.hive, shape=args.shape, customer=args.customer, env=env,
                       cwd=args.cwd, timeout_s=args.timeout, verbose=args.verbose)
 
 
@@ -112,24 +118,26 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_parser("image", help="the cell image (hived image build) and build images (hived image pull|ls|rm)",
                    add_help=False)
-    u = sub.add_parser("up", help="a whole box on this machine, foreground until SIGTERM")
+    sub.add_parser("repo", help="git repositories cached on this box (hived repo get|ls|rm|gc)", add_help=False)
+    u = sub.add_parser("up", help="a whole hive on this machine (control plane, box, router), "
+                       "foreground until SIGTERM")
     u.add_argument("--home", default="/var/lib/hived/up", help="state directory (default %(default)s)")
     u.add_argument("--pool", type=int, default=1, help="warm cells to keep (default %(default)s)")
     b = sub.add_parser("box", help="the box daemon (systemd: hived-box.service)")
     b.add_argument("--config", required=True, help="box config file (TOML)")
-    r = sub.add_parser("run", help="run a build and stream its output; exits with its code")
+    r = sub.add_parser("run", help="run a build through the API and stream its output; exits with its code")
     r.add_argument("--home", default="/var/lib/hived/up", help="where `hived up` runs")
-    r.add_argument("--shape", default="", help="cell shape (default: the box's first)")
-    r.add_argument("--customer", default="local", help="customer the build belongs to")
-    r.add_argument("--hive", default="", help="hive to run in (one hive until the control plane)")
+    r.add_argument("--shape", default="", help="cell shape (default: the customer's first)")
+    r.add_argument("--customer", default="", help="customer the build belongs to (default: hived up's own)")
+    r.add_argument("--hive", default="", help="send it to this hive's API, not through the router")
     r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     r.add_argument("--cwd", default="/work")
     r.add_argument("--timeout", type=float, default=0, help="seconds; 0 for none")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
-    s = sub.add_parser("status", help="cells by state, pools and builds")
+    s = sub.add_parser("status", help="the box (cells, pools, builds) and the hive (queue, builds by state)")
     s.add_argument("--home", default="/var/lib/hived/up")
     s.add_argument("--json", action="store_true")
-    sub.add_parser("bench", help="benchmarks (hived bench boot|codec --json)", add_help=False)
+    sub.add_parser("bench", help="benchmarks (hived bench boot|codec|control --json)", add_help=False)
     sub.add_parser("control", help="the control plane of one hive (hived control --config FILE; "
                    "init, add-box, token)", add_help=False)
     rt = sub.add_parser("router", help="route builds to hives by rules (hived router --config FILE)")
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
     # `image` and `bench` own their sub-parsers: hand them the rest of the line untouched.
-    for name, fn in (("image", cmd_image), ("bench", cmd_bench), ("control", cmd_control)):
+    for name, fn in (("image", cmd_image), ("repo", cmd_repo), ("bench", cmd_bench), ("control", cmd_control)):
         if name in argv[:2]:
             i = argv.index(name)
             args = p.parse_args(argv[:i] + [name])

@@ -91,6 +91,37 @@ def test_boot_without_image_is_one_line_error(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "hived image build" in r.stderr
 
 
+# -- control plane (simulated boxes) ---------------------------------------------------------
+def test_control_json_tiny_run_and_nothing_left():
+    r = _run([sys.executable, "-m", "hived", "bench", "control", "--json", "--boxes", "10", "--builds", "200",
+              "--latency-builds", "100", "--http", "50"], 300)
+    assert r.returncode == 0, r.stderr
+    report = _one_json_object(r.stdout)
+    assert report["benchmark"] == "control" and report["simulated_boxes"] is True
+    assert report["boxes"] == 10
+    sat, lat = report["saturation"], report["latency"]
+    assert report["builds_per_s"] == sat["builds_per_s"] > 0
+    assert sat["builds"] == 200 and sat["commits"] >= 1 and sat["builds_per_commit"] > 0
+    sched = report["schedule_ms"]
+    assert sched == lat["schedule_ms"] and sched["n"] == lat["builds"] == 100
+    assert 0 <= sched["p50"] <= sched["p90"] <= sched["p99"] <= sched["max"]
+    assert report["latency_rate_per_s"] == lat["rate_per_s"] > 0
+    http = report["http"]
+    assert http["builds"] == 50 and http["submits_per_s"] > 0 and http["submit_ms"]["n"] == 50
+    # every build submitted ran once and succeeded (warm-up, saturation, latency, HTTP)
+    boxes = report["processes"]["simulated_boxes"]
+    assert boxes["builds_done"] == report["builds_total"] >= 200 + 100 + 50
+    assert boxes["pid"] != report["processes"]["control_plane"]["pid"]
+    assert not Path(f"/proc/{boxes['pid']}").exists(), "the simulated boxes' process was left behind"
+    assert report["machine"]["nproc"] >= 1
+
+
+def test_control_bad_arguments_are_one_line():
+    r = _run([sys.executable, "-m", "hived", "bench", "control", "--boxes", "0"], 60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and "--boxes" in r.stderr
+
+
 # -- boot (real microVMs) -------------------------------------------------------------------
 def _cmd(pid: int) -> str:
     try:

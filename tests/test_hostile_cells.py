@@ -82,10 +82,10 @@ def announce_frames(cell_id: str) -> str:
 class HostileBox(BoxDaemon):
     hostile_initrd: Path
 
-    def cell_spec(self, cell, shape, cgroup_procs, mode="agent", alloc=None):
+    def cell_spec(self, cell, shape, cgroup_procs, mode="agent", **kw):
         import dataclasses
 
-        spec = super().cell_spec(cell, shape, cgroup_procs, mode, alloc=alloc)
+        spec = super().cell_spec(cell, shape, cgroup_procs, mode, **kw)
         if shape.name == "good":
             return spec
         extra = f"hostile={shape.name} hostile.pre={announce_frames(cell.id)}"

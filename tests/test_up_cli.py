@@ -1,21 +1,25 @@
-"""The newcomer's commands end to end: `hived up`, `hived run`, `hived status`, and a
-`kill -9` of the daemon followed by a restart that removes every leftover."""
+"""The newcomer's commands end to end: `hived up` (a control plane, a box linked to it and a
+router, in one process), `hived run` through the HTTP API, `hived status`, and a `kill -9`
+of `hived up` followed by a restart that removes every leftover."""
 
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from hived.box.cgroups import open_cgroups
 from hived.box.config import embedded
-from hived.box.leftovers import vmm_pids
+from hived.box.leftovers import clean, vmm_pids
+from hived.box.network import CellNetwork, list_netns
 
 from boxharness import find_image
 
@@ -58,13 +62,94 @@ def run(home, *argv, timeout=240):
                           capture_output=True, timeout=timeout)
 
 
+def start_run(home, *argv):
+    return subprocess.Popen([*HIVED, "run", "--home", str(home), "--", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def endpoints(home: Path) -> dict:
+    return json.loads((home / "endpoints.json").read_text())
+
+
+def api(home: Path, path: str, admin=False):
+    ep = endpoints(home)
+    req = urllib.request.Request(ep["hives"]["local"]["api"] + path, headers={
+        "Authorization": f"Bearer {ep['admin_token' if admin else 'token']}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+        return json.loads(body) if r.headers["Content-Type"].startswith("application/json") else body
+
+
+def stored(home: Path) -> dict:
+    """The control plane's store, read straight from its SQLite file: id -> row."""
+    db = sqlite3.connect(f"file:{home / 'control' / 'local.db'}?mode=ro", uri=True)
+    try:
+        db.row_factory = sqlite3.Row
+        return {r["id"]: dict(r) for r in db.execute("SELECT * FROM builds")}
+    finally:
+        db.close()
+
+
+def processes_naming(text: str, but=()) -> list[str]:
+    """Every process (but us and `but`) whose command line names `text`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid() or int(entry) in but:
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{entry}: {cmd[:200]}")
+    return found
+
+
+def _ppid(proc_line: str) -> int:
+    try:
+        stat = Path(f"/proc/{proc_line.split(':')[0]}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def host_leftovers(home: Path) -> list[str]:
     config = embedded(home)
     found = [f"process {pid}" for pid in vmm_pids(config.cells_dir)]
     if config.cells_dir.exists():
         found += [f"dir {d}" for d in config.cells_dir.iterdir()]
     found += [f"cgroup {c}" for c in open_cgroups(config.cgroup_parent).cells()]
+    tag = CellNetwork(config.name).tag
+    found += [f"netns {n}" for n in list_netns() if n.startswith((f"hv-{tag}-", f"hvr-{tag}"))]
     return found
+
+
+def clean_box(home: Path) -> None:
+    """What the box's next start would remove: for a test that failed half-way."""
+    import asyncio
+
+    config = embedded(home)
+    cgroups = open_cgroups(config.cgroup_parent)
+    clean(config.cells_dir, cgroups)
+
+    async def network():
+        net = CellNetwork(config.name)
+        for cell_id in net.cells():
+            await net.teardown(cell_id)
+        await net.close()
+
+    asyncio.run(network())
+    cgroups.remove_parent()
 
 
 @pytest.fixture
@@ -74,8 +159,7 @@ def home():
     find_image()
     d = Path(tempfile.mkdtemp(prefix="hvup", dir="/tmp"))
     yield d
-    for pid in vmm_pids(embedded(d).cells_dir):  # whatever a failed test left
-        os.kill(pid, signal.SIGKILL)
+    clean_box(d)  # whatever a failed test left (a passing test asserts there was nothing)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -83,26 +167,101 @@ def test_up_run_status_and_exit_codes(home):
     up = Up(home)
     try:
         up.wait_ready()
-        endpoints = json.loads((home / "endpoints.json").read_text())
-        assert Path(endpoints["box"]).exists() and endpoints["metrics"].startswith("http://")
-        r = run(home, "sh", "-c", "echo out; echo err >&2; exit 5")
-        assert (r.returncode, r.stdout, r.stderr) == (5, b"out\n", b"err\n")
+        ep = endpoints(home)
+        assert Path(ep["box"]).exists() and ep["metrics"].startswith("http://")
+        assert ep["api"].startswith("http://") and ep["hives"]["local"]["api"] != ep["api"]  # router, hive
+        assert ep["token"] and ep["control_metrics"].endswith("/metrics")
+        assert (home / "endpoints.json").stat().st_mode & 0o077 == 0  # it holds tokens
+        # one process (and the cells' VMMs): control plane, box and router are tasks in it
+        others = processes_naming(str(home), but={up.proc.pid})
+        vmms = vmm_pids(embedded(home).cells_dir)  # after: a VMM started meanwhile is in it
+        assert [p for p in others if int(p.split(":")[0]) not in vmms and _ppid(p) != up.proc.pid] == []
+        # stdout and stderr stay apart, in order; the build's exit code is ours
+        r = run(home, "sh", "-c", "echo out; echo err >&2; echo out2; exit 5")
+        assert (r.returncode, r.stdout, r.stderr) == (5, b"out\nout2\n", b"err\n")
+        # a signal is 128+N
         r = run(home, "sh", "-c", "kill -KILL $$")
-        assert r.returncode == 128 + 9
+        assert r.returncode == 128 + 9, r.stderr
+        r = run(home, "sh", "-c", "kill -TERM $$")
+        assert r.returncode == 128 + 15, r.stderr
+        # a build that succeeds is in the control plane's store and API as succeeded
+        r = run(home, "sh", "-c", "echo hello from the cell")
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"hello from the cell\n", b"")
         status = subprocess.run([*HIVED, "status", "--home", str(home), "--json"], capture_output=True,
                                 check=True)
         report = json.loads(status.stdout)
         assert report["accelerator"] in ("kvm", "tcg")
-        assert [b["code"] for b in report["builds"][-2:]] == [5, -1]
+        assert [b["code"] for b in report["builds"][-4:]] == [5, -1, -1, 0]
+        build_id = report["builds"][-1]["id"]  # the box ran it under the control plane's id
+        assert build_id.startswith("local_")
+        b = api(home, f"/v1/builds/{build_id}")
+        assert (b["state"], b["exit_code"], b["box"], b["attempts"]) == ("succeeded", 0, ep["box_id"], 1), b
+        assert api(home, f"/v1/builds/{build_id}/logs") == b"hello from the cell\n"
+        row = stored(home)[build_id]
+        assert (row["state"], row["exit_code"], row["box"]) == ("succeeded", 0, ep["box_id"])
+        assert [x["state"] for x in sorted(stored(home).values(), key=lambda x: x["submitted_at"])] == \
+            ["failed", "failed", "failed", "succeeded"]
+        # the hive's view in `hived status`
+        assert report["hive"]["builds_by_state"]["succeeded"] == 1
+        assert report["hive"]["builds_by_state"]["failed"] == 3
+        assert report["hive"]["boxes_connected"] == 1 and report["control"]["connected"]
         human = subprocess.run([*HIVED, "status", "--home", str(home)], capture_output=True, check=True)
-        assert b"pool small:" in human.stdout
+        assert b"pool small:" in human.stdout and b"hive local: 1 box(es) connected" in human.stdout
         # hived up on a small machine shares cores and says so
         assert b"partition:" in human.stdout and b"overcommit" in human.stdout
         assert report["partition"]["cell_cores"]
+        # refusals are one line and exit 2; nothing is stored
+        before = len(stored(home))
+        r = subprocess.run([*HIVED, "run", "--home", str(home), "--customer", "nobody", "--", "true"],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 2 and b"unknown customer 'nobody'" in r.stderr and r.stderr.count(b"\n") == 1
+        r = subprocess.run([*HIVED, "run", "--home", str(home), "--hive", "mars", "--", "true"],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 2 and b"unknown hive 'mars'" in r.stderr
+        assert len(stored(home)) == before
     finally:
         assert up.stop() == 0
     assert host_leftovers(home) == []
     assert not (home / "endpoints.json").exists()
+    assert processes_naming(str(home)) == []
+
+
+def test_ctrl_c_cancels_the_build_and_two_runs_queue_with_a_pool_of_1(home):
+    up = Up(home)
+    try:
+        up.wait_ready()
+        # one hived up per home
+        r = subprocess.run([*HIVED, "up", "--home", str(home)], capture_output=True, timeout=60)
+        assert r.returncode == 2 and f"another hived up is running at {home} (pid {up.proc.pid})".encode() \
+            in r.stderr, r.stderr
+        # Ctrl-C: the build is cancelled through the API; we exit 130 once it has ended
+        proc = start_run(home, "sh", "-c", "echo started; sleep 60; echo never")
+        assert proc.stdout.readline() == b"started\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and out == b"", (out, err)
+        assert b"cancelling build local_" in err
+        [cancelled] = [b for b in stored(home).values() if b["state"] != "succeeded"]
+        assert (cancelled["state"], cancelled["cancel_requested"]) == ("cancelled", 1)
+        # two builds at once, one warm cell: the second waits in the hive's queue, both run once
+        wait_for(lambda: api(home, "/v1/hive", admin=True)["boxes"][endpoints(home)["box_id"]]["warm"]["small"],
+                 180, "the pool to refill")
+        t0 = time.time()
+        a = start_run(home, "sh", "-c", "sleep 1; echo A")
+        b = start_run(home, "sh", "-c", "echo B")
+        out_a, err_a = a.communicate(timeout=300)
+        out_b, err_b = b.communicate(timeout=300)
+        assert (a.returncode, out_a, b.returncode, out_b) == (0, b"A\n", 0, b"B\n"), (err_a, err_b)
+        two = [x for x in stored(home).values() if x["submitted_at"] >= t0 - 1]
+        assert len(two) == 2 and all(x["state"] == "succeeded" and x["attempts"] == 1 for x in two), two
+        assert two[0]["cell"] != two[1]["cell"]
+        waited = sorted(x["assigned_at"] - x["submitted_at"] for x in two)
+        assert waited[0] < 1.0 and waited[1] > 1.0, waited  # one took the warm cell, one was queued
+        hive = api(home, "/v1/hive", admin=True)
+        assert hive["queue"] == {"small": 0} and hive["builds_by_state"]["succeeded"] == 2
+    finally:
+        assert up.stop() == 0
+    assert host_leftovers(home) == []
 
 
 def test_kill_9_then_restart_leaves_nothing(home):
@@ -111,16 +270,32 @@ def test_kill_9_then_restart_leaves_nothing(home):
     before = host_leftovers(home)
     assert any(x.startswith("cgroup") for x in before) and any(x.startswith("dir") for x in before)
     old_vmms = set(vmm_pids(embedded(home).cells_dir))
+    # a build in flight when everything is killed
+    follower = start_run(home, "sh", "-c", "echo running; sleep 120")
+    assert follower.stdout.readline() == b"running\n"
     up.stop(signal.SIGKILL)
+    # One process: nothing of hived up outlives it but the cells' VMMs (with the stages that
+    # start them: theirs to stop, or the next start's to remove).
+    assert processes_naming(str(home), but={follower.pid, *vmm_pids(embedded(home).cells_dir)}) == []
     up2 = Up(home)
     try:
         up2.wait_ready()
         assert "removed leftovers" in (home / "up.log").read_text()
         assert not (old_vmms & set(vmm_pids(embedded(home).cells_dir)))
+        # The build was not lost: the box came back without it, so it failed for an
+        # infrastructure reason, and the `hived run` that followed it found the new API and said so.
+        out, err = follower.communicate(timeout=120)
+        assert follower.returncode == 125, (out, err)
+        assert b"infrastructure" in err and b"came back without build" in err
+        [lost] = stored(home).values()
+        assert (lost["state"], lost["reason"]) == ("failed", "infrastructure")
         assert run(home, "true").returncode == 0
     finally:
+        if follower.poll() is None:
+            follower.kill()
         assert up2.stop() == 0
     assert host_leftovers(home) == []
+    assert processes_naming(str(home)) == []
 
 
 def test_run_without_a_box_is_one_clear_line(home):

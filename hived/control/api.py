@@ -7,6 +7,7 @@ wrong, and happens before anything is stored.
                                       ?format=ndjson for chunks + an end record; ?after=SEQ
     POST /v1/builds/{id}/cancel
     POST /v1/webhooks/github          a push event signed with X-Hub-Signature-256
+    GET  /v1/hive                     (admin token) queue, builds by state, boxes
     GET  /healthz, GET /metrics
 
 Errors: {"error": {"code": "...", "message": "..."}}.
@@ -206,11 +207,11 @@ class Api:
         key = request.headers.get("Idempotency-Key")
         if key is not None and not 0 < len(key) <= 128:
             raise ApiError(400, "bad_header", "Idempotency-Key must be 1..128 characters")
-        return self._submit(Build(id=self.cp.new_build_id(), submitted_at=self.cp.clock(),
-                                  idem_key=key, source="api", **fields))
+        return await self._submit(Build(id=self.cp.new_build_id(), submitted_at=self.cp.clock(),
+                                        idem_key=key, source="api", **fields))
 
-    def _submit(self, build: Build) -> web.Response:
-        build, created = self.cp.submit(build)
+    async def _submit(self, build: Build) -> web.Response:
+        build, created = await self.cp.submit(build)  # answered once the build is durable
         return _json(build.public(), 201 if created else 200,
                      headers={"Location": f"/v1/builds/{build.id}"})
 
@@ -219,7 +220,7 @@ class Api:
 
     async def cancel_build(self, request: web.Request) -> web.Response:
         build = self.visible_build(request)
-        if build.terminal or not self.cp.cancel(build.id):
+        if build.terminal or not await self.cp.cancel(build.id):
             build = self.cp.store.get_build(build.id)
             raise ApiError(409, "already_finished",
                            f"build {build.id} already {build.state}; nothing to cancel")
@@ -321,9 +322,19 @@ class Api:
                       argv=list(repo.command), env=env, cwd="/work", timeout_s=repo.timeout_s,
                       options={}, submitted_at=self.cp.clock(),
                       idem_key=f"github:{delivery}" if delivery else None, source="github")
-        return self._submit(build)
+        return await self._submit(build)
 
     # -- operators -------------------------------------------------------------------------------
+    async def hive(self, request: web.Request) -> web.Response:
+        _, customer = self.auth(request)
+        if customer is not None:
+            raise ApiError(403, "forbidden", "the hive's view is for admin tokens; this one belongs to "
+                           f"customer {customer!r}")
+        cp, sched = self.cp, self.cp.scheduler
+        return _json({"hive": cp.config.hive, "shapes": sorted(cp.config.shapes),
+                      "queue": sched.queue_lengths(), "builds_by_state": cp.store.count_by_state(),
+                      "boxes_connected": sched.boxes_connected(), "boxes": sched.describe()["boxes"]})
+
     async def healthz(self, request: web.Request) -> web.Response:
         cfg = self.cp.config
         return _json({"ok": True, "hive": cfg.hive, "shapes": sorted(cfg.shapes),
@@ -348,6 +359,7 @@ def make_app(control) -> web.Application:
     app.router.add_get("/v1/builds/{build_id}/logs", api.logs)
     app.router.add_post("/v1/builds/{build_id}/cancel", api.cancel_build)
     app.router.add_post("/v1/webhooks/github", api.github)
+    app.router.add_get("/v1/hive", api.hive)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/metrics", api.metrics)
     return app

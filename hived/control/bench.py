@@ -1,86 +1,392 @@
-"""Scheduling throughput and latency of the real control plane (store, scheduler, box link)
-against simulated boxes that speak the real protocol over real sockets and finish every
-build at once (hived.control.simbox). Builds are submitted in-process (no HTTP), so this
-measures the control plane, not aiohttp.
+"""`hived bench control`: scheduling throughput and latency of the real control plane (SQLite
+store, scheduler, msgpack box links on TCP) with many boxes connected.
 
-    python -m hived.control.bench --boxes 100 --builds 5000 [--synchronous full|normal]
+    hived bench control [--json] [--boxes 100] [--builds 20000] [--rate R] [--latency-builds N]
+
+The boxes are simulated (hived.control.simbox, `simulated_boxes: true` in the output): they
+speak the real protocol over real sockets and finish every build at once. They run in a
+process of their own, pinned to another CPU than the control plane's when there are two, so
+they do not take the control plane's core. Builds are submitted inside the control plane's
+process through the same call the HTTP API makes (`ControlPlane.submit`, acknowledged only
+once the build is durable): this measures the control plane, not aiohttp.
+
+Two runs, after a short warm-up:
+
+* saturation: submit as fast as the control plane takes builds, keeping a bounded number
+  outstanding; `builds_per_s` = builds / (first submit -> last build stored as finished).
+* latency: an open-loop submitter at a fixed rate (default: half of the saturation
+  throughput just measured, so it is sustainable); `schedule_ms` = from the moment a build
+  was due to be submitted (before it is stored) to `build.assign` written to its box's
+  socket, after the assignment is durable. Measuring from the due time, not from when the
+  submitter got to it, keeps a stalled loop from hiding its own delay.
 """
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import hashlib
 import json
-import statistics
+import os
+import secrets
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from hived.control.config import parse
 from hived.control.server import ControlPlane
-from hived.control.simbox import SimBox
+from hived.control.simbox import bench_token
 from hived.control.store import Build
 
 
-async def measure(boxes: int, builds: int, synchronous: str = "full", warm: int = 4) -> dict:
-    with tempfile.TemporaryDirectory(prefix="hived-bench-") as tmp:
-        config = parse({
-            "hive": {"name": "bench", "state_dir": str(Path(tmp)), "api_listen": "127.0.0.1:0",
-                     "box_listen": "127.0.0.1:0", "synchronous": synchronous, "heartbeat_s": 1.0,
-                     "box_lost_s": 30.0},
-            "shapes": {"small": {}},
-            "customers": {"bench": {}},
-            "boxes": {f"b{i}": {"token_sha256": hashlib.sha256(f"t{i}".encode()).hexdigest()}
-                      for i in range(boxes)},
-        }, "bench")
-        cp = ControlPlane(config)
-        await cp.start()
-        sims = [SimBox("127.0.0.1", cp.box_port, f"b{i}", f"t{i}", warm={"small": warm}, capacity=warm * 2,
-                       auto=True) for i in range(boxes)]
-        await asyncio.gather(*(s.connect() for s in sims))
+class BenchError(Exception):
+    pass
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _dist(ms: list[float]) -> dict:
+    if not ms:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
+    return {"p50": round(_pct(ms, 50), 3), "p90": round(_pct(ms, 90), 3), "p99": round(_pct(ms, 99), 3),
+            "max": round(max(ms), 3), "n": len(ms)}
+
+
+class _Fleet:
+    """The simulated boxes' process."""
+
+    def __init__(self, port: int, boxes: int, warm: int, capacity: int, seed: str, cpu: int, log: Path) -> None:
+        self.log_path = log
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hived.control.simbox", "--port", str(port), "--boxes", str(boxes),
+                 "--warm", str(warm), "--capacity", str(capacity), "--seed", seed, "--cpu", str(cpu)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+
+    def stderr(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    async def ready(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        line = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline), timeout)
+        if line.strip() != b"ready":
+            self.proc.kill()
+            raise BenchError(f"the simulated boxes did not start: {line!r} {self.stderr()}")
+
+    async def finish(self) -> dict:
+        loop = asyncio.get_running_loop()
+        self.proc.stdin.close()  # the fleet ends when its stdin closes
+        try:
+            out = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.read), 30)
+        except TimeoutError:
+            self.proc.kill()
+            return {}
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"error": self.stderr()[-500:]}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _config(tmp: str, boxes: int, seed: str, synchronous: str):
+    return parse({
+        "hive": {"name": "bench", "state_dir": tmp, "api_listen": "127.0.0.1:0", "box_listen": "127.0.0.1:0",
+                 "synchronous": synchronous, "heartbeat_s": 1.0, "box_lost_s": 30.0},
+        "shapes": {"small": {}},
+        "customers": {"bench": {"api_tokens_sha256": [hashlib.sha256(f"api-{seed}".encode()).hexdigest()]}},
+        "boxes": {f"b{i}": {"token_sha256": hashlib.sha256(bench_token(seed, i).encode()).hexdigest()}
+                  for i in range(boxes)},
+    }, "bench")
+
+
+class _Submitter:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.n = 0
+        self.failed = 0
+
+    def build(self, submitted_at: float) -> Build:
+        self.n += 1
+        return Build(id=f"bench_{self.n:09d}", customer="bench", shape="small", argv=["true"],
+                     submitted_at=submitted_at)
+
+    def acked(self, fut: asyncio.Future) -> None:
+        if fut.exception() is not None:  # counted, and the run says so
+            self.failed += 1
+
+
+class _Finished:
+    """Counts builds stored as finished; wakes whoever waits for a count."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.n = 0
+        self.target = 0
+        self.event = asyncio.Event()
+        cp.finish_listeners.append(self._one)
+
+    def _one(self, state: str) -> None:
+        self.n += 1
+        if self.n >= self.target:
+            self.event.set()
+
+    async def wait(self, target: int, timeout: float) -> None:
+        self.target = target
+        while self.n < target:
+            self.event.clear()
+            try:
+                await asyncio.wait_for(self.event.wait(), timeout)
+            except TimeoutError:
+                raise BenchError(f"only {self.n} of {target} builds finished within {timeout:g} s") from None
+
+
+async def _saturate(cp: ControlPlane, sub: _Submitter, done: _Finished, builds: int, window: int) -> dict:
+    """Keep between window/2 and `window` builds outstanding until `builds` were submitted."""
+    base = done.n
+    cp.schedule_samples.clear()
+    cp.commit_seconds.clear()
+    commits0 = cp.commits
+    t0 = time.perf_counter()
+    cpu0 = os.times()
+    submitted = 0
+    while submitted < builds:
+        outstanding = submitted - (done.n - base)
+        n = min(window - outstanding, builds - submitted)
+        for _ in range(n):
+            cp.submit_nowait(sub.build(cp.clock())).add_done_callback(sub.acked)
+        submitted += n
+        await done.wait(base + submitted - window // 2, 120)
+    await done.wait(base + builds, 120)
+    elapsed = time.perf_counter() - t0
+    cpu1 = os.times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    commits = cp.commits - commits0
+    return {"builds": builds, "seconds": round(elapsed, 3), "builds_per_s": round(builds / elapsed, 1),
+            "window": window, "control_cpu_util": round(cpu / elapsed, 2),
+            "control_cpu_us_per_build": round(cpu / builds * 1e6, 1),
+            "commits": commits, "builds_per_commit": round(builds / max(1, commits), 1),
+            "commit_ms": _dist([c * 1000 for c in cp.commit_seconds]),
+            "schedule_ms_incl_queueing": _dist([s * 1000 for s in cp.schedule_samples])}
+
+
+async def _paced(cp: ControlPlane, sub: _Submitter, done: _Finished, rate: float, builds: int) -> dict:
+    """Open loop: build i is due at t0 + i/rate; latency counts from the due time."""
+    base = done.n
+    cp.schedule_samples.clear()
+    cp.commit_seconds.clear()
+    commits0 = cp.commits
+    t0 = cp.clock() + 0.01
+    submitted = 0
+    lag = []
+    while submitted < builds:
+        now = cp.clock()
+        due = min(builds, int((now - t0) * rate) + 1) if now >= t0 else 0
+        if due > submitted:
+            lag.append(now - (t0 + (due - 1) / rate))
+        while submitted < due:
+            cp.submit_nowait(sub.build(t0 + submitted / rate)).add_done_callback(sub.acked)
+            submitted += 1
+        await asyncio.sleep(max(0.0, min(0.001, t0 + submitted / rate - cp.clock())))
+    await done.wait(base + builds, 120)
+    ms = [s * 1000 for s in cp.schedule_samples]
+    return {"rate_per_s": round(rate, 1), "builds": builds, "schedule_ms": _dist(ms),
+            "commit_ms": _dist([c * 1000 for c in cp.commit_seconds]), "commits": cp.commits - commits0,
+            "submitter_lag_ms_max": round(max(lag, default=0.0) * 1000, 3)}
+
+
+async def _http(cp: ControlPlane, seed: str, builds: int, concurrency: int, cpu: int) -> dict:
+    """Closed loop over HTTP: a client process POSTs builds, `concurrency` at a time."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hived.control.bench", "_http_client", f"http://127.0.0.1:{cp.api_port}/v1/builds",
+        f"api-{seed}", str(builds), str(concurrency), str(cpu), stdout=subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise BenchError(f"the HTTP client failed ({proc.returncode}): {out.decode()[-500:]}")
+    return json.loads(out)
+
+
+async def _http_client(url: str, token: str, n: int, concurrency: int) -> dict:
+    import aiohttp
+
+    body = json.dumps({"customer": "bench", "argv": ["true"]}).encode()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    todo = iter(range(n))
+    ms: list[float] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        async def worker():
+            for _ in todo:
+                t = time.perf_counter()
+                async with http.post(url, data=body, headers=headers) as r:
+                    if r.status != 201:
+                        raise BenchError(f"POST /v1/builds: {r.status} {await r.text()}")
+                    await r.read()
+                ms.append((time.perf_counter() - t) * 1000)
         t0 = time.perf_counter()
-        for i in range(builds):
-            cp.submit(Build(id=f"bench_{i:08d}", customer="bench", shape="small", argv=["true"],
-                            submitted_at=cp.clock()))
-            if i % 50 == 49:
-                await asyncio.sleep(0)  # let boxes answer while we submit
-        while True:
-            counts = cp.store.count_by_state()
-            finished = counts["succeeded"] + counts["failed"]
-            if finished >= builds:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-        latencies = sorted(s * 1000 for s in cp.schedule_samples)
-        for s in sims:
-            await s.close()
-        await cp.stop()
-        return {
-            "boxes": boxes, "builds": builds, "builds_per_s": round(builds / elapsed, 1),
-            "schedule_ms": {"p50": round(statistics.median(latencies), 3),
-                            "p99": round(latencies[max(0, int(len(latencies) * 0.99) - 1)], 3)},
-            "synchronous": synchronous,
-            "note": "real control plane (SQLite store, scheduler, msgpack box link on TCP); simulated boxes "
-                    "that finish every build at once; builds submitted in-process, not over HTTP",
-        }
+    return {"builds": n, "concurrency": concurrency, "submits_per_s": round(n / elapsed, 1),
+            "submit_ms": _dist(ms)}
+
+
+async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, latency_builds: int = 0,
+                  warm: int = 4, synchronous: str = "full", window: int = 0, pin: bool = True,
+                  http: int = 0) -> dict:
+    import logging
+
+    from hived.bench import _loadavg, machine_info
+
+    logging.getLogger("hived").setLevel(logging.ERROR)  # 100 boxes saying goodbye is not news
+    machine = machine_info()  # its load average is the one before this run
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = pin and len(cpus) >= 2
+    old_affinity = set(cpus)
+    seed = secrets.token_hex(8)
+    fleet = None
+    with tempfile.TemporaryDirectory(prefix="hived-bench-") as tmp:
+        cp = ControlPlane(_config(tmp, boxes, seed, synchronous))
+        try:
+            if pinned:
+                os.sched_setaffinity(0, {cpus[0]})
+            await cp.start()
+            fleet = _Fleet(cp.box_port, boxes, warm, warm * 2, seed, cpus[1] if pinned else -1,
+                           Path(tmp) / "boxes.log")
+            await fleet.ready(60)
+            deadline = time.monotonic() + 30
+            while cp.scheduler.boxes_connected() < boxes:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{cp.scheduler.boxes_connected()} of {boxes} simulated boxes registered")
+                await asyncio.sleep(0.01)
+            gc.freeze()  # as `hived control` does once started
+            sub = _Submitter(cp)
+            done = _Finished(cp)
+            window = window or boxes * warm * 2
+            await _saturate(cp, sub, done, min(2000, max(builds // 10, 50)), window)  # warm-up, not counted
+            sat = await _saturate(cp, sub, done, builds, window)
+            rate = rate or max(1.0, sat["builds_per_s"] / 2)
+            lat = await _paced(cp, sub, done, rate, latency_builds or max(200, min(int(rate * 5), builds)))
+            over_http = None
+            if http:
+                base = done.n
+                over_http = await _http(cp, seed, http, 64, cpus[1] if pinned else -1)
+                await done.wait(base + http, 120)
+            counts = cp.store.count_by_state()
+            fleet_stats = await fleet.finish()
+        finally:
+            if fleet is not None:
+                fleet.kill()
+            await cp.stop()
+            if pinned:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, old_affinity)
+    if sub.failed or counts["failed"] or counts["queued"] or counts["assigned"] or counts["running"]:
+        raise BenchError(f"builds went wrong: {sub.failed} submits failed; store says {counts}")
+    machine["loadavg_at_end"] = _loadavg()
+    # (at the end the load counts this run's own two processes: only the start says if others ran)
+    busy = (machine["loadavg_at_start"] or [0.0])[0] > 0.5 * machine["nproc"]
+    return {
+        "benchmark": "control",
+        "simulated_boxes": True,
+        "boxes": boxes,
+        "warm_per_box": warm,
+        "builds_per_s": sat["builds_per_s"],
+        "schedule_ms": lat["schedule_ms"],
+        "latency_rate_per_s": lat["rate_per_s"],
+        "saturation": sat,
+        "latency": lat,
+        **({"http": {**over_http, "note": "POST /v1/builds (auth, validation, durable before the answer) "
+                                          "closed loop from a client process on the boxes' CPU; builds run "
+                                          "as above"}} if over_http else {}),
+        "builds_total": counts["succeeded"],
+        "synchronous": synchronous,
+        "submit": "in-process ControlPlane.submit (what the HTTP API calls), acknowledged after commit",
+        "processes": {"control_plane": {"pid": os.getpid(), "cpu": cpus[0] if pinned else None},
+                      "simulated_boxes": {"pid": fleet.proc.pid, "cpu": cpus[1] if pinned else None,
+                                          **fleet_stats}},
+        "machine": machine,
+        **({"warning": "the machine was busy with other work during the run (load average above half the "
+                       "CPUs): numbers are lower and tails longer than on an idle machine"} if busy else {}),
+        "note": "real control plane (SQLite store, scheduler, msgpack box links on TCP); simulated boxes in "
+                "another process that finish every build at once and report refilled warm cells at once; "
+                "schedule_ms: due-to-submit -> build.assign written to the box, at latency_rate_per_s",
+    }
+
+
+def render(r: dict) -> str:
+    s, lat = r["saturation"], r["latency"]["schedule_ms"]
+    return "\n".join([
+        f"control plane, {r['boxes']} simulated boxes ({r['warm_per_box']} warm cells each), "
+        f"synchronous={r['synchronous']}",
+        f"  saturation: {s['builds']} builds in {s['seconds']} s = {s['builds_per_s']} builds/s "
+        f"(control plane CPU {s['control_cpu_util'] * 100:.0f}%)",
+        f"  latency at {r['latency_rate_per_s']} builds/s: schedule p50 {lat['p50']} ms, p90 {lat['p90']} ms, "
+        f"p99 {lat['p99']} ms, max {lat['max']} ms (n={lat['n']})",
+        *([f"  over HTTP: {r['http']['submits_per_s']} builds/s, {r['http']['concurrency']} at a time, "
+           f"submit p50 {r['http']['submit_ms']['p50']} ms p99 {r['http']['submit_ms']['p99']} ms"]
+          if "http" in r else []),
+        *([f"  warning: {r['warning']}"] if "warning" in r else []),
+    ])
+
+
+def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="hived bench control")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--boxes", type=int, default=100, help="simulated boxes (default %(default)d)")
+    p.add_argument("--builds", type=int, default=20000, help="builds in the saturation run (default %(default)d)")
+    p.add_argument("--warm", type=int, default=4, help="warm cells per box (default %(default)d)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="builds/s of the latency run (default: half the saturation throughput)")
+    p.add_argument("--latency-builds", type=int, default=0, help="builds in the latency run (default: 5 s worth)")
+    p.add_argument("--synchronous", choices=["full", "normal"], default="full", help="SQLite durability")
+    p.add_argument("--no-pin", action="store_true", help="do not pin the two processes to CPUs")
+    p.add_argument("--http", type=int, default=0, metavar="N",
+                   help="also submit N builds over the HTTP API (64 at a time) from a client process")
+    return p
+
+
+def run(args) -> dict:
+    import uvloop
+
+    if args.boxes < 1 or args.builds < 1:
+        raise BenchError("--boxes and --builds must be at least 1")
+    return uvloop.run(measure(args.boxes, args.builds, rate=args.rate, latency_builds=args.latency_builds,
+                              warm=args.warm, synchronous=args.synchronous, pin=not args.no_pin, http=args.http))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="hived bench control")
-    p.add_argument("--boxes", type=int, default=100)
-    p.add_argument("--builds", type=int, default=5000)
-    p.add_argument("--synchronous", choices=["full", "normal"], default="full")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    import logging
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_http_client"]:  # the client process of --http
+        import uvloop
 
-    import uvloop
-
-    logging.getLogger("hived").setLevel(logging.ERROR)  # 100 boxes saying goodbye is not news
-
-    print(json.dumps(uvloop.run(measure(args.boxes, args.builds, args.synchronous)), indent=None if args.json
-                     else 2))
+        url, token, n, concurrency, cpu = argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5])
+        if cpu >= 0:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, {cpu})
+        print(json.dumps(uvloop.run(_http_client(url, token, n, concurrency))))
+        return 0
+    args = parser().parse_args(argv)
+    try:
+        report = run(args)
+    except BenchError as exc:
+        print(f"hived bench control: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

@@ -13,10 +13,16 @@ on (state, lease) fence anything the scheduler might get wrong.
 Warm counts: a box reports its free warm cells per shape and how many assignments it
 has read (`assigns_seen`); assignments it has not read yet are subtracted, so two builds
 are never sent to one warm cell between heartbeats.
+
+Placement is O(log boxes) per build: each shape has a heap of (load, -warm, box id)
+entries; every change to a box pushes a fresh entry, and stale or unusable ones are
+dropped when they come up (a box that becomes usable again has changed, so it is pushed
+again). The heap is rebuilt when stale entries outnumber the boxes several times over.
 """
 
 import collections
 import dataclasses
+import heapq
 
 from hived.control.store import ASSIGNED, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 
@@ -101,6 +107,7 @@ class BoxState:
     assigns_sent: int = 0
     unseen: collections.deque = dataclasses.field(default_factory=collections.deque)  # (n, shape)
     pending: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # shape -> unseen
+    version: int = 0            # bumped at every change; heap entries of older versions are stale
 
     def warm(self, shape: str) -> int:
         return self.reported_warm.get(shape, 0) - self.pending[shape]
@@ -136,6 +143,7 @@ class Scheduler:
         self.builds: dict[str, BuildState] = {}
         self.boxes: dict[str, BoxState] = {}
         self.queues: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._heaps: dict[str, list] = collections.defaultdict(list)  # shape -> [(load, -warm, id, version)]
 
     # -- restore --------------------------------------------------------------------------
     def load(self, builds, now: float) -> None:
@@ -193,6 +201,7 @@ class Scheduler:
             return []
         box = self.boxes[box_id]
         box.builds.discard(build_id)
+        self._touch(box)
         refused = not started and st.state == ASSIGNED and not st.cancel_requested
         if refused and st.attempts < self.max_attempts:
             st.state, st.box = QUEUED, ""
@@ -247,6 +256,7 @@ class Scheduler:
         for build_id in sorted(held):
             if build_id not in box.builds:
                 actions.append(CancelOnBox(box_id, build_id, "this box no longer holds the build's lease"))
+        self._touch(box)
         return actions + self.dispatch(now)
 
     def heartbeat(self, box_id: str, *, warm: dict, assigns_seen: int, now: float) -> list:
@@ -256,6 +266,7 @@ class Scheduler:
         box.last_seen = now
         box.reported_warm = dict(warm)
         box.seen_up_to(assigns_seen)
+        self._touch(box)
         return self.dispatch(now)
 
     def seen(self, box_id: str, now: float) -> None:
@@ -300,18 +311,37 @@ class Scheduler:
         return actions + self.pool_targets(now, force=True)
 
     # -- placement ---------------------------------------------------------------------------
-    def pick_box(self, shape: str) -> BoxState | None:
-        best, best_key = None, None
-        for box in self.boxes.values():
-            if not box.usable or shape not in box.shapes or len(box.builds) >= box.capacity:
-                continue
+    def _touch(self, box: BoxState) -> None:
+        """The box changed: its old heap entries are stale; push fresh ones if it can take a build."""
+        box.version += 1
+        if not box.usable or len(box.builds) >= box.capacity:
+            return
+        load = box.load()
+        for shape in box.shapes:
             warm = box.warm(shape)
-            if warm <= 0:
-                continue
-            key = (box.load(), -warm, box.id)
-            if best_key is None or key < best_key:
-                best, best_key = box, key
-        return best
+            if warm > 0:
+                heap = self._heaps[shape]
+                heapq.heappush(heap, (load, -warm, box.id, box.version))
+                if len(heap) > 8 * len(self.boxes) + 64:
+                    self._rebuild(shape)
+
+    def _rebuild(self, shape: str) -> None:
+        heap = [(b.load(), -b.warm(shape), b.id, b.version) for b in self.boxes.values()
+                if b.usable and shape in b.shapes and len(b.builds) < b.capacity and b.warm(shape) > 0]
+        heapq.heapify(heap)
+        self._heaps[shape] = heap
+
+    def pick_box(self, shape: str) -> BoxState | None:
+        """The usable box with a free warm cell of `shape`: least loaded, then most warm, then by id."""
+        heap = self._heaps.get(shape)
+        while heap:
+            _, _, box_id, version = heap[0]
+            box = self.boxes.get(box_id)
+            if box is not None and box.version == version and box.usable \
+                    and len(box.builds) < box.capacity and box.warm(shape) > 0:
+                return box
+            heapq.heappop(heap)  # stale (the box changed since) or unusable (it will be pushed on change)
+        return None
 
     def dispatch(self, now: float) -> list:
         actions = []
@@ -326,6 +356,7 @@ class Scheduler:
                 st.attempts += 1
                 box.builds.add(st.id)
                 box.sent(shape)
+                self._touch(box)
                 actions.append(Assign(st.build, box.id, old, st.lease, max(0.0, now - st.submitted)))
         return actions + self.pool_targets(now)
 
@@ -393,8 +424,9 @@ class Scheduler:
     def _forget(self, st: BuildState) -> None:
         self.builds.pop(st.id, None)
         box = self.boxes.get(st.box)
-        if box:
+        if box and st.id in box.builds:
             box.builds.discard(st.id)
+            self._touch(box)
 
 
 def _retries(options: dict) -> int:

@@ -9,11 +9,21 @@
 Order for every decision: the scheduler decides in memory, the store records it (a
 conditional update on the lease), then the box is told. A box's exit is acknowledged
 (`build.ack`) only after the store has it, so a box holds results across our restarts.
+
+Group commit: everything that happens in one turn of the event loop (submits, box
+messages, ticks) writes into one open store batch; at the end of the turn (`_flush`,
+scheduled with call_soon by the first write) the batch is committed once, and only then
+is anything said to anyone: submitters get their answer, frames queued for each box go
+out in one write per box, log followers are woken. Under load a turn carries many builds
+and one fsync serves them all; when idle a turn carries one and nothing waits for a timer.
+If a commit fails, memory and the store may disagree: the control plane stops (fail-stop)
+and a restart rebuilds memory from the store.
 """
 
 import asyncio
 import collections
 import contextlib
+import gc
 import hashlib
 import hmac
 import json
@@ -36,6 +46,7 @@ log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 10.0
 BOX_ROW_EVERY_S = 10.0  # how often a heartbeating box's row in the store is refreshed
+CHECKPOINT_EVERY_S = 1.0
 
 
 def token_hash(token: str) -> str:
@@ -48,19 +59,32 @@ def new_token() -> str:
 
 
 class BoxLink:
-    """One registered box's connection."""
+    """One registered box's connection. Frames for it wait in `out` until the control
+    plane's next commit, then go out together (one write)."""
 
-    def __init__(self, box_id: str, channel: Channel) -> None:
+    def __init__(self, box_id: str, channel: Channel, control: "ControlPlane") -> None:
         self.box_id = box_id
         self.channel = channel
+        self.control = control
         self.stale_cancelled: set[str] = set()
         self.row_written = 0.0
+        self.out: list[bytes] = []
 
     def send(self, name: str, **fields) -> None:
         try:
-            self.channel.send_nowait(name, **fields)
+            frame = self.channel.session.frame(name, **fields)
         except (ProtocolError, OSError, RuntimeError) as exc:
             log.warning("box %s: cannot send %s: %s", self.box_id, name, exc)
+            return
+        if not self.out:
+            self.control._dirty(self)
+        self.out.append(frame)
+
+    def write_out(self) -> None:
+        frames, self.out = self.out, []
+        channel = self.channel
+        if channel.closed_reason is None and channel.transport is not None and not channel.transport.is_closing():
+            channel.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
 
 class ControlPlane:
@@ -80,13 +104,28 @@ class ControlPlane:
         self._tasks: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         self.started_at = 0.0
+        self.finished_builds = 0          # stored as finished since start
+        self.finish_listeners: list = []  # fn(state), called once a build's end is durable
+        # group commit (see the module's docstring)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._after: list = []            # (fn, args) to run once the batch is durable, in order
+        self._dirty_links: list[BoxLink] = []
+        self._acks: list[tuple[asyncio.Future, object]] = []
+        self._assigned: list[float] = []  # submitted_at of builds whose build.assign is queued
+        self._wake_ids: set[str] = set()  # builds whose followers are woken after the commit
+        self.failed: asyncio.Future | None = None  # set (with the exception) if a commit fails
+        self.commits = 0
+        self.commit_seconds: collections.deque = collections.deque(maxlen=10_000)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        self.failed = self._loop.create_future()
         if self.store is None:
             self.store = SQLiteStore(cfg.db_path, cfg.hive, synchronous=cfg.synchronous,
-                                     log_max_bytes=cfg.log_max_bytes)
+                                     log_max_bytes=cfg.log_max_bytes, background_checkpoint=True)
         self.store.sync_config({k: {"shapes": v.shapes, "secure_compute": v.secure_compute}
                                 for k, v in cfg.customers.items()}, cfg.shapes)
         for box_id, digest in cfg.box_tokens_sha256.items():
@@ -107,10 +146,13 @@ class ControlPlane:
 
         self._api_runner, self.api_port = await start_api(self, cfg.api_host, cfg.api_port)
         self._ticker = loop.create_task(self._tick_loop())
+        if getattr(self.store, "background_checkpoint", False):
+            self.spawn(self._checkpoint_loop())
 
     async def stop(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        self._flush()  # whatever the last turn wrote is committed and said
         if self._box_server:
             self._box_server.close()
         for link in list(self.links.values()):
@@ -124,6 +166,10 @@ class ControlPlane:
             await asyncio.gather(self._ticker, return_exceptions=True)
         for event in self._log_events.values():
             event.set()
+        self._flush()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self.store is not None:
             self.store.close()
 
@@ -148,22 +194,122 @@ class ControlPlane:
             except Exception:  # a bug here must not stop loss detection for good
                 log.exception("scheduler tick failed")
 
+    # -- group commit ---------------------------------------------------------------------------
+    def _begin(self) -> None:
+        """Writes follow: open the turn's batch (once) and make sure it is flushed."""
+        if not self.store.in_batch:
+            if self.failed is not None and self.failed.done():
+                raise StoreFailed("the hive's store failed: the control plane is stopping")
+            self.store.begin()
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _dirty(self, link: BoxLink) -> None:
+        self._dirty_links.append(link)
+        self._schedule_flush()
+
+    def _after_commit(self, fn, *args) -> None:
+        self._after.append((fn, args))
+        self._schedule_flush()
+
+    def _flush(self) -> None:
+        """Commit the turn's batch, then say everything that waited for it."""
+        self._flush_handle = None
+        if self.store is not None and self.store.in_batch:
+            t0 = time.perf_counter()
+            try:
+                self.store.commit()
+            except Exception as exc:
+                self._commit_failed(exc)
+                return
+            self.commits += 1
+            self.commit_seconds.append(time.perf_counter() - t0)
+        acks, self._acks = self._acks, []
+        for fut, result in acks:
+            if not fut.done():
+                fut.set_result(result)
+        links, self._dirty_links = self._dirty_links, []
+        for link in links:
+            link.write_out()
+        if self._assigned:  # build.assign is on its way: the scheduling latency ends here
+            now = self.clock()
+            observe = self.metrics.schedule_seconds.observe
+            samples = self.schedule_samples
+            for submitted in self._assigned:
+                waited = max(0.0, now - submitted)
+                observe(waited)
+                samples.append(waited)
+            self._assigned.clear()
+        after, self._after = self._after, []
+        for fn, args in after:
+            fn(*args)
+
+    def _commit_failed(self, exc: Exception) -> None:
+        log.critical("hive %s: the store could not commit (%s): stopping; a restart recovers from the "
+                     "last commit", self.config.hive, exc)
+        err = StoreFailed(f"the hive's store could not commit: {exc}")
+        for fut, _ in self._acks:
+            if not fut.done():
+                fut.set_exception(err)
+        self._acks.clear()
+        for link in self._dirty_links:
+            link.out.clear()
+        self._dirty_links.clear()
+        self._assigned.clear()
+        self._after.clear()
+        self._wake_ids.clear()
+        for link in list(self.links.values()):
+            link.channel.close("control plane store failure")
+        if self.failed is not None and not self.failed.done():
+            self.failed.set_exception(err)
+            self.failed.exception()  # retrieved by serve(); not an unhandled-exception warning
+
+    def _durable(self, result) -> asyncio.Future:
+        """A future that gets `result` once the current batch is committed."""
+        fut = self._loop.create_future()
+        if self.failed is not None and self.failed.done():
+            fut.set_exception(StoreFailed("the hive's store failed earlier; the control plane is stopping"))
+            return fut
+        self._acks.append((fut, result))
+        self._schedule_flush()
+        return fut
+
+    async def _checkpoint_loop(self) -> None:
+        """WAL checkpoints on a thread, so that no commit on the loop has to do one."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY_S)
+            try:
+                await loop.run_in_executor(None, self.store.checkpoint)
+            except Exception as exc:  # busy or failing: SQLite's own checkpoint is the backstop
+                log.debug("checkpoint: %s", exc)
+
     # -- builds (the API calls these) -------------------------------------------------------
     def new_build_id(self) -> str:
         return f"{self.config.hive}_{secrets.token_hex(8)}"
 
-    def submit(self, build: Build) -> tuple[Build, bool]:
-        """Store the build durably, then schedule it. Returns (build, created)."""
+    def submit_nowait(self, build: Build) -> asyncio.Future:
+        """Store and schedule the build in this turn's batch; the future gives (build, created)
+        once that is durable."""
+        self._begin()
         build, created = self.store.create_build(build)
         if created:
             self._apply(self.scheduler.submit(build, self.clock()))
-        return build, created
+        return self._durable((build, created))
 
-    def cancel(self, build_id: str) -> bool:
+    async def submit(self, build: Build) -> tuple[Build, bool]:
+        """Store the build durably, then schedule it. Returns (build, created) once durable."""
+        return await self.submit_nowait(build)
+
+    async def cancel(self, build_id: str) -> bool:
+        self._begin()
         if not self.store.request_cancel(build_id):
-            return False
+            return await self._durable(False)
         self._apply(self.scheduler.cancel(build_id, self.clock()))
-        return True
+        return await self._durable(True)
 
     # -- log followers -------------------------------------------------------------------------
     def log_event(self, build_id: str) -> asyncio.Event:
@@ -175,12 +321,26 @@ class ControlPlane:
         return event
 
     def _notify(self, build_id: str) -> None:
-        event = self._log_events.pop(build_id, None)
-        if event is not None:
-            event.set()
+        """Wake the build's followers once this turn's batch is committed. Whether anyone
+        follows is looked at then, not now: a follower that starts reading between this
+        change and its commit does not see the change, and must still be woken."""
+        if not self._wake_ids:
+            self._after_commit(self._wake)
+        self._wake_ids.add(build_id)
+
+    def _wake(self) -> None:
+        ids, self._wake_ids = self._wake_ids, set()
+        if self._log_events:
+            for build_id in ids:
+                event = self._log_events.pop(build_id, None)
+                if event is not None:
+                    event.set()
 
     # -- actions -------------------------------------------------------------------------------
     def _apply(self, actions) -> None:
+        if not actions:
+            return
+        self._begin()
         for action in actions:
             if isinstance(action, sch.Assign):
                 b = action.build
@@ -188,8 +348,7 @@ class ControlPlane:
                     log.error("build %s: the store refused assignment to %s (lease %d)", b.id,
                               action.box_id, action.lease)
                     continue
-                self.metrics.schedule_seconds.observe(action.waited_s)
-                self.schedule_samples.append(action.waited_s)
+                self._assigned.append(b.submitted_at)
                 link = self.links.get(action.box_id)
                 if link is not None:  # else: the box reconnects without it and it is requeued
                     link.send("build.assign", build_id=b.id, lease=action.lease, shape=b.shape,
@@ -205,7 +364,7 @@ class ControlPlane:
                                        signal=action.signal, reason=action.reason, message=action.message,
                                        usage=action.usage, now=self.clock())
                 if ok:
-                    self.metrics.finished.labels(action.state).inc()
+                    self._after_commit(self._finished, action.state)
                     if action.reason == "infrastructure":
                         log.warning("build %s %s: %s", action.build_id, action.state, action.message)
                 self._notify(action.build_id)
@@ -221,9 +380,15 @@ class ControlPlane:
                 link = self.links.get(action.box_id)
                 if link is not None:
                     log.warning("box %s: dropping its link: %s", action.box_id, action.reason)
-                    link.channel.close(action.reason)
+                    self._after_commit(link.channel.close, action.reason)
             else:  # pragma: no cover - a new action type without a handler is a bug
                 raise TypeError(f"unknown scheduler action {action!r}")
+
+    def _finished(self, state: str) -> None:
+        self.finished_builds += 1
+        self.metrics.finished.labels(state).inc()
+        for fn in self.finish_listeners:
+            fn(state)
 
     # -- box links ------------------------------------------------------------------------------
     def _box_factory(self) -> Channel:
@@ -265,13 +430,14 @@ class ControlPlane:
             old = self.links.get(box_id)
             if old is not None:
                 old.channel.close("the box connected again")
-            link = self.links[box_id] = BoxLink(box_id, channel)
+            link = self.links[box_id] = BoxLink(box_id, channel, self)
             now = self.clock()
             link.row_written = now
+            self._begin()
             self.store.box_seen(box_id, capacity=msg["capacity"], shapes=msg["shapes"], warm=msg["warm"],
                                 now=now, registered=True)
-            await channel.send("box.registered", box_id=box_id, hive=self.config.hive,
-                               heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s)
+            link.send("box.registered", box_id=box_id, hive=self.config.hive,
+                      heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s)
             log.info("box %s registered from %s: shapes %s, capacity %d, warm %s, holding %d build(s)",
                      box_id, _peer(channel), msg["shapes"], msg["capacity"], msg["warm"], len(msg["builds"]))
             self._apply(self.scheduler.box_connected(
@@ -305,6 +471,7 @@ class ControlPlane:
             link.send("pong", seq=f["seq"])
             if now - link.row_written >= BOX_ROW_EVERY_S:
                 link.row_written = now
+                self._begin()
                 box = self.scheduler.boxes.get(box_id)
                 self.store.box_seen(box_id, capacity=box.capacity if box else 0,
                                     shapes=sorted(box.shapes) if box else [], warm=f["warm"], now=now)
@@ -312,12 +479,14 @@ class ControlPlane:
                                                  now=now))
         elif name == "build.started":
             if self.scheduler.started(box_id, f["build_id"], f["lease"]):
+                self._begin()
                 self.store.mark_started(f["build_id"], f["lease"], f["cell_id"], now)
                 self._notify(f["build_id"])
             else:
                 self._stale(link, f["build_id"], f["lease"], name)
         elif name == "build.output":
             if self.scheduler.holds(box_id, f["build_id"], f["lease"]):
+                self._begin()
                 if self.store.append_log(f["build_id"], f["lease"], f["seq"], f["stream"], f["data"]) \
                         is not None:
                     self._notify(f["build_id"])
@@ -353,6 +522,10 @@ class ControlPlane:
             link.send("cancel", build_id=build_id, reason="this box no longer holds the build's lease")
 
 
+class StoreFailed(Exception):
+    """The store could not make a batch durable: the control plane stops."""
+
+
 def _peer(channel: Channel) -> str:
     try:
         peer = channel.transport.get_extra_info("peername")
@@ -379,6 +552,7 @@ async def serve(config: ControlConfig, *, ready_file=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await cp.start()
+    gc.freeze()  # what start-up made lives as long as we do: keep it out of every full collection
     endpoints = config.state_dir / "endpoints.json"
     try:
         tmp = endpoints.with_suffix(".tmp")
@@ -387,7 +561,12 @@ async def serve(config: ControlConfig, *, ready_file=None) -> int:
         print(f"ready {json.dumps(cp.endpoints())}", flush=True)
         sdnotify.notify(f"READY=1\nSTATUS=hive {config.hive}: API on port {cp.api_port}, "
                         f"boxes on port {cp.box_port}")
-        await stop.wait()
+        stopper = loop.create_task(stop.wait())
+        await asyncio.wait({stopper, cp.failed}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if cp.failed.done():
+            print(f"hived control: {cp.failed.exception()}", file=sys.stderr, flush=True)
+            return 1
         return 0
     finally:
         sdnotify.notify("STOPPING=1")

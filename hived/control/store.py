@@ -1,7 +1,12 @@
 r"""The control plane's durable state behind one small interface; SQLite (WAL) implements it.
 
-Every method is one transaction: when it returns, the change is on disk (with
-`synchronous = full`, also after a power cut), so callers acknowledge only after it.
+Every method is atomic. Outside a batch it is also its own transaction: when it returns,
+the change is on disk (with `synchronous = full`, also after a power cut). Inside a batch
+(`begin()` ... `commit()`: the control plane's group commit, one per event-loop tick) the
+changes become durable together at `commit()`, and the caller acknowledges nothing
+before that. Reads (`get_build`, `read_log`, ...) go through a second connection and see
+committed state only, so nobody outside the control plane ever sees a change that a crash
+could still take back.
 Build transitions are compare-and-set on (state, lease): the lease is the fencing token,
 so a late message from a box that lost its lease cannot change a build, whatever the
 caller's memory says. Nothing here is SQLite-specific beyond `SQLiteStore`; a PostgreSQL
@@ -14,6 +19,7 @@ store implements the same methods with the same conditional UPDATEs.
 """
 
 import abc
+import contextlib
 import dataclasses
 import json
 import sqlite3
@@ -102,7 +108,20 @@ class LogChunk:
 
 
 class Store(abc.ABC):
-    """Durable state of one hive. Each method is atomic and durable when it returns."""
+    """Durable state of one hive. Each method is atomic and durable when it returns, unless a
+    batch is open: then the batch's changes become durable together at commit()."""
+
+    # -- group commit (a store without batches makes every call its own transaction) ---
+    in_batch = False
+
+    def begin(self) -> None:  # noqa: B027 (optional: a store without batches keeps this)
+        """Open a batch: the writes until commit() are one transaction."""
+
+    def commit(self) -> None:  # noqa: B027
+        """Make the batch durable. Raises if it could not be: the batch is then rolled back."""
+
+    def rollback(self) -> None:  # noqa: B027
+        """Drop the batch."""
 
     # -- hive ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -206,24 +225,45 @@ _BUILD_COLS = ("id", "customer", "shape", "argv", "env", "cwd", "timeout_s", "op
                "log_bytes", "log_truncated", "cancel_requested")
 _JSON_COLS = {"argv", "env", "options", "usage"}
 _BOOL_COLS = {"log_truncated", "cancel_requested"}
+_COLS = ", ".join(_BUILD_COLS)
+_SELECT_BUILD = f"SELECT {_COLS} FROM builds"
+_GET_BUILD = f"{_SELECT_BUILD} WHERE id = ?"
+_GET_IDEM = f"{_SELECT_BUILD} WHERE customer = ? AND idem_key = ?"
+_LIVE_BUILDS = f"{_SELECT_BUILD} WHERE state IN ('queued', 'assigned', 'running') ORDER BY submitted_at, id"
+_INSERT_BUILD = f"INSERT INTO builds ({_COLS}) VALUES ({', '.join('?' * len(_BUILD_COLS))})"
+_CONVERT = tuple((json.loads if c in _JSON_COLS else bool if c in _BOOL_COLS else None) for c in _BUILD_COLS)
 
 
 def _row_to_build(row) -> Build:
     kw = {}
-    for col, value in zip(_BUILD_COLS, row, strict=True):
-        if col in _JSON_COLS:
-            value = json.loads(value)
-        elif col in _BOOL_COLS:
-            value = bool(value)
+    for col, conv, value in zip(_BUILD_COLS, _CONVERT, row, strict=True):
+        if conv is not None:
+            value = conv(value)
         kw[col] = value
     return Build(**kw)
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # made once: json.dumps(..., separators=) is not
+
+
+def _dumps(value) -> str:
+    """JSON for a column; the empty list and map (most builds' env and options) without encoding."""
+    if not value:
+        return "[]" if isinstance(value, list) else "{}"
+    return _encode(value)
+
+
+_APPEND_FAST = (  # the usual chunk: in order, under the cap; one statement decides and counts it
+    "UPDATE builds SET log_bytes = log_bytes + ?, log_next_seq = log_next_seq + 1, log_box_seq = ? "
+    "WHERE id = ? AND lease = ? AND state IN ('queued', 'assigned', 'running') AND log_box_seq < ? "
+    "AND log_truncated = 0 AND log_bytes + ? <= ? RETURNING log_next_seq - 1")
 
 
 class SQLiteStore(Store):
     """One SQLite file per hive, WAL mode. Safe to call from several threads (one lock)."""
 
     def __init__(self, path: Path | str, hive: str, *, synchronous: str = "full",
-                 log_max_bytes: int = 8 << 20) -> None:
+                 log_max_bytes: int = 8 << 20, background_checkpoint: bool = False) -> None:
         if synchronous not in ("full", "normal", "extra"):
             raise StoreError(f"synchronous must be full, normal or extra, not {synchronous!r}")
         self.path = Path(path)
@@ -234,13 +274,29 @@ class SQLiteStore(Store):
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the hive's database {self.path}: {exc}") from None
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # the writer; held from begin() to commit() by a batch
+        self.rlock = threading.Lock()   # the reader
+        self.rdb = None
+        self.in_batch = False
+        self.poisoned = ""              # why the open batch must not be committed
         db = self.db
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.Error as exc:
+            db.close()
+            raise StoreError(f"cannot use {self.path} as the hive's database: {exc}") from None
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode}); is it on a network fs?")
         db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         db.execute("PRAGMA busy_timeout=5000")
+        self.background_checkpoint = background_checkpoint
+        self.cdb = None
+        self.ckpt_lock = threading.Lock()
+        if background_checkpoint:
+            # The owner calls checkpoint() off its event loop; the commit that crosses SQLite's
+            # own threshold (which would copy the WAL into the database inside a commit) only
+            # happens if that falls far behind.
+            db.execute("PRAGMA wal_autocheckpoint=16384")
         with self._tx():
             for statement in _SCHEMA.split(";"):  # executescript() would commit the transaction
                 if statement.strip():
@@ -255,38 +311,131 @@ class SQLiteStore(Store):
                 if int(rows.get("schema", 0)) > SCHEMA_VERSION:
                     raise StoreError(f"{self.path} has schema {rows['schema']}, newer than this hived "
                                      f"({SCHEMA_VERSION}): upgrade hived")
+        # Reads on a connection of their own: in WAL mode they see the last commit, never an
+        # open batch, and never wait for the writer.
+        self.rdb = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.rdb.execute("PRAGMA busy_timeout=5000")
+        self.rdb.execute("PRAGMA query_only=1")
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL frames into the database file (PASSIVE: never waits for, nor
+        blocks, the writer or readers). For a thread other than the writer's. Returns
+        (frames in the WAL, frames checkpointed)."""
+        with self.ckpt_lock:
+            if self.cdb is None:
+                self.cdb = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+                self.cdb.execute("PRAGMA busy_timeout=0")
+            _, log_frames, done = self.cdb.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return log_frames, done
 
     # -- plumbing ---------------------------------------------------------------------------
     class _Tx:
+        """One method's writes: a transaction of their own; or, inside a batch, part of the
+        batch. A batch in which any write failed is poisoned: commit() rolls it all back and
+        raises, so nothing half-done is ever made durable (and the control plane stops)."""
+
         def __init__(self, store: "SQLiteStore") -> None:
             self.store = store
 
         def __enter__(self):
-            self.store.lock.acquire()
+            store = self.store
+            store.lock.acquire()
+            if store.in_batch:
+                return store.db
             try:
-                self.store.db.execute("BEGIN IMMEDIATE")
+                store.db.execute("BEGIN IMMEDIATE")
             except BaseException:
-                self.store.lock.release()
+                store.lock.release()
                 raise
-            return self.store.db
+            return store.db
 
         def __exit__(self, exc_type, exc, tb):
+            store = self.store
             try:
-                self.store.db.execute("ROLLBACK" if exc_type else "COMMIT")
+                if store.in_batch:
+                    if exc_type is not None:
+                        store.poisoned = store.poisoned or f"{exc_type.__name__}: {exc}"
+                else:
+                    store.db.execute("ROLLBACK" if exc_type else "COMMIT")
             finally:
-                self.store.lock.release()
+                store.lock.release()
             return False
 
     def _tx(self) -> "_Tx":
         return self._Tx(self)
 
     def _read(self, sql: str, args=()) -> list:
+        with self.rlock:
+            return self.rdb.execute(sql, args).fetchall()
+
+    def _update(self, sql: str, args) -> bool:
+        """One statement: atomic by itself, inside a batch or as its own transaction."""
         with self.lock:
-            return self.db.execute(sql, args).fetchall()
+            if self.in_batch:
+                try:
+                    return self.db.execute(sql, args).rowcount == 1
+                except BaseException as exc:
+                    self.poisoned = self.poisoned or f"{type(exc).__name__}: {exc}"
+                    raise
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                n = self.db.execute(sql, args).rowcount
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+            return n == 1
+
+    # -- group commit -------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.lock.acquire()
+        try:
+            if self.in_batch:
+                raise RuntimeError("a batch is already open")
+            self.db.execute("BEGIN IMMEDIATE")
+            self.in_batch = True
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def commit(self) -> None:
+        if not self.in_batch:
+            return
+        try:
+            if self.poisoned:
+                raise StoreError(f"a write in this batch failed ({self.poisoned}): the batch is rolled back")
+            self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise
+        finally:
+            self.in_batch = False
+            self.poisoned = ""
+            self.lock.release()
+
+    def rollback(self) -> None:
+        if not self.in_batch:
+            return
+        try:
+            self.db.execute("ROLLBACK")
+        finally:
+            self.in_batch = False
+            self.poisoned = ""
+            self.lock.release()
 
     def close(self) -> None:
+        if self.in_batch:
+            self.rollback()
         with self.lock:
             self.db.close()
+        if self.rdb is not None:
+            with self.rlock:
+                self.rdb.close()
+        with self.ckpt_lock:
+            if self.cdb is not None:
+                self.cdb.close()
+                self.cdb = None
 
     def journal_mode(self) -> str:
         return self._read("PRAGMA journal_mode")[0][0]
@@ -338,32 +487,27 @@ class SQLiteStore(Store):
 
     # -- builds ---------------------------------------------------------------------------
     def create_build(self, build: Build) -> tuple[Build, bool]:
-        values = []
-        for col in _BUILD_COLS:
-            v = getattr(build, col)
-            values.append(json.dumps(v) if col in _JSON_COLS else int(v) if col in _BOOL_COLS else v)
+        b = build
+        values = (b.id, b.customer, b.shape, _dumps(b.argv), _dumps(b.env), b.cwd, b.timeout_s,
+                  _dumps(b.options), b.state, b.box, b.cell, b.lease, b.attempts, b.exit_code, b.signal,
+                  b.reason, b.message, _dumps(b.usage), b.submitted_at, b.assigned_at, b.started_at,
+                  b.finished_at, b.idem_key, b.source, b.log_bytes, int(b.log_truncated),
+                  int(b.cancel_requested))
         with self._tx() as db:
             if build.idem_key is not None:
-                row = db.execute(f"SELECT {', '.join(_BUILD_COLS)} FROM builds WHERE customer = ? "
-                                 "AND idem_key = ?", (build.customer, build.idem_key)).fetchone()
+                row = db.execute(_GET_IDEM, (build.customer, build.idem_key)).fetchone()
                 if row:
                     return _row_to_build(row), False
-            db.execute(f"INSERT INTO builds ({', '.join(_BUILD_COLS)}) VALUES "
-                       f"({', '.join('?' * len(_BUILD_COLS))})", values)
+            db.execute(_INSERT_BUILD, values)
         return build, True
 
     def get_build(self, build_id: str) -> Build | None:
-        rows = self._read(f"SELECT {', '.join(_BUILD_COLS)} FROM builds WHERE id = ?", (build_id,))
+        rows = self._read(_GET_BUILD, (build_id,))
         return _row_to_build(rows[0]) if rows else None
 
     def live_builds(self) -> list[Build]:
-        rows = self._read(f"SELECT {', '.join(_BUILD_COLS)} FROM builds WHERE state IN "
-                          "('queued', 'assigned', 'running') ORDER BY submitted_at, id")
+        rows = self._read(_LIVE_BUILDS)
         return [_row_to_build(r) for r in rows]
-
-    def _update(self, sql: str, args) -> bool:
-        with self._tx() as db:
-            return db.execute(sql, args).rowcount == 1
 
     def assign(self, build_id: str, box: str, old_lease: int, new_lease: int, now: float) -> bool:
         return self._update(
@@ -387,7 +531,7 @@ class SQLiteStore(Store):
             raise ValueError(f"finish() needs a terminal state, not {state!r}")
         sql = ("UPDATE builds SET state = ?, exit_code = ?, signal = ?, reason = ?, message = ?, usage = ?, "
                "finished_at = ? WHERE id = ? AND state IN ('queued', 'assigned', 'running')")
-        args = [state, code, signal, reason, message, json.dumps(usage or {}), now, build_id]
+        args = [state, code, signal, reason, message, _dumps(usage or {}), now, build_id]
         if lease is not None:
             sql += " AND lease = ?"
             args.append(lease)
@@ -404,7 +548,15 @@ class SQLiteStore(Store):
 
     # -- logs -------------------------------------------------------------------------------
     def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes) -> int | None:
+        n = len(data)
         with self._tx() as db:
+            rows = db.execute(_APPEND_FAST, (n, box_seq, build_id, lease, box_seq, n,
+                                             self.log_max_bytes)).fetchall()
+            if rows:
+                seq = rows[0][0]
+                db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)", (build_id, seq, stream, bytes(data)))
+                return seq
+            # Refused (stale lease, duplicate, over) or truncated: the slow path says which.
             row = db.execute("SELECT lease, state, log_bytes, log_truncated, log_next_seq, log_box_seq "
                              "FROM builds WHERE id = ?", (build_id,)).fetchone()
             if row is None:
