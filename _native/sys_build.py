@@ -17,9 +17,7 @@ The C lives in ``_native/sys_src.c``.
 """
 
 import os
-import shutil
 import sys
-import tempfile
 
 import cffi
 
@@ -71,20 +69,8 @@ ffibuilder.set_source(
 )
 
 
-def build_inplace(verbose: bool = True) -> str:
-    """Compile in a temporary directory and install the .so into hived/."""
-    dest_dir = os.path.join(ROOT, "hived")
-    with tempfile.TemporaryDirectory(prefix="hived-sys-build-") as tmp:
-        built = ffibuilder.compile(tmpdir=tmp, verbose=verbose)
-        built = os.path.join(tmp, built)  # no-op when already absolute
-        target = os.path.join(dest_dir, os.path.basename(built))
-        # Copy then rename: a process that has the old .so mapped keeps it intact.
-        staging = target + ".tmp"
-        shutil.copyfile(built, staging)
-        os.chmod(staging, 0o755)
-        os.replace(staging, target)
-    return target
-
-
 if __name__ == "__main__":
-    print(build_inplace(verbose="-q" not in sys.argv[1:]))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from inplace import build_inplace
+
+    print(build_inplace(ffibuilder, verbose="-q" not in sys.argv[1:]))
