@@ -47,6 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hived.fsutil import fsync_dir as _fsync_dir
+from hived.fsutil import pid_alive as _pid_alive
+from hived.fsutil import write_json_atomic as _write_json_atomic
 from hived.oci import reference
 from hived.oci.errors import CacheError, InUse, NotCached, OciError, UnsupportedImage
 from hived.oci.layers import TreeBuilder
@@ -122,43 +125,6 @@ class CachedImage:
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, doc: Any, durable: bool = True) -> None:
-    """Write then rename: readers see the old or the new file, never a mix. durable=False
-    skips the fsyncs (for last-use times: a power cut may lose them, or leave an empty
-    index, which `_load` survives by rebuilding from images/)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _first_error(e: BaseException) -> BaseException:
