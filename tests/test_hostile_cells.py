@@ -27,22 +27,28 @@ mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs 
 while read -r m; do [ -n "$m" ] && insmod /lib/modules/$m.ko; done < /lib/modules/order
 mode=; pre=
 for a in $(cat /proc/cmdline); do
-    case $a in hostile=*) mode=${a#hostile=};; hostile.pre=*) pre=${a#hostile.pre=};; esac
+    case $a in
+        hostile=*) mode=${a#hostile=};; hostile.pre=*) pre=${a#hostile.pre=};;
+        hostile.skip=*) skip=${a#hostile.skip=};; wrong=*) wrong=${a#wrong=};;
+    esac
 done
 for d in /sys/class/virtio-ports/*; do [ "$(cat $d/name)" = hived.0 ] && port=/dev/${d##*/}; done
+# Hold the port open throughout: virtio_console drops what arrives while it is closed.
+exec 3<>"$port"
 echo "hostile init: $mode on $port" > /dev/console
 case $mode in
     silent) ;;
-    garbage) printf '\000\000\000\010garbage!' > $port ;;
-    oversize) printf '\177\377\377\377' > $port ;;
+    mute) echo $pre | busybox xxd -r -p >&3 ;;   # announces itself, then ignores `run`
+    garbage) printf '\000\000\000\010garbage!' >&3 ;;
+    oversize) printf '\177\377\377\377' >&3 ;;
     midbuild)
-        echo $pre | busybox xxd -r -p > $port
-        busybox head -c 60 < $port > /dev/null   # the box's hello, then its run
-        printf '\000\000\000\003\301\301\301' > $port ;;
+        echo $pre | busybox xxd -r -p >&3
+        busybox head -c $skip <&3 > /dev/null   # the box's hello, then the first byte of its run
+        printf '\000\000\000\003\301\301\301' >&3 ;;
     wrongbuild)
-        echo $pre | busybox xxd -r -p > $port
-        busybox head -c 60 < $port > /dev/null
-        echo $wrong | busybox xxd -r -p > $port ;;
+        echo $pre | busybox xxd -r -p >&3
+        busybox head -c $skip <&3 > /dev/null
+        echo $wrong | busybox xxd -r -p >&3 ;;
 esac
 sleep 100000
 """
@@ -54,6 +60,7 @@ SHAPES = {
     "oversize": {"memory_mib": 256, "scratch_mib": 64, "pool_target": 0},
     "midbuild": {"memory_mib": 256, "scratch_mib": 64, "pool_target": 0},
     "wrongbuild": {"memory_mib": 256, "scratch_mib": 64, "pool_target": 0},
+    "mute": {"memory_mib": 256, "scratch_mib": 64, "pool_target": 0},
 }
 
 
@@ -88,7 +95,8 @@ class HostileBox(BoxDaemon):
         spec = super().cell_spec(cell, shape, cgroup_procs, mode, **kw)
         if shape.name == "good":
             return spec
-        extra = f"hostile={shape.name} hostile.pre={announce_frames(cell.id)}"
+        skip = len(Session("box", "box", {"cell"}).hello_frame()) + 1  # the box's hello + 1 byte of run
+        extra = f"hostile={shape.name} hostile.pre={announce_frames(cell.id)} hostile.skip={skip}"
         if shape.name == "wrongbuild":
             wrong = pack_frame(codec.encode("started", build_id="someone-else", pid=1, uptime=1.0), 4096)
             extra += f" wrong={wrong.hex()}"
@@ -154,6 +162,17 @@ def test_hostile_cell_during_a_build_fails_only_that_build(box, shape, expect):
     while box.cell_resources(bad.cell_id) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert box.cell_resources(bad.cell_id) == []
+
+
+def test_cell_that_never_starts_its_build_fails_it(box):
+    """No build timeout asked for, yet a cell silent after `run` cannot hold the build forever."""
+    r = box.build(["true"], shape="mute")
+    assert r.exit["reason"] == "cell_failed", r.exit
+    assert "did not start the build within 25 s" in r.exit["message"]
+    deadline = time.monotonic() + 10
+    while box.cell_resources(r.cell_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert box.cell_resources(r.cell_id) == []
 
 
 def test_missing_image_is_a_precise_error(tmp_path):

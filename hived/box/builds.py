@@ -105,6 +105,9 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
     deadline = None
     if req["timeout_s"] > 0:
         deadline = loop.time() + req["timeout_s"] + GRACE_S
+    # The cell daemon reports `started` as soon as it has spawned the build: a cell that stays
+    # silent after `run` is broken or hostile, whatever the build's own timeout.
+    start_deadline = loop.time() + box.config.boot_timeout_s
     cancel_sent = False
     recv = None
     try:
@@ -116,12 +119,17 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
             waiters = {recv}
             if not cancel_sent:
                 waiters.add(asyncio.ensure_future(cancel.wait()))
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            ends = [d for d in (deadline, start_deadline if cell.state is CellState.ASSIGNED else None) if d]
+            timeout = max(0.0, min(ends) - loop.time()) if ends else None
             done, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for w in pending:
                 if w is not recv:
                     w.cancel()
             if not done:
+                if cell.state is CellState.ASSIGNED and loop.time() >= start_deadline:
+                    raise CellBroke(f"cell did not start the build within {box.config.boot_timeout_s:g} s of `run`")
+                if deadline is None or loop.time() < deadline:
+                    continue
                 raise CellBroke(f"build ran {GRACE_S:g} s past its timeout of {req['timeout_s']:g} s "
                                 "and the cell did not stop it")
             if recv not in done:
