@@ -254,6 +254,7 @@ def _sink(box, mode, secs):
 
 @pytest.mark.parametrize("direction", ["guest_to_host", "host_to_guest"])
 def test_network_runs_at_the_limit_each_way(netbox, direction):
+    netbox.wait_pool_full()
     cell = next(c for c in netbox.status()["cells"] if c["state"] == "warm")
     router_ip = netbox.daemon.cells[cell["id"]].net.router_ip
     proc, port = _sink(netbox, "recv" if direction == "guest_to_host" else "send", 4)
@@ -273,6 +274,7 @@ def test_network_runs_at_the_limit_each_way(netbox, direction):
 
 
 def test_cell_cannot_reach_another_cell_or_the_host(netbox):
+    netbox.wait_pool_full()  # the tests before used cells up; both must be warm to probe one from the other
     cells = [c for c in netbox.status()["cells"] if c["state"] == "warm"]
     other = cells[1]["net"]["ip"]
     host_ips = [a.split("/")[0] for a in os.popen("ip -o -4 addr show scope global | awk '{print $4}'").read().split()]
