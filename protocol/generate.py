@@ -75,6 +75,8 @@ def _bounds(field: dict) -> str:
     if "min" in field or "max" in field:
         if field["type"] in ("int", "float"):
             parts.append(f"{field.get('min', '')}..{field.get('max', '')}")
+        elif "min" in field:
+            parts.append(f"{field['min']}..{field['max']}")
         else:
             parts.append(f"max {field['max']}")
     if "item_max" in field:

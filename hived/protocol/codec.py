@@ -93,6 +93,8 @@ def _check_for(ftype: str, spec: dict) -> Check:
                 raise ValueError(f"expected bytes, got {type(v).__name__}")
             if hi is not None and len(v) > hi:
                 raise ValueError(f"{len(v)} bytes is over {hi}")
+            if lo is not None and len(v) < lo:
+                raise ValueError(f"{len(v)} bytes is under {lo}")
             return bytes(v)
     elif ftype == "any":
         def check(v):
