@@ -17,7 +17,7 @@ hives falls over to the next one when a hive cannot be reached at all.
     api = "http://10.0.0.1:8080"
     shapes = ["small", "large"]
     region = "eu"
-    secure_compute = true
+    secure_networks = ["acme-private"]   # Secure Compute networks it has connectors for
 
     [customers.acme]
     hives = ["eu1", "eu2"]            # pinned, in order of preference (default: every hive)
@@ -58,7 +58,7 @@ class HiveRule:
     api: str
     shapes: tuple[str, ...] | None = None   # None: not said, do not filter on it
     region: str = ""
-    secure_compute: bool = False
+    secure_networks: tuple[str, ...] = ()   # Secure Compute networks the hive has connectors for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +98,7 @@ def parse(data: dict, source: str = "<config>") -> RouterConfig:
         where = f"{source}: hives.{name}"
         if not HIVE_NAME.match(name):
             raise RouterConfigError(f"{where}: hive names are lower-case letters, digits and '-'")
-        known(where, raw, {"api", "shapes", "region", "secure_compute"})
+        known(where, raw, {"api", "shapes", "region", "secure_networks"})
         api = raw.get("api")
         if not isinstance(api, str) or not api.startswith(("http://", "https://")):
             raise RouterConfigError(f"{where}.api: expected the hive's API URL, e.g. \"http://10.0.0.1:8080\"")
@@ -106,8 +106,11 @@ def parse(data: dict, source: str = "<config>") -> RouterConfig:
         if shapes is not None and (not isinstance(shapes, list)
                                    or not all(isinstance(s, str) for s in shapes)):
             raise RouterConfigError(f"{where}.shapes: expected a list of shape names")
+        secure = raw.get("secure_networks", [])
+        if not isinstance(secure, list) or not all(isinstance(s, str) for s in secure):
+            raise RouterConfigError(f"{where}.secure_networks: expected a list of Secure Compute network names")
         hives[name] = HiveRule(name, api.rstrip("/"), tuple(shapes) if shapes is not None else None,
-                               str(raw.get("region", "")), bool(raw.get("secure_compute", False)))
+                               str(raw.get("region", "")), tuple(secure))
     if not hives:
         raise RouterConfigError(f"{source}: no [hives.NAME] table: the router needs at least one hive")
     customers = {}
@@ -149,7 +152,7 @@ class NoHive(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def choose(config: RouterConfig, customer: str, *, shape: str = "", secure_compute: bool = False,
+def choose(config: RouterConfig, customer: str, *, shape: str = "", secure_compute: str = "",
            region: str = "") -> list[HiveRule]:
     """The hives a build may go to, best first. Pure: the rules and nothing else."""
     rule = config.customers.get(customer, CustomerRule(customer))
@@ -160,8 +163,8 @@ def choose(config: RouterConfig, customer: str, *, shape: str = "", secure_compu
         hive = config.hives[name]
         if shape and hive.shapes is not None and shape not in hive.shapes:
             why.append(f"{name} does not offer shape {shape!r}")
-        elif secure_compute and not hive.secure_compute:
-            why.append(f"{name} has no Secure Compute")
+        elif secure_compute and secure_compute not in hive.secure_networks:
+            why.append(f"{name} does not serve Secure Compute network {secure_compute!r}")
         elif region and hive.region != region:
             why.append(f"{name} is in region {hive.region or '(none)'!r}, not {region!r}")
         else:
@@ -259,7 +262,7 @@ class Router:
                 raise NoHive(400, "bad_field", "the router needs `customer` in the body to choose a hive")
             options = data.get("options") if isinstance(data.get("options"), dict) else {}
             hives = choose(self.config, customer, shape=str(data.get("shape") or ""),
-                           secure_compute=options.get("secure_compute") is True,
+                           secure_compute=str(options.get("secure_compute") or ""),
                            region=str(options.get("region") or ""))
         except NoHive as exc:
             return _error(exc.status, exc.code, exc.message)

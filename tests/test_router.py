@@ -24,8 +24,9 @@ def hive(tmp_path, name, shapes, *, secure=False):
         "hive": {"name": name, "state_dir": str(tmp_path / name), "api_listen": "127.0.0.1:0",
                  "box_listen": "127.0.0.1:0", "heartbeat_s": 0.1, "box_lost_s": 1.0},
         "shapes": {s: {} for s in shapes},
-        "customers": {c: {"api_tokens_sha256": [sha(TOK[c])], "secure_compute": secure}
-                      for c in ("acme", "other", "roaming")},
+        "customers": {c: {"api_tokens_sha256": [sha(TOK[c])]} for c in ("acme", "other", "roaming")},
+        "networks": {"roaming-private": {"customer": "roaming", "connector_tokens_sha256": [sha("conn")],
+                                         "tunnel_subnet": "100.96.0.0/24"}} if secure else {},
         "boxes": {f"box-{name}": {"token_sha256": sha(f"box-{name}-token")}},
         "repos": {"acme/web": {"customer": "acme", "secret": "s3", "command": ["make"]}},
     }, name)
@@ -52,7 +53,7 @@ class Fleet:
                 "eu1": {"api": f"http://127.0.0.1:{self.hives['eu1'].api_port}", "shapes": ["small"],
                         "region": "eu"},
                 "us1": {"api": f"http://127.0.0.1:{self.hives['us1'].api_port}", "shapes": ["small", "gpu"],
-                        "region": "us", "secure_compute": True},
+                        "region": "us", "secure_networks": ["roaming-private"]},
             },
             "customers": {"acme": {"hives": ["eu1"]}, "other": {"hives": ["us1"]},
                           "roaming": {"hives": ["eu1", "us1"]}},
@@ -118,7 +119,7 @@ def test_routes_by_shape_secure_compute_and_region(tmp_path):
     async def main():
         async with Fleet(tmp_path) as f:
             # 'roaming' may use both hives, eu1 first: the build's needs decide.
-            for body, expect in (({"shape": "gpu"}, "us1"), ({"options": {"secure_compute": True}}, "us1"),
+            for body, expect in (({"shape": "gpu"}, "us1"), ({"options": {"secure_compute": "roaming-private"}}, "us1"),
                                  ({"options": {"region": "us"}}, "us1"), ({"shape": "small"}, "eu1"),
                                  ({}, "eu1")):
                 status, b, via = await f.call("POST", "/v1/builds", token="roaming",

@@ -188,15 +188,20 @@ class Api:
         retries = options.get("retries", 0)
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ApiError(400, "bad_field", f"`options.retries` must be an integer 0..10, got {retries!r}")
-        secure = options.get("secure_compute", False)
-        if not isinstance(secure, bool):
-            raise ApiError(400, "bad_field", "`options.secure_compute` must be true or false")
+        secure = options.get("secure_compute", "")
+        if not isinstance(secure, str) or len(secure) > 64:
+            raise ApiError(400, "bad_field", "`options.secure_compute` must be the name of a Secure Compute "
+                           "network")
         region = options.get("region", "")
         if not isinstance(region, str) or len(region) > 64:
             raise ApiError(400, "bad_field", "`options.region` must be a short string")
-        if secure and not cust.secure_compute:
+        if secure and secure not in cust.secure_networks:
+            have = ", ".join(cust.secure_networks) or "none"
             raise ApiError(400, "secure_compute_unavailable",
-                           f"customer {customer!r} has no Secure Compute in hive {cfg.hive}")
+                           f"customer {customer!r} has no Secure Compute network {secure!r} in hive {cfg.hive} "
+                           f"(theirs: {have})")
+        if not secure:
+            options.pop("secure_compute", None)
         return {"customer": customer, "shape": shape, "argv": argv, "env": env, "cwd": cwd,
                 "timeout_s": float(timeout), "options": options}
 

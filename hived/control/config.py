@@ -21,6 +21,11 @@
     api_tokens_sha256 = []             # tokens that may act for any customer
     [boxes.box-a]
     token_sha256 = "<64 hex>"          # or minted into the state file by `hived control add-box`
+    [networks.acme-private]            # Secure Compute: a customer network behind a connector
+    customer = "acme"                  # the customer whose builds may use it
+    connector_tokens_sha256 = ["<64 hex>"]   # SHA-256 of the connector's token(s)
+    tunnel_subnet = "100.96.0.0/24"    # tunnel addresses: the connector takes the first, cells the rest
+    routes = ["10.50.0.0/24"]          # what cells reach through the connector (default 0.0.0.0/0)
     [repos."acme/web"]                 # GitHub push webhooks
     customer = "acme"
     secret = "..."                     # or secret_file = "/etc/hived/acme-web.secret"
@@ -32,6 +37,7 @@ Every error names the key and what was expected.
 """
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -49,7 +55,17 @@ class Customer:
     name: str
     shapes: tuple[str, ...] | None = None       # None: every shape of the hive
     api_tokens_sha256: tuple[str, ...] = ()
-    secure_compute: bool = False
+    secure_networks: tuple[str, ...] = ()   # Secure Compute networks (from [networks.NAME] customer)
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureNetwork:
+    """A customer network reached through a connector (Secure Compute)."""
+    name: str
+    customer: str
+    connector_tokens_sha256: tuple[str, ...]
+    tunnel_subnet: ipaddress.IPv4Network
+    routes: tuple[str, ...] = ("0.0.0.0/0",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +100,7 @@ class ControlConfig:
     admin_tokens_sha256: tuple[str, ...] = ()
     box_tokens_sha256: dict = dataclasses.field(default_factory=dict)
     repos: dict = dataclasses.field(default_factory=dict)
+    networks: dict = dataclasses.field(default_factory=dict)   # name -> SecureNetwork
 
     @property
     def db_path(self) -> Path:
@@ -129,7 +146,7 @@ def _known(where: str, table: dict, keys: set) -> None:
 
 
 def parse(data: dict, source: str = "<config>", base: Path | None = None) -> ControlConfig:
-    _known(source, data, {"hive", "shapes", "customers", "admin", "boxes", "repos"})
+    _known(source, data, {"hive", "shapes", "customers", "admin", "boxes", "repos", "networks"})
     hive = data.get("hive", {})
     _known(f"{source}: hive", hive, {"name", "state_dir", "api_listen", "box_listen", "heartbeat_s",
                                      "box_lost_s", "max_body_bytes", "log_max_bytes", "synchronous",
@@ -156,15 +173,23 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
         where = f"{source}: customers.{cname}"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table")
-        _known(where, raw, {"shapes", "api_tokens_sha256", "secure_compute"})
+        _known(where, raw, {"shapes", "api_tokens_sha256"})
         cshapes = _strs(f"{where}.shapes", raw["shapes"]) if "shapes" in raw else None
         for s in cshapes or ():
             if s not in shapes:
                 raise ConfigError(f"{where}.shapes: {s!r} is not a shape of this hive "
                                   f"({', '.join(shapes)})")
         customers[cname] = Customer(cname, cshapes, _hashes(f"{where}.api_tokens_sha256",
-                                                            raw.get("api_tokens_sha256", [])),
-                                    bool(raw.get("secure_compute", False)))
+                                                            raw.get("api_tokens_sha256", [])))
+
+    networks = {}
+    for nname, raw in data.get("networks", {}).items():
+        where = f"{source}: networks.{nname}"
+        networks[nname] = _network(where, nname, raw, customers)
+    for cname, cust in customers.items():
+        mine = tuple(sorted(n for n, net in networks.items() if net.customer == cname))
+        if mine:
+            customers[cname] = dataclasses.replace(cust, secure_networks=mine)
 
     admin = data.get("admin", {})
     _known(f"{source}: admin", admin, {"api_tokens_sha256"})
@@ -241,7 +266,38 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
         synchronous=sync, tls_dir=tls_path, require_box_certs=require_certs,
         shapes={k: dict(v) for k, v in shapes.items()},
         customers=customers, admin_tokens_sha256=admin_tokens, box_tokens_sha256=boxes, repos=repos,
+        networks=networks,
     )
+
+
+def _network(where: str, name: str, raw, customers: dict) -> SecureNetwork:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{where}: a network name is lower-case letters, digits and '-' (at most 32)")
+    _known(where, raw, {"customer", "connector_tokens_sha256", "tunnel_subnet", "routes"})
+    if raw.get("customer") not in customers:
+        raise ConfigError(f"{where}.customer: {raw.get('customer')!r} is not a [customers.NAME] of this hive")
+    tokens = _hashes(f"{where}.connector_tokens_sha256", raw.get("connector_tokens_sha256", []))
+    if not tokens:
+        raise ConfigError(f"{where}.connector_tokens_sha256: the network needs at least one connector "
+                          "token (`hived control token` prints a token and its SHA-256)")
+    try:
+        subnet = ipaddress.IPv4Network(raw.get("tunnel_subnet", ""))
+    except ValueError as exc:
+        raise ConfigError(f"{where}.tunnel_subnet: expected an IPv4 network like \"100.96.0.0/24\" ({exc})") \
+            from None
+    if subnet.num_addresses < 4:
+        raise ConfigError(f"{where}.tunnel_subnet: {subnet} is too small: at least a /30")
+    routes = _strs(f"{where}.routes", raw.get("routes", ["0.0.0.0/0"]))
+    for r in routes:
+        try:
+            ipaddress.IPv4Network(r)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.routes: {r!r} is not an IPv4 network ({exc})") from None
+    if not routes:
+        raise ConfigError(f"{where}.routes: expected at least one network the connector leads to")
+    return SecureNetwork(name, raw["customer"], tokens, subnet, routes)
 
 
 def load(path: Path | str) -> ControlConfig:

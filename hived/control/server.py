@@ -36,6 +36,7 @@ import time
 
 from hived.control import scheduler as sch
 from hived.control.config import ControlConfig
+from hived.control.keyexchange import ConnectorLink, KeyExchange
 from hived.control.metrics import ControlMetrics
 from hived.control.store import Build, SQLiteStore, Store
 from hived.protocol.channel import Channel, ChannelClosed
@@ -95,6 +96,8 @@ class ControlPlane:
         self.scheduler = sch.Scheduler(lost_s=config.box_lost_s)
         self.metrics = ControlMetrics(self)
         self.links: dict[str, BoxLink] = {}
+        self.kex = KeyExchange(config.networks, hive=config.hive, send_box=self._send_box,
+                               holds=self.scheduler.holds, build_network=self._build_network)
         self.api_port = 0
         self.box_port = 0
         self._log_events: dict[str, asyncio.Event] = {}
@@ -126,7 +129,7 @@ class ControlPlane:
         if self.store is None:
             self.store = SQLiteStore(cfg.db_path, cfg.hive, synchronous=cfg.synchronous,
                                      log_max_bytes=cfg.log_max_bytes, background_checkpoint=True)
-        self.store.sync_config({k: {"shapes": v.shapes, "secure_compute": v.secure_compute}
+        self.store.sync_config({k: {"shapes": v.shapes, "secure_networks": v.secure_networks}
                                 for k, v in cfg.customers.items()}, cfg.shapes)
         for box_id, digest in cfg.box_tokens_sha256.items():
             self.store.set_box_token(box_id, digest)
@@ -191,6 +194,7 @@ class ControlPlane:
             await asyncio.sleep(period)
             try:
                 self._apply(self.scheduler.tick(self.clock()))
+                self.kex.tick(self.clock())
             except Exception:  # a bug here must not stop loss detection for good
                 log.exception("scheduler tick failed")
 
@@ -356,10 +360,12 @@ class ControlPlane:
                               timeout_s=b.timeout_s, options=b.options)
                 self._notify(b.id)
             elif isinstance(action, sch.Requeue):
+                self.kex.build_over(action.build_id)
                 self.store.requeue(action.build_id, action.lease, action.reason)
                 log.info("build %s requeued: %s", action.build_id, action.reason)
                 self._notify(action.build_id)
             elif isinstance(action, sch.Finish):
+                self.kex.build_over(action.build_id)
                 ok = self.store.finish(action.build_id, action.lease, action.state, code=action.code,
                                        signal=action.signal, reason=action.reason, message=action.message,
                                        usage=action.usage, now=self.clock())
@@ -392,9 +398,22 @@ class ControlPlane:
 
     # -- box links ------------------------------------------------------------------------------
     def _box_factory(self) -> Channel:
-        channel = Channel(Session("control", self.config.hive, {"box"}), hello_timeout=REGISTER_TIMEOUT_S)
+        channel = Channel(Session("control", self.config.hive, {"box", "connector"}),
+                          hello_timeout=REGISTER_TIMEOUT_S)
         self.spawn(self._serve_box(channel))
         return channel
+
+    def _send_box(self, box_id: str, name: str, **fields) -> bool:
+        link = self.links.get(box_id)
+        if link is None:
+            return False
+        link.send(name, **fields)
+        return True
+
+    def _build_network(self, build_id: str) -> str | None:
+        st = self.scheduler.builds.get(build_id)
+        options = getattr(st.build, "options", None) if st is not None else None
+        return (options or {}).get("secure_compute") or None
 
     def _authenticate(self, msg, channel: Channel) -> str | None:
         """None if the box may register, else why not (said to the box, and logged)."""
@@ -420,6 +439,9 @@ class ControlPlane:
         try:
             await channel.handshake()
             msg = await asyncio.wait_for(channel.recv(), REGISTER_TIMEOUT_S)
+            if channel.session.peer_role == "connector":
+                await self._serve_connector(channel, msg)
+                return
             if msg.name != "box.register":
                 raise ProtocolError("bad_message", f"a box must send box.register first, not {msg.name}")
             refused = self._authenticate(msg, channel)
@@ -462,6 +484,40 @@ class ControlPlane:
                 log.warning("box %s disconnected: %s", link.box_id, channel.closed_reason)
                 self._apply(self.scheduler.box_disconnected(link.box_id, self.clock()))
 
+    async def _serve_connector(self, channel: Channel, msg) -> None:
+        """A Secure Compute connector's link: register, then peer answers and pings."""
+        if msg.name != "connector.register":
+            raise ProtocolError("bad_message", f"a connector must send connector.register first, not {msg.name}")
+        f = msg.fields
+        refused = self.kex.authenticate_connector(f["network"], f["token"], f["public_key"])
+        if refused:
+            log.warning("connector link from %s refused: %s", _peer(channel), refused)
+            raise ProtocolError("not_allowed", refused)
+        link = BoxLink(f"connector:{f['network']}", channel, self)
+        conn = ConnectorLink(f["network"], link.send, channel.close, f["public_key"], f["endpoint"],
+                             _peer(channel), self.clock())
+        try:
+            link.send("connector.registered", **self.kex.connector_up(conn),
+                      heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s)
+            while True:
+                try:
+                    msg = await asyncio.wait_for(channel.recv(), self.config.box_lost_s)
+                except TimeoutError:
+                    raise ChannelClosed(f"silent for {self.config.box_lost_s:g} s") from None
+                if msg.name == "peer.added":
+                    self.kex.peer_added(conn, msg["peer_id"], msg["ok"], msg["message"])
+                elif msg.name == "ping":
+                    link.send("pong", seq=msg["seq"])
+                elif msg.name == "error":
+                    log.warning("connector %s says %s: %s", conn.network, msg["code"], msg["message"])
+                elif msg.name != "pong":
+                    link.send("error", code="not_allowed", fatal=False, ref="",
+                              message=f"the control plane does not take {msg.name} from a connector")
+        except ChannelClosed as exc:
+            channel.close(str(exc))
+        finally:
+            self.kex.connector_down(conn, channel.closed_reason or "link ended")
+
     def _on_box_message(self, link: BoxLink, msg) -> None:
         now = self.clock()
         box_id, f = link.box_id, msg.fields
@@ -502,6 +558,10 @@ class ControlPlane:
                          f["build_id"], f["lease"])
             self._apply(actions)  # durable first ...
             link.send("build.ack", build_id=f["build_id"], lease=f["lease"])  # ... then the box forgets
+        elif name == "secure.open":
+            self.kex.open(box_id, f["build_id"], f["lease"], f["cell_id"], f["network"], f["public_key"], now)
+        elif name == "secure.close":
+            self.kex.close(box_id, f["build_id"], f["lease"])
         elif name == "error":
             log.warning("box %s says %s: %s (%s)", box_id, f["code"], f["message"], f["ref"])
         elif name == "ping":
