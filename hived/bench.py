@@ -799,6 +799,10 @@ def parser() -> argparse.ArgumentParser:
 
     repos_bench.parser(sub.add_parser(
         "repos", help="repository cache: clone cold vs warm (checkout image), and bundles"))
+    from hived.secure import bench as secure_bench
+
+    secure_bench.parser(sub.add_parser(
+        "secure", help="Secure Compute: tunnel provisioning per cell, beside the same build without it"))
     return p
 
 
@@ -814,6 +818,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps(report, indent=2) if args.json else repos_bench.render(report))
         return 0
+    if args.which == "secure":
+        from hived.secure import bench as secure_bench
+
+        try:
+            return secure_bench.main(args)
+        except BenchError as exc:
+            print(f"hived bench secure: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("hived bench secure: interrupted", file=sys.stderr)
+            return 130
     if args.which == "control":
         from hived.control import bench as control_bench
 

@@ -77,8 +77,11 @@ def cmd_run(args) -> int:
         if not sep or not key:
             raise UserError(f"--env {item!r}: expected NAME=VALUE")
         env[key] = value
+    options = {}
+    if args.secure:
+        options["secure_compute"] = args.secure
     return client.run(args.home, argv, hive=args.hive, shape=args.shape, customer=args.customer, env=env,
-                      cwd=args.cwd, timeout_s=args.timeout, verbose=args.verbose)
+                      cwd=args.cwd, timeout_s=args.timeout, verbose=args.verbose, options=options)
 
 
 def cmd_status(args) -> int:
@@ -102,6 +105,16 @@ def cmd_router(args) -> int:
     from hived import router
 
     return router.main(args.config)
+
+
+def cmd_connector(args) -> int:
+    from hived.secure import connector
+    from hived.secure.connector_config import ConnectorConfigError
+
+    try:
+        return connector.main(args.config, verbose=args.verbose)
+    except (ConnectorConfigError, connector.ConnectorError) as exc:
+        raise UserError(str(exc)) from None
 
 
 def cmd_bench(args, rest) -> int:
@@ -133,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     r.add_argument("--cwd", default="/work")
     r.add_argument("--timeout", type=float, default=0, help="seconds; 0 for none")
+    r.add_argument("--secure", default="", metavar="NETWORK",
+                   help="Secure Compute: reach the customer network NETWORK through a WireGuard tunnel (only)")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
     s = sub.add_parser("status", help="the box (cells, pools, builds) and the hive (queue, builds by state)")
     s.add_argument("--home", default="/var/lib/hived/up")
@@ -142,6 +157,9 @@ def parser() -> argparse.ArgumentParser:
                    "init, add-box, token)", add_help=False)
     rt = sub.add_parser("router", help="route builds to hives by rules (hived router --config FILE)")
     rt.add_argument("--config", required=True, help="router config file (TOML)")
+    cn = sub.add_parser("connector", help="Secure Compute connector: the customer's end of the cells' WireGuard "
+                        "tunnels (hived connector --config FILE)")
+    cn.add_argument("--config", required=True, help="connector config file (TOML)")
     return p
 
 
@@ -158,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _logging(args.verbose)
     handlers = {"doctor": cmd_doctor, "up": cmd_up, "box": cmd_box, "run": cmd_run, "status": cmd_status,
-                "router": cmd_router}
+                "router": cmd_router, "connector": cmd_connector}
     return _guard(lambda: handlers[args.command](args))
 
 

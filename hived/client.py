@@ -42,7 +42,7 @@ def endpoints(home: str) -> dict:
 
 # -- hived run ---------------------------------------------------------------------------------
 def run(home, argv, *, hive="", shape="", customer="", env=None, cwd="/work", timeout_s=0.0,
-        verbose=False) -> int:
+        verbose=False, options: dict | None = None) -> int:
     import uvloop
 
     ep = endpoints(home)
@@ -52,6 +52,8 @@ def run(home, argv, *, hive="", shape="", customer="", env=None, cwd="/work", ti
             "timeout_s": float(timeout_s)}
     if shape:
         body["shape"] = shape
+    if options:
+        body["options"] = dict(options)
     return uvloop.run(Run(base, token, body, home, hive, verbose).main())
 
 

@@ -6,11 +6,13 @@ cell that breaks the rules or dies fails only its own build.
 """
 
 import asyncio
+import base64
 import logging
 import time
 
 from hived.box.cell import CellState
 from hived.box.pool import BootFailed
+from hived.box.secure import CellTunnel, SecureComputeFailed
 from hived.protocol.channel import ChannelClosed
 from hived.protocol.errors import ProtocolError
 from hived.ratelimit import TokenBucket
@@ -100,6 +102,23 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
     rec.update(state="assigned", cell=cell.id)
     await _tell(client, "build.accepted", request_id=req["request_id"], build_id=build_id, cell_id=cell.id)
     t_assigned = time.monotonic()
+    network = (req.get("options") or {}).get("secure_compute") or ""
+    lost = None
+    if network:
+        if not hasattr(client, "open_tunnel"):
+            await finish(-1, 0, "secure_compute", "Secure Compute builds come through the hive's control plane "
+                                                  "(its key exchange service), not a box's local socket")
+            return
+        try:
+            rt.tunnel = await CellTunnel.open(box, cell.id, network, client)
+        except SecureComputeFailed as exc:
+            cell.transition(CellState.FAILED, "no tunnel")
+            await finish(-1, 0, "secure_compute", str(exc))
+            return
+        rec.update(secure_ms={k: round(v, 2) for k, v in rt.tunnel.timings.items()},
+                   tunnel={"network": network, "interface": rt.tunnel.iface.name, "address": rt.tunnel.address,
+                           "public_key": base64.b64encode(rt.tunnel.public_key).decode()})
+        lost = client.tunnel_lost()
     bucket = TokenBucket(shape.output_bytes_s, 1.0, loop.time(), shape.output_bytes_s)
     received = 0
     deadline = None
@@ -117,14 +136,21 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
         while True:
             recv = recv or asyncio.ensure_future(rt.channel.recv())
             waiters = {recv}
+            if lost is not None:
+                waiters.add(lost)
             if not cancel_sent:
                 waiters.add(asyncio.ensure_future(cancel.wait()))
             ends = [d for d in (deadline, start_deadline if cell.state is CellState.ASSIGNED else None) if d]
             timeout = max(0.0, min(ends) - loop.time()) if ends else None
             done, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for w in pending:
-                if w is not recv:
+                if w is not recv and w is not lost:
                     w.cancel()
+            if lost is not None and lost in done:
+                why = f"Secure Compute tunnel lost: {lost.result()}"
+                cell.transition(CellState.FAILED, why)
+                await finish(-1, 0, "secure_compute", why)
+                return
             if not done:
                 if cell.state is CellState.ASSIGNED and loop.time() >= start_deadline:
                     raise CellBroke(f"cell did not start the build within {box.config.boot_timeout_s:g} s of `run`")

@@ -129,6 +129,7 @@ class HeldBuild:
     dropped_bytes: int = 0
     exit: dict | None = None      # until build.ack
     fenced: bool = False
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 class Relay:
@@ -158,6 +159,22 @@ class Relay:
         elif name == "error":
             log.warning("build %s: %s: %s", rec.build_id, fields.get("code"), fields.get("message"))
 
+    # -- Secure Compute: the key exchange service is reached through the control link --------------
+    async def open_tunnel(self, cell_id: str, network: str, public_key: bytes, timeout: float) -> dict:
+        """secure.open for this build; the fields of secure.opened (raises KexError)."""
+        return await self.link.open_tunnel(self.rec, cell_id, network, public_key, timeout)
+
+    def close_tunnel(self) -> None:
+        self.link.close_tunnel(self.rec)
+
+    def tunnel_lost(self) -> asyncio.Future:
+        """Resolves with the reason when the key exchange service says the tunnel's far end is gone."""
+        return self.link.lost_future(self.rec.build_id)
+
+
+class KexError(Exception):
+    """The key exchange service refused or could not be reached; the message says why."""
+
 
 class ControlLink:
     def __init__(self, box, config: LinkConfig) -> None:
@@ -177,6 +194,8 @@ class ControlLink:
         self._fence: asyncio.TimerHandle | None = None
         self._stopping = False
         self._wake = asyncio.Event()
+        self._opening: dict[str, asyncio.Future] = {}   # build id -> secure.opened
+        self._lost: dict[str, asyncio.Future] = {}      # build id -> reason of secure.lost
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -354,6 +373,17 @@ class ControlLink:
                     log.info("pool %s: target %d -> %d (control plane)", shape, pool.target, n)
                     pool.target = n
                     pool.kick()
+        elif msg.name == "secure.opened":
+            fut = self._opening.pop(f["build_id"], None)
+            rec = self.records.get(f["build_id"])
+            if fut is not None and not fut.done() and rec is not None and rec.lease == f["lease"]:
+                fut.set_result(dict(f))
+        elif msg.name == "secure.lost":
+            rec = self.records.get(f["build_id"])
+            if rec is not None and rec.lease == f["lease"]:
+                fut = self.lost_future(rec.build_id)
+                if not fut.done():
+                    fut.set_result(f["reason"])
         elif msg.name == "error":
             log.warning("control plane says %s: %s (%s)", f["code"], f["message"], f["ref"])
         elif msg.name == "ping" and self.channel is not None:
@@ -368,13 +398,48 @@ class ControlLink:
                             f["lease"], old.lease)
                 return
             del self.records[old.build_id]  # a finished earlier attempt: the new lease wins
-        rec = HeldBuild(f["build_id"], f["lease"], f["shape"])
+        rec = HeldBuild(f["build_id"], f["lease"], f["shape"], options=dict(f["options"]))
         self.records[rec.build_id] = rec
         self.box.cancels[rec.build_id] = asyncio.Event()
         request = Message("build.submit", {
             "request_id": f"{rec.build_id}.{rec.lease}", "shape": f["shape"], "customer": f["customer"],
-            "argv": f["argv"], "env": f["env"], "cwd": f["cwd"], "timeout_s": f["timeout_s"]})
+            "argv": f["argv"], "env": f["env"], "cwd": f["cwd"], "timeout_s": f["timeout_s"],
+            "options": rec.options})
         self.box.spawn(run_build(self.box, Relay(self, rec), rec.build_id, request))
+
+    # -- Secure Compute ---------------------------------------------------------------------------------
+    async def open_tunnel(self, rec: HeldBuild, cell_id: str, network: str, public_key: bytes,
+                          timeout: float) -> dict:
+        if not self.ready or self.channel is None:
+            raise KexError("the key exchange service (the hive's control plane) is not reachable from this box")
+        fut = asyncio.get_running_loop().create_future()
+        self._opening[rec.build_id] = fut
+        try:
+            await self.channel.send("secure.open", build_id=rec.build_id, lease=rec.lease, cell_id=cell_id,
+                                    network=network, public_key=public_key)
+            answer = await asyncio.wait_for(fut, timeout)
+        except ChannelClosed:
+            raise KexError("the link to the key exchange service closed while opening the tunnel") from None
+        except TimeoutError:
+            raise KexError(f"the key exchange service did not answer within {timeout:g} s") from None
+        finally:
+            self._opening.pop(rec.build_id, None)
+        if not answer["ok"]:
+            raise KexError(answer["message"])
+        return answer
+
+    def close_tunnel(self, rec: HeldBuild) -> None:
+        self._lost.pop(rec.build_id, None)
+        if self.ready and self.channel is not None:
+            with contextlib.suppress(ChannelClosed, ProtocolError, OSError):
+                self.channel.send_nowait("secure.close", build_id=rec.build_id, lease=rec.lease)
+        # else: the control plane removes the peer when the build's exit arrives
+
+    def lost_future(self, build_id: str) -> asyncio.Future:
+        fut = self._lost.get(build_id)
+        if fut is None:
+            fut = self._lost[build_id] = asyncio.get_running_loop().create_future()
+        return fut
 
     # -- messages to the control plane ------------------------------------------------------------------
     async def deliver(self, rec: HeldBuild, name: str, **fields) -> None:

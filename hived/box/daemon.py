@@ -61,6 +61,7 @@ class CellRuntime:
     teardown_ms: float = 0.0
     alloc: object = None
     net: object = None  # hived.box.network.CellNetInfo
+    tunnel: object = None  # hived.box.secure.CellTunnel (Secure Compute builds)
     vcpu_threads: dict = dataclasses.field(default_factory=dict)
 
 
@@ -111,6 +112,7 @@ class BoxDaemon:
                     await self.network.teardown(cell_id)
                     if cell_id not in self.leftovers_cleaned:
                         self.leftovers_cleaned.append(cell_id)
+                await self._clean_tunnels()
             except NetworkError as exc:
                 raise CgroupError(f"cell networking cannot start: {exc}") from None
         self.metrics_port = self.metrics.serve(cfg.metrics_addr, cfg.metrics_port)
@@ -131,6 +133,14 @@ class BoxDaemon:
 
             self.control_link = ControlLink(self, link)
             self.control_link.start()
+
+    async def _clean_tunnels(self) -> None:
+        """WireGuard processes and sockets of Secure Compute cells of a previous run (kill -9)."""
+        from hived.secure import wireguard
+
+        removed = await wireguard.run_blocking(wireguard.clean_leftovers, wireguard.box_prefix(self.network.tag))
+        for what in removed:
+            log.warning("box %s: removed leftover tunnel %s", self.config.name, what)
 
     async def wait_ready(self) -> None:
         """Until every pool with a target has had a warm cell; then READY=1."""
@@ -278,6 +288,8 @@ class BoxDaemon:
         try:
             await rt.driver.destroy()
         finally:
+            if rt.tunnel is not None:
+                await rt.tunnel.close()
             if self.network is not None and (rt.net is not None or cell.id in self.network.known()):
                 try:
                     await self.network.teardown(cell.id)

@@ -84,6 +84,7 @@ CELL_BLOCK = 8  # addresses per cell: two /30s
 IFNAMSIZ = 15   # usable characters (16 with the NUL)
 CELL_ID_RE = re.compile(r"^c[0-9a-f]{8}$")
 ROUTER_TABLE = "hived"
+CELL_TABLE = "hived_cell"  # nftables table in a Secure Compute cell's namespace
 
 # Destinations a cell may never reach through the uplink.
 DEFAULT_DENY = (
@@ -611,6 +612,16 @@ class CellNetwork:
         except OSError as exc:
             raise NetworkError(f"cannot open {TAP} of cell {cell_id}: {exc.strerror}") from None
 
+    async def secure_egress(self, cell_id: str, ifname: str, address: str, routes: list[str]) -> float:
+        """Make a WireGuard interface (already moved into the cell's namespace) the cell's
+        only way out (Secure Compute): the veth to the router goes, `address` (a /32) goes
+        on `ifname`, `routes` lead into it, and the guest's packets leave with `address`
+        (masquerade). Returns the milliseconds it took."""
+        check_cell_id(cell_id)
+        for r in routes:
+            ipaddress.IPv4Network(r)
+        return await self._run(self._secure_blocking, cell_id, ifname, address, list(routes))
+
     async def close(self) -> bool:
         """Remove the router namespace (and the uplink's host side) if no cells remain.
 
@@ -913,6 +924,44 @@ class CellNetwork:
             return bool(idx)
         finally:
             ipr.close()
+
+    def _secure_blocking(self, cell_id: str, ifname: str, address: str, routes: list[str]) -> float:
+        t0 = time.perf_counter()
+        ns = self.netns_name(cell_id)
+        veth_a, _ = veth_names(cell_id)
+        step = f"remove veth {veth_a} (the cell's path to the router)"
+        try:
+            # First cut the ordinary way out: deleting the router end takes the cell end along.
+            self._router()
+            self._del_router_link(veth_a)
+            with entered(ns):
+                ipr = self._iproute()
+                nft = self._nft()
+            try:
+                step = f"address {address} on {ifname}"
+                idx = ipr.link_lookup(ifname=ifname)
+                if not idx:
+                    raise NetworkError(f"cell {cell_id}: tunnel interface {ifname} is not in namespace {ns}")
+                ip, _, prefix = address.partition("/")
+                ipr.addr("add", index=idx[0], address=ip, prefixlen=int(prefix or 32))
+                ipr.link("set", index=idx[0], state="up")
+                for r in routes:
+                    step = f"route {r} into {ifname}"
+                    ipr.route("add", dst=r, oif=idx[0])
+                step = f"masquerade onto {ifname}"
+                nft.table("add", name=CELL_TABLE)
+                nft.chain("add", table=CELL_TABLE, name="postrouting", hook="postrouting", type="nat",
+                          priority=100)
+                nft.rule("add", table=CELL_TABLE, chain="postrouting",
+                         expressions=[_ifname(_NFT_META_OIFNAME, ifname) + _masq()])
+            finally:
+                ipr.close()
+                nft.close()
+        except NetworkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - netlink errors, named by step
+            raise self._fail(f"cell {cell_id}: Secure Compute egress: {step}", exc) from None
+        return round((time.perf_counter() - t0) * 1000, 2)
 
     def _teardown_blocking(self, cell_id: str) -> bool:
         veth_a, _ = veth_names(cell_id)

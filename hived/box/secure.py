@@ -1,0 +1,123 @@
+"""Secure Compute on the box: one WireGuard tunnel per build, from the cell's namespace to
+the customer's connector, made at assignment and gone with the cell.
+
+    build.assign {options.secure_compute = NETWORK}
+      1. a key pair, in this process's memory only            } at the same time
+      2. a WireGuard interface `w<box tag><cell>`: its UDP    }
+         socket in the box's namespace, the interface moved   }
+         into the cell's namespace                            }
+      3. secure.open {cell public key} -> key exchange -> the connector adds the peer
+         <- secure.opened {connector key, endpoint, cell address, routes}
+      4. private key + peer into the interface over its UAPI socket (memory to memory)
+      5. the cell's veth to the router goes; the routes lead into the tunnel; the guest's
+         packets leave with the cell's tunnel address (CellNetwork.secure_egress)
+      6. wait for the WireGuard handshake: the tunnel has carried its first bytes
+      then `run` goes to the cell.
+
+The private key never touches disk, never enters the guest and is not logged; it lives
+in this process (dropped after step 4) and in the WireGuard process, which dies with the
+cell. Anything failing on the way undoes what was made, and the build fails with
+reason `secure_compute` and the cause (connector down, refused, no handshake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+KEX_TIMEOUT_S = 5.0         # the key exchange service (and the connector behind it) must answer by then
+HANDSHAKE_TIMEOUT_S = 5.0   # WireGuard retries an unanswered handshake after 5 s: one try is enough
+KEEPALIVE_S = 25            # also makes the interface send at once, which starts the handshake
+
+
+class SecureComputeFailed(Exception):
+    """The tunnel could not be made; the message says why (for the build's failure)."""
+
+
+class CellTunnel:
+    """The tunnel of one build's cell."""
+
+    def __init__(self, cell_id: str, network: str) -> None:
+        self.cell_id = cell_id
+        self.network = network
+        self.iface = None
+        self.address = ""
+        self.public_key = b""
+        self.timings: dict[str, float] = {}
+        self._kex = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, box, cell_id: str, network: str, kex) -> CellTunnel:
+        """Make the tunnel (steps 1-6 above). `kex` is the build's link to the key exchange
+        service (controllink.Relay): open_tunnel(), close_tunnel(), tunnel_lost()."""
+        from hived.secure import wireguard
+        from hived.secure.keys import KeyPair
+
+        self = cls(cell_id, network)
+        t0 = time.perf_counter()
+        net = box.network
+        if net is None:
+            raise SecureComputeFailed("Secure Compute needs cell networking ([box] network = true)")
+        keys = KeyPair.generate()
+        self.public_key = keys.public
+        name = wireguard.tunnel_name(net.tag, cell_id)
+        opening = asyncio.ensure_future(wireguard.open_interface(
+            name, birth_netns=net.host_netns, target_netns=net.netns_name(cell_id)))
+        asking = asyncio.ensure_future(kex.open_tunnel(cell_id, network, keys.public, KEX_TIMEOUT_S))
+        self._kex = kex
+        try:
+            try:
+                await asyncio.wait({opening, asking}, return_when=asyncio.FIRST_EXCEPTION)
+                if asking.done() and asking.exception() is not None:
+                    raise SecureComputeFailed(f"key exchange: {asking.exception()}")
+                if opening.done() and opening.exception() is not None:
+                    raise SecureComputeFailed(f"tunnel interface {name}: {opening.exception()}")
+            finally:
+                for fut in (opening, asking):
+                    if not fut.done():
+                        fut.cancel()
+                    await asyncio.gather(fut, return_exceptions=True)
+                if opening.done() and not opening.cancelled() and opening.exception() is None:
+                    self.iface = opening.result()
+            answer = asking.result()
+            self.timings["interface_and_kex_ms"] = (time.perf_counter() - t0) * 1000
+            self.address = answer["address"]
+            connector_key = answer["connector_key"]
+            await self.iface.configure(private_key=keys.private, peers=[wireguard.Peer(
+                public_key=connector_key, endpoint=answer["endpoint"], allowed_ips=["0.0.0.0/0"],
+                keepalive_s=KEEPALIVE_S)])
+            keys.wipe()
+            self.timings["configure_ms"] = (time.perf_counter() - t0) * 1000
+            await net.secure_egress(cell_id, self.iface.name, self.address, answer["routes"])
+            self.timings["egress_ms"] = (time.perf_counter() - t0) * 1000
+            try:
+                await self.iface.wait_handshake(connector_key, HANDSHAKE_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - any failure here is "no tunnel", said with its cause
+                raise SecureComputeFailed(f"no WireGuard handshake with the connector of network {network} at "
+                                          f"{answer['endpoint']} within {HANDSHAKE_TIMEOUT_S:g} s ({exc}): is it "
+                                          "reachable from this box over UDP?") from None
+            self.timings["provision_ms"] = (time.perf_counter() - t0) * 1000
+            return self
+        except BaseException as exc:
+            keys.wipe()
+            await self.close()
+            if isinstance(exc, SecureComputeFailed) or not isinstance(exc, Exception):
+                raise
+            raise SecureComputeFailed(f"tunnel for network {network}: {exc}") from None
+
+    async def close(self) -> None:
+        """Remove the interface (its process and socket) and tell the key exchange service."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.iface is not None:
+            try:
+                await self.iface.close()
+            except Exception as exc:  # noqa: BLE001 - the namespace removal takes the interface anyway
+                log.error("cell %s: closing tunnel interface: %s", self.cell_id, exc)
+        if self._kex is not None:
+            self._kex.close_tunnel()
