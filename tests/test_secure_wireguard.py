@@ -490,3 +490,135 @@ def test_kernel_driver(world, closing):
             keepalive_s=25)])
         await cell.wait_handshake(conn_keys.public, 5)
     run(main())
+
+
+# --------------------------------------------------------------------------------------
+# the connector against a real control plane (key exchange service)
+
+
+def test_connector_against_real_control_plane(world, closing, tmp_path):
+    """Connector in the conn ns, a private service behind it (private ns, no route back to
+    the tunnel subnet: replies work only through the masquerade), a cell tunnel from the box
+    ns; peer.add/remove from the key exchange service; link loss -> new keys; stop -> nothing left."""
+    import ipaddress
+
+    from test_control_api import TOKENS, sha
+    from test_control_restart import free_port
+
+    from hived.box import network
+    from hived.control.config import parse
+    from hived.control.keyexchange import Tunnel
+    from hived.control.server import ControlPlane
+    from hived.secure.connector import Connector
+    from hived.secure.connector_config import ConnectorConfig
+
+    priv = world["conn"][:-2] + "-p"
+    network.create_netns(priv)
+    try:
+        with_ipr(world["conn"], lambda ipr: ipr.link("add", ifname="vp", kind="veth", peer={
+            "ifname": "vq", "net_ns_fd": f"/run/netns/{priv}"}))
+        for ns, ifname, addr in ((world["conn"], "vp", "10.50.0.1"), (priv, "vq", "10.50.0.2")):
+            def up(ipr, ifname=ifname, addr=addr):
+                idx = ipr.link_lookup(ifname=ifname)[0]
+                ipr.addr("add", index=idx, address=addr, prefixlen=24)
+                ipr.link("set", index=idx, state="up")
+                ipr.link("set", index=1, state="up")
+            with_ipr(ns, up)
+        port = free_port()
+        config = parse({
+            "hive": {"name": "wgt", "state_dir": str(tmp_path / "hive"), "api_listen": f"127.0.0.1:{free_port()}",
+                     "box_listen": f"127.0.0.1:{port}", "heartbeat_s": 0.2, "box_lost_s": 2.0},
+            "shapes": {"small": {}},
+            "customers": {"acme": {"api_tokens_sha256": [sha(TOKENS["acme"])]}},
+            "networks": {"acme-private": {"customer": "acme", "connector_tokens_sha256": [sha("conn-secret")],
+                                          "tunnel_subnet": "100.96.0.0/24", "routes": ["10.50.0.0/24"]}},
+        }, "wgt")
+        cc = ConnectorConfig.from_table({"control": f"127.0.0.1:{port}", "network": "acme-private",
+                                         "token": "conn-secret", "endpoint": f"192.0.2.2:{CONN_PORT}",
+                                         "interface": f"w{TAG}cn", "netns": world["conn"], "driver": "wireguard-go"})
+
+        async def main():
+            cp = ControlPlane(config)
+            await cp.start()
+            conn = Connector(cc)
+            try:
+                await conn.start()
+                await asyncio.wait_for(conn.registered.wait(), 10)
+                key1 = conn.public_key
+                assert conn.tunnel_address == "100.96.0.1/24" and conn.routes == ["10.50.0.0/24"]
+                assert cp.kex.connectors["acme-private"].public_key == key1
+                addrs = with_ipr(world["conn"], lambda ipr: [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(
+                    index=ipr.link_lookup(ifname=conn.interface_name)[0], family=socket.AF_INET)])
+                assert addrs == ["100.96.0.1"]
+                # the key exchange service pushes a cell's peer (as it does for secure.open)
+                cell_keys = KeyPair.generate()
+                link = cp.kex.connectors["acme-private"]
+
+                def tunnel(build_id, addr):   # as kex.open() makes it for a box's secure.open
+                    cp.kex.tunnels[build_id] = Tunnel(build_id, 1, "no-box", "c00000001", "acme-private",
+                                                      ipaddress.IPv4Address(addr), link)
+                tunnel("b1", "100.96.0.2")
+                link.send("peer.add", peer_id="b1", public_key=cell_keys.public, address="100.96.0.2/32")
+                link.send("peer.add", peer_id="bad", public_key=KeyPair.generate().public, address="10.9.9.9/32")
+                for _ in range(200):
+                    if "b1" in conn.peers:
+                        break
+                    await asyncio.sleep(0.01)
+                assert conn.peers["b1"].address == "100.96.0.2/32" and "bad" not in conn.peers
+
+                class ConnKeys:
+                    public = key1
+                cell, _ = await cell_end(world, closing, f"w{TAG}cc", cell_keys, ConnKeys, address="100.96.0.2")
+                with_ipr(world["cell"], lambda ipr: ipr.route("add", dst="10.50.0.0/24", oif=cell.ifindex))
+                await cell.wait_handshake(key1, 5)
+                srv = tcp_server(priv, "10.50.0.2")
+                try:
+                    sport = srv.getsockname()[1]
+                    got = await asyncio.to_thread(tcp_roundtrip, world["cell"], "10.50.0.2", sport, b"private")
+                    assert got == b"private"   # replies came back: masquerade on the private side
+                    link.send("peer.remove", peer_id="b1")
+                    for _ in range(200):
+                        if "b1" not in conn.peers:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert "b1" not in conn.peers
+                    with pytest.raises(OSError):
+                        await asyncio.to_thread(tcp_roundtrip, world["cell"], "10.50.0.2", sport, b"x", 1.0)
+                finally:
+                    srv.close()
+                # link loss: peers gone, a new key pair, registered again
+                tunnel("b2", "100.96.0.3")
+                link.send("peer.add", peer_id="b2", public_key=KeyPair.generate().public, address="100.96.0.3/32")
+                for _ in range(200):
+                    if "b2" in conn.peers:
+                        break
+                    await asyncio.sleep(0.01)
+                link.close("test: link cut")
+                for _ in range(1000):
+                    if conn.registered.is_set() and conn.public_key != key1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert conn.public_key != key1 and conn.connects == 2 and conn.peers == {}
+                assert await conn.iface.peers() == {}
+                assert cp.kex.connectors["acme-private"].public_key == conn.public_key
+            finally:
+                pid = conn.iface.pid if conn.iface is not None else None
+                table = conn.table
+                await conn.stop()
+                await cp.stop()
+            assert pid is not None and not os.path.exists(f"/proc/{pid}") or wg._proc_state(pid) == "Z"
+            assert not os.path.exists(wg.socket_path(cc.interface))
+            names = with_ipr(world["conn"], lambda ipr: [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()])
+            assert cc.interface not in names
+
+            def tables():
+                from pyroute2.nftables.main import NFTables
+                nft = NFTables(nfgen_family=socket.AF_INET)
+                try:
+                    return [m.get_attr("NFTA_TABLE_NAME") for m in nft.get_tables()]
+                finally:
+                    nft.close()
+            assert table not in in_ns(world["conn"], tables)
+        run(main())
+    finally:
+        network.delete_netns(priv)

@@ -268,7 +268,7 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     return _executor
 
 
-async def _blocking(fn, *args):
+async def run_blocking(fn, *args):
     from hived.box.network import _Stranded
 
     global _executor
@@ -283,7 +283,7 @@ async def _blocking(fn, *args):
 
 
 @contextlib.contextmanager
-def _in_netns(name: str | None):
+def in_netns(name: str | None):
     if name is None:
         yield
         return
@@ -299,7 +299,7 @@ def _in_netns(name: str | None):
 def _iproute(netns: str | None):
     from pyroute2 import IPRoute
 
-    with _in_netns(netns):
+    with in_netns(netns):
         return IPRoute()
 
 
@@ -482,7 +482,7 @@ class GoInterface(Interface):
         self._log_fd = os.memfd_create(f"wg-{self.name}", os.MFD_CLOEXEC)
         env = {"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         try:
-            with _in_netns(self.birth_netns):   # the child is born in this thread's namespace
+            with in_netns(self.birth_netns):   # the child is born in this thread's namespace
                 self.process = subprocess.Popen(
                     [WIREGUARD_GO, "-f", self.name], env=env, stdin=subprocess.DEVNULL, stdout=self._log_fd,
                     stderr=self._log_fd, start_new_session=True, close_fds=True)
@@ -550,7 +550,7 @@ class GoInterface(Interface):
         if self._closed:
             return
         self._closed = True
-        await _blocking(self._close_blocking)
+        await run_blocking(self._close_blocking)
 
     def _close_blocking(self) -> None:
         proc = self.process
@@ -598,7 +598,7 @@ class KernelInterface(Interface):
     def _wg(self):
         from pyroute2 import WireGuard
 
-        with _in_netns(self.netns):
+        with in_netns(self.netns):
             return WireGuard()
 
     def _set_blocking(self, private_key, listen_port, replace_peers, peers, remove) -> None:
@@ -633,7 +633,7 @@ class KernelInterface(Interface):
             wg.close()
 
     async def _set(self, *, private_key=None, listen_port=None, replace_peers=False, peers=(), remove=()) -> None:
-        await _blocking(self._set_blocking, private_key, listen_port, replace_peers, list(peers), list(remove))
+        await run_blocking(self._set_blocking, private_key, listen_port, replace_peers, list(peers), list(remove))
 
     def _state_blocking(self, wg=None) -> DeviceState:
         own = wg is None
@@ -662,13 +662,13 @@ class KernelInterface(Interface):
 
     async def state(self) -> DeviceState:
         self._check_open()
-        return await _blocking(self._state_blocking)
+        return await run_blocking(self._state_blocking)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        await _blocking(lambda: [_delete_link(self.name, ns) for ns in {self.netns, self.birth_netns}])
+        await run_blocking(lambda: [_delete_link(self.name, ns) for ns in {self.netns, self.birth_netns}])
 
 
 def _raw(key) -> bytes:
@@ -728,12 +728,12 @@ async def open_interface(name: str, *, birth_netns: str | None = None, target_ne
         if ns is not None and not os.path.exists(f"/run/netns/{ns}"):
             raise WireGuardError(f"network namespace {ns} does not exist")
     if driver == "auto":
-        driver = "kernel" if (await _blocking(kernel_available))[0] else "wireguard-go"
+        driver = "kernel" if (await run_blocking(kernel_available))[0] else "wireguard-go"
     if driver == "wireguard-go":
         iface: Interface = GoInterface(name, birth_netns, target_netns)
         start = (iface._start_blocking, mtu, start_timeout)
     elif driver == "kernel":
-        ok, why = await _blocking(kernel_available)
+        ok, why = await run_blocking(kernel_available)
         if not ok:
             raise MissingCapability(why)
         iface = KernelInterface(name, birth_netns, target_netns)
@@ -767,12 +767,14 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def _is_ours(name: str, prefix: str) -> bool:
+def _is_ours(name: str, prefix: str, exact: bool = False) -> bool:
+    if exact:
+        return name == prefix
     rest = name[len(prefix):]
     return name.startswith(prefix) and len(rest) == _CELL_CHARS and all(c in _B62 for c in rest)
 
 
-def wireguard_go_processes(prefix: str) -> dict[int, str]:
+def wireguard_go_processes(prefix: str, *, exact: bool = False) -> dict[int, str]:
     """{pid: interface} of wireguard-go processes serving interfaces of this prefix."""
     found = {}
     for entry in os.listdir("/proc"):
@@ -782,17 +784,17 @@ def wireguard_go_processes(prefix: str) -> dict[int, str]:
         if not argv or os.path.basename(argv[0]) != WIREGUARD_GO:
             continue
         names = [a for a in argv[1:] if not a.startswith("-")]
-        if names and _is_ours(names[-1], prefix):
+        if names and _is_ours(names[-1], prefix, exact):
             found[int(entry)] = names[-1]
     return found
 
 
-def clean_leftovers(prefix: str, *, netns: Iterable[str | None] = (None,)) -> list[str]:
+def clean_leftovers(prefix: str, *, netns: Iterable[str | None] = (None,), exact: bool = False) -> list[str]:
     """Kill wireguard-go processes of interfaces named `prefix` + 6 characters (box_prefix),
-    remove their UAPI sockets and any such interface left in `netns` (None: this one).
-    Returns what was removed ("process 123 (wab0001ab)", "socket ...", "interface ...")."""
+    or exactly `prefix` if `exact`, remove their UAPI sockets and any such interface left in
+    `netns` (None: this one). Returns what was removed ("process 123 (wab0001ab)", ...)."""
     removed = []
-    procs = wireguard_go_processes(prefix)
+    procs = wireguard_go_processes(prefix, exact=exact)
     for pid, name in procs.items():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -811,7 +813,7 @@ def clean_leftovers(prefix: str, *, netns: Iterable[str | None] = (None,)) -> li
             time.sleep(0.005)
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(os.listdir(UAPI_DIR)):
-            if entry.endswith(".sock") and _is_ours(entry[:-5], prefix):
+            if entry.endswith(".sock") and _is_ours(entry[:-5], prefix, exact):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(UAPI_DIR, entry))
                     removed.append(f"socket {os.path.join(UAPI_DIR, entry)}")
@@ -822,7 +824,7 @@ def clean_leftovers(prefix: str, *, netns: Iterable[str | None] = (None,)) -> li
         try:
             for link in ipr.get_links():
                 ifname = link.get_attr("IFLA_IFNAME")
-                if ifname and _is_ours(ifname, prefix):
+                if ifname and _is_ours(ifname, prefix, exact):
                     with contextlib.suppress(Exception):
                         ipr.link("del", index=link["index"])
                         removed.append(f"interface {ifname}" + (f" in {ns}" if ns else ""))
@@ -837,3 +839,12 @@ def _proc_state(pid: int) -> str:
             return f.read().rpartition(")")[2].split()[0]
     except (OSError, IndexError):
         return ""
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of a process (0 if it is gone); 1 (or a subreaper) once its owner died."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
