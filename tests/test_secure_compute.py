@@ -180,6 +180,30 @@ def test_secure_build_reaches_the_private_service_and_an_ordinary_build_cannot(h
     hive.box.wait_pool_full()
 
 
+PROBE = ("import socket, sys\n"
+         "for host, port in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+         "    try:\n"
+         "        socket.create_connection((host, int(port)), timeout=3).close(); print('reached', host, port)\n"
+         "    except OSError as e:\n"
+         "        print('refused', host, port, e)\n")
+
+
+def test_secure_cell_reaches_nothing_outside_its_tunnel(hive):
+    """The box itself, the control plane, the connector's outer address, the router: all out of reach
+    (the veth to the box router is gone; only the network's routes lead into the tunnel)."""
+    router_ip = hive.box.daemon.network.transit_router_ip
+    targets = [hive.net.host_ip, hive.box_port, hive.net.conn_ip, 51820, "127.0.0.1", hive.api_port,
+               router_ip, 22, "1.1.1.1", 53, hive.net.private_ip, 8080]
+    i = hive.submit(["python3", "-c", PROBE, *map(str, targets)])
+    b = hive.wait(i)
+    out = hive.log(i)
+    assert b["state"] == "succeeded", (b, out)
+    lines = dict(((w[1], w[2]), w[0]) for w in (line.split() for line in out.splitlines()) if len(w) >= 3)
+    assert lines.pop((hive.net.private_ip, "8080")) == "reached", out  # the one thing in the tunnel's routes
+    assert len(lines) == 5 and set(lines.values()) == {"refused"}, out
+    hive.box.wait_pool_full()
+
+
 def test_two_cells_get_different_keys_and_nothing_is_left(hive):
     before = len(hive.private_keys)
     ids = [hive.submit(hive.fetch_argv()) for _ in range(2)]

@@ -326,7 +326,8 @@ class ControlLink:
         beat = asyncio.get_running_loop().create_task(self._heartbeat(channel))
         try:
             while True:
-                msg = await asyncio.wait_for(channel.recv(), self.lost_s)
+                async with asyncio.timeout(self.lost_s):  # not wait_for: it can swallow a racing cancel (3.11)
+                    msg = await channel.recv()
                 self._on_message(msg)
         except TimeoutError:
             raise TimeoutError(f"control plane silent for {self.lost_s:g} s") from None

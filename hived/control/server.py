@@ -96,6 +96,7 @@ class ControlPlane:
         self.scheduler = sch.Scheduler(lost_s=config.box_lost_s)
         self.metrics = ControlMetrics(self)
         self.links: dict[str, BoxLink] = {}
+        self.connector_channels: set[Channel] = set()
         self.kex = KeyExchange(config.networks, hive=config.hive, send_box=self._send_box,
                                holds=self.scheduler.holds, build_network=self._build_network)
         self.api_port = 0
@@ -160,6 +161,8 @@ class ControlPlane:
             self._box_server.close()
         for link in list(self.links.values()):
             link.channel.close("control plane stopping")
+        for channel in list(self.connector_channels):
+            channel.close("control plane stopping")
         if self._api_runner:
             await self._api_runner.cleanup()
         for task in list(self._tasks):
@@ -494,6 +497,7 @@ class ControlPlane:
             log.warning("connector link from %s refused: %s", _peer(channel), refused)
             raise ProtocolError("not_allowed", refused)
         link = BoxLink(f"connector:{f['network']}", channel, self)
+        self.connector_channels.add(channel)
         conn = ConnectorLink(f["network"], link.send, channel.close, f["public_key"], f["endpoint"],
                              _peer(channel), self.clock())
         try:
@@ -501,7 +505,10 @@ class ControlPlane:
                       heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s)
             while True:
                 try:
-                    msg = await asyncio.wait_for(channel.recv(), self.config.box_lost_s)
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+                    # races with a message, and then stop() would wait for this loop for ever.
+                    async with asyncio.timeout(self.config.box_lost_s):
+                        msg = await channel.recv()
                 except TimeoutError:
                     raise ChannelClosed(f"silent for {self.config.box_lost_s:g} s") from None
                 if msg.name == "peer.added":
@@ -516,6 +523,7 @@ class ControlPlane:
         except ChannelClosed as exc:
             channel.close(str(exc))
         finally:
+            self.connector_channels.discard(channel)
             self.kex.connector_down(conn, channel.closed_reason or "link ended")
 
     def _on_box_message(self, link: BoxLink, msg) -> None:

@@ -124,10 +124,13 @@ async def _run(n: int, work: Path) -> dict:
                          + (f", provision {rec['secure_ms']['provision_ms']:.1f} ms" if kind == "secure" else ""))
         return _report(results, n)
     finally:
+        progress("secure bench: stopping")
         if box is not None:
             await box.stop()
+        progress("secure bench: box stopped")
         if cp is not None:
             await cp.stop()
+        progress("secure bench: control plane stopped")
         net.down()
 
 

@@ -88,6 +88,7 @@ token = "{token}"
 endpoint = "{self.endpoint}"
 listen_port = {CONNECTOR_PORT}
 masquerade = true
+interface = "hvc{self.tag}"
 """)
         cfg.chmod(0o600)
         return cfg
