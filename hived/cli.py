@@ -78,7 +78,8 @@ def cmd_run(args) -> int:
             raise UserError(f"--env {item!r}: expected NAME=VALUE")
         env[key] = value
     return client.run(args.home, argv, hive=args.hive, shape=args.shape, customer=args.customer, env=env,
-                      cwd=args.cwd, timeout_s=args.timeout, verbose=args.verbose)
+                      cwd=args.cwd, timeout_s=args.timeout, verbose=args.verbose, image=args.image,
+                      repo=args.repo, rev=args.rev)
 
 
 def cmd_status(args) -> int:
@@ -133,6 +134,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     r.add_argument("--cwd", default="/work")
     r.add_argument("--timeout", type=float, default=0, help="seconds; 0 for none")
+    r.add_argument("--image", default="", metavar="REF", help="build image (OCI reference) to run in")
+    r.add_argument("--repo", default="", metavar="URL", help="git repository to check out (cwd: /workspace)")
+    r.add_argument("--rev", default="", help="revision of --repo: commit, branch or tag (default: HEAD)")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
     s = sub.add_parser("status", help="the box (cells, pools, builds) and the hive (queue, builds by state)")
     s.add_argument("--home", default="/var/lib/hived/up")

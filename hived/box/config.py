@@ -190,7 +190,8 @@ def embedded(home: Path, pool_target: int = 1) -> BoxConfig:
     return parse(
         {
             "box": {"name": name, "state_dir": str(home / "state"), "overcommit": small,
-                    "reserved_cores": 0 if small else 1, "vmm_uid_base": 3_100_000},
+                    "reserved_cores": 0 if small else 1, "vmm_uid_base": 3_100_000,
+                    "oci_dir": str(home / "oci"), "repos_dir": str(home / "repos")},
             "shapes": {"small": {"vcpus": 1, "memory_mib": 512, "scratch_mib": 1024,
                                  "pool_target": pool_target}},
         },
