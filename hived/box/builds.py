@@ -230,7 +230,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                 if cell.state is not CellState.ASSIGNED:
                     raise CellBroke("cell sent started twice")
                 cell.transition(CellState.RUNNING)
-                rec.update(state="running", warm_start_ms=(time.monotonic() - t_assigned) * 1000)
+                rec.update(state="running", warm_start_ms=(time.monotonic() - t_assigned) * 1000, started=time.time())
             elif msg.name == "output":
                 if cell.state is not CellState.RUNNING:
                     raise CellBroke("cell sent output before started")
