@@ -7,6 +7,9 @@
         cold boot (spawn -> cell.hello) against bare QEMU (same kernel and image, the
         initramfs reports and powers off), cell by cell in one run; then warm start
         (build request -> process started in the guest) through a real box daemon.
+    hived bench cache [--json] [--runs N]
+        time to build start with a build image and with a repository, cold vs cached, on
+        a real box (hived/cachebench.py).
     hived bench control [--json] [--boxes N] [--builds N] [--rate R]
         scheduling throughput (saturation) and latency (open loop at a fixed rate) of the
         real control plane against simulated boxes in another process (hived/control/bench.py).
@@ -803,6 +806,10 @@ def parser() -> argparse.ArgumentParser:
 
     secure_bench.parser(sub.add_parser(
         "secure", help="Secure Compute: tunnel provisioning per cell, beside the same build without it"))
+    from hived import cachebench
+
+    cachebench.parser(sub.add_parser(
+        "cache", help="time to build start with a build image and a repository, cold vs cached (real box)"))
     return p
 
 
@@ -829,6 +836,16 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("hived bench secure: interrupted", file=sys.stderr)
             return 130
+    if args.which == "cache":
+        from hived import cachebench
+
+        try:
+            report = cachebench.run(args)
+        except cachebench.BenchError as exc:
+            print(f"hived bench cache: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(report, indent=2) if args.json else cachebench.render(report))
+        return 0
     if args.which == "control":
         from hived.control import bench as control_bench
 

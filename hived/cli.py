@@ -81,7 +81,8 @@ def cmd_run(args) -> int:
     if args.secure:
         options["secure_compute"] = args.secure
     return client.run(args.home, argv, hive=args.hive, shape=args.shape, customer=args.customer, env=env,
-                      cwd=args.cwd, timeout_s=args.timeout, verbose=args.verbose, options=options)
+                      cwd=args.cwd, timeout_s=args.timeout, verbose=args.verbose, image=args.image,
+                      repo=args.repo, rev=args.rev, options=options)
 
 
 def cmd_status(args) -> int:
@@ -148,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=0, help="seconds; 0 for none")
     r.add_argument("--secure", default="", metavar="NETWORK",
                    help="Secure Compute: reach the customer network NETWORK through a WireGuard tunnel (only)")
+    r.add_argument("--image", default="", metavar="REF", help="build image (OCI reference) to run in")
+    r.add_argument("--repo", default="", metavar="URL", help="git repository to check out (cwd: /workspace)")
+    r.add_argument("--rev", default="", help="revision of --repo: commit, branch or tag (default: HEAD)")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
     s = sub.add_parser("status", help="the box (cells, pools, builds) and the hive (queue, builds by state)")
     s.add_argument("--home", default="/var/lib/hived/up")

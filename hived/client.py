@@ -42,7 +42,7 @@ def endpoints(home: str) -> dict:
 
 # -- hived run ---------------------------------------------------------------------------------
 def run(home, argv, *, hive="", shape="", customer="", env=None, cwd="/work", timeout_s=0.0,
-        verbose=False, options: dict | None = None) -> int:
+        verbose=False, image="", repo="", rev="", options: dict | None = None) -> int:
     import uvloop
 
     ep = endpoints(home)
@@ -52,8 +52,11 @@ def run(home, argv, *, hive="", shape="", customer="", env=None, cwd="/work", ti
             "timeout_s": float(timeout_s)}
     if shape:
         body["shape"] = shape
+    if rev and not repo:
+        raise UserError("--rev needs --repo URL (the repository to check the revision out of)")
+    options = {**(options or {}), **{k: v for k, v in (("image", image), ("repo", repo), ("rev", rev)) if v}}
     if options:
-        body["options"] = dict(options)
+        body["options"] = options
     return uvloop.run(Run(base, token, body, home, hive, verbose).main())
 
 

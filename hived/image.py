@@ -59,7 +59,7 @@ from typing import TextIO
 
 # Bump whenever the build recipe in this file changes (slimming, users, mke2fs
 # options, initramfs layout...): this module is not among the hashed guest files.
-FORMAT_VERSION = 2  # 2: busybox `ip` applet, lib/modules/net (the guest's network)
+FORMAT_VERSION = 3  # 3: erofs + overlay modules, crun (build containers)
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # Wanted kernel modules; their dependencies (from .modinfo) are added and the
@@ -68,7 +68,8 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # with the dependencies they alone pull in (virtio_net: net_failover, failover), they
 # are listed in the initramfs's lib/modules/net. They come last in MODULES.
 NET_MODULES = ("virtio_net",)
-MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk") + NET_MODULES
+# erofs (build images, checkouts) and overlay (their writable layers) for build containers.
+MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk", "erofs", "overlay") + NET_MODULES
 # Kconfig symbol of each wanted module (=y: built in, =m: ship the .ko).
 MODULE_CONFIG = {
     "virtio_ring": "CONFIG_VIRTIO",
@@ -79,6 +80,9 @@ MODULE_CONFIG = {
     "virtio_net": "CONFIG_VIRTIO_NET",
     "net_failover": "CONFIG_NET_FAILOVER",
     "failover": "CONFIG_FAILOVER",
+    "erofs": "CONFIG_EROFS_FS",
+    "overlay": "CONFIG_OVERLAY_FS",
+    "libcrc32c": "CONFIG_LIBCRC32C",
 }
 # What init.sh relies on being built into the kernel.
 REQUIRED_BUILTIN = (
@@ -93,7 +97,8 @@ REQUIRED_BUILTIN = (
 
 SUITE = "bookworm"
 VARIANT = "minbase"
-INCLUDE = ("python3", "python3-msgpack")
+# crun runs each build in an OCI container inside the cell (hived/cell/container.py).
+INCLUDE = ("python3", "python3-msgpack", "crun")
 MIRROR = "http://deb.debian.org/debian"
 
 # Measured under TCG: the uncompressed initramfs (~2.3 MB) unpacks faster than
@@ -129,10 +134,13 @@ TOOLS = {
     "busybox": "busybox-static",
     "chroot": "coreutils",
     "tar": "tar",
+    "cc": "gcc",
 }
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INIT_SH = PACKAGE_DIR / "guest" / "init.sh"
+BUILDINIT_C = PACKAGE_DIR / "guest" / "buildinit.c"
+BUILDINIT_PATH = "opt/hived/bin/hived-buildinit"  # in the root image; PID 1 of build containers
 
 _HEX_NAME = re.compile(r"^[0-9a-f]{16}$")
 
@@ -203,6 +211,7 @@ def local_inputs(package_dir: Path | None = None, init_sh: bytes | None = None) 
         "format": FORMAT_VERSION,
         "modules": list(MODULES),
         "init_sh_sha256": _sha256_bytes(init_sh),
+        "buildinit_c_sha256": _sha256_file(BUILDINIT_C),
         "initrd_compression": INITRD_COMPRESSION,
         "debootstrap": {
             "suite": SUITE,
@@ -738,6 +747,16 @@ def install_hived(root: Path, package_dir: Path | None = None) -> list[str]:
     return [str(r) for r in files]
 
 
+def compile_buildinit(root: Path, log: _Log | None = None) -> Path:
+    """The build containers' init (hived/guest/buildinit.c), static so any image can run it."""
+    out = root / BUILDINIT_PATH
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _run(["cc", "-static", "-Os", "-s", "-Wall", "-Werror", "-o", str(out), str(BUILDINIT_C)],
+         "compile hived-buildinit", "run `apt-get install gcc libc6-dev`", log)
+    out.chmod(0o755)
+    return out
+
+
 def finish_rootfs(root: Path) -> None:
     for d, mode in (("work", 0o755), ("tmp", 0o1777), ("run", 0o755), ("var/tmp", 0o1777),
                     ("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("root", 0o700)):
@@ -891,7 +910,7 @@ def _build(dest_root: Path, cache_dir: Path, kernel: Kernel, inputs: dict, local
            h: str, force: bool, out: TextIO | None) -> Path:
     if os.geteuid() != 0:
         raise ImageError("build", "debootstrap and chroot need root", "run it as root")
-    _require_tools(["apt-get", "dpkg-deb", "debootstrap", "mke2fs", "e2fsck", "chroot", "tar"])
+    _require_tools(["apt-get", "dpkg-deb", "debootstrap", "mke2fs", "e2fsck", "chroot", "tar", "cc"])
     busybox = find_busybox()
     for stale in dest_root.glob(".build-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -937,6 +956,7 @@ def _build(dest_root: Path, cache_dir: Path, kernel: Kernel, inputs: dict, local
                 raise ImageError("root filesystem", "no /usr/bin/python3 after debootstrap",
                                  "rerun with --force")
             install_hived(root)
+            compile_buildinit(root, log)
         with prog.step("mke2fs", "root.ext4 (mke2fs -d, no journal)") as note:
             rootinfo = make_root_ext4(root, img / "root.ext4", h, log)
             note["note"] = f"{rootinfo['size_bytes'] >> 20} MiB, " \

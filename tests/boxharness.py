@@ -97,13 +97,13 @@ class BoxHarness:
         return await connect_unix(str(self.config.client_socket), Session("client", "test", {"box"}))
 
     async def _build(self, argv, *, shape="", timeout_s=0.0, env=None, cancel_after_started=None,
-                     on_accepted=None):
+                     on_accepted=None, options=None, cwd="/work"):
         ch = await self._client()
         out, err, errors = bytearray(), bytearray(), []
         build_id = cell_id = ""
         try:
             await ch.send("build.submit", request_id="r1", shape=shape, customer="test", argv=argv,
-                          env=env or {}, cwd="/work", timeout_s=timeout_s)
+                          env=env or {}, cwd=cwd, timeout_s=timeout_s, options=options or {})
             while True:
                 msg = await ch.recv()
                 if msg.name == "build.accepted":

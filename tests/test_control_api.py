@@ -140,6 +140,10 @@ BAD = [
      "`options.secure_compute` must be the name of a Secure Compute network"),
     ("acme", {**GOOD, "options": {"retries": 99}}, 400, "bad_field",
      "`options.retries` must be an integer 0..10"),
+    ("acme", {**GOOD, "options": {"rev": "main"}}, 400, "bad_field",
+     "`options.rev` needs `options.repo` (the repository's URL)"),
+    ("acme", {**GOOD, "options": {"image": ["debian"]}}, 400, "bad_field",
+     "`options.image` must be a string of at most 512 characters"),
     ("acme", {**GOOD, "argv": ["x" * 5000]}, 413, "body_too_large",
      "request body of 5068 bytes is over this hive's limit of 4096 bytes"),
 ]
@@ -213,6 +217,8 @@ def test_github_push_with_a_good_signature_starts_the_repos_build(tmp_path):
             assert (b["customer"], b["argv"], b["source"]) == ("acme", ["make", "test"], "github")
             build = h.cp.store.get_build(b["id"])
             assert build.env["HIVED_GIT_SHA"] == "a" * 40 and build.env["HIVED_GIT_REF"] == "refs/heads/main"
+            # The box checks the pushed commit out of its mirror and starts the build there.
+            assert build.options == {"repo": "https://github.com/acme/web.git", "rev": "a" * 40}
             # GitHub redelivers: the same build, not a second one.
             status, again = await h.call("POST", "/v1/webhooks/github", token=None, raw=body, headers=headers)
             assert status == 200 and again["id"] == b["id"]

@@ -7,6 +7,7 @@ cell that breaks the rules or dies fails only its own build.
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import time
 
@@ -16,14 +17,69 @@ from hived.box.secure import CellTunnel, SecureComputeFailed
 from hived.protocol.channel import ChannelClosed
 from hived.protocol.errors import ProtocolError
 from hived.ratelimit import TokenBucket
+from hived.vmm.base import VmmError
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 10.0  # host-side deadline beyond the build's own timeout, for a guest that ignores it
 
 
+WORKSPACE = "/workspace"  # where a build's checkout is, unless it names another cwd
+
+
 class CellBroke(Exception):
     """The cell misbehaved or died; the message says how."""
+
+
+class BadInput(Exception):
+    """A build's image or repository cannot be had; the message says which and why."""
+
+
+@dataclasses.dataclass
+class BuildInputs:
+    image: object = None      # hived.oci.cache.CachedImage
+    checkout: object = None   # hived.repos.cache.CheckoutImage, leased until copied
+
+    def release(self, box) -> None:
+        if self.checkout is not None:
+            checkout, self.checkout = self.checkout, None
+            try:
+                box.repos.release(checkout.path)
+            except Exception as exc:  # a lease we cannot give back must not fail the build
+                log.error("checkout lease %s: %s", checkout.path, exc)
+
+
+async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
+    """Pull the build image and make the checkout image the build names (both cached on the box).
+
+    Every failure is this build's alone and names what is wrong (hived.oci / hived.repos errors);
+    the caches never keep anything partial."""
+    from hived.oci.errors import OciError
+    from hived.repos.errors import RepoError
+
+    image_ref, repo, rev = (str(options.get(k) or "") for k in ("image", "repo", "rev"))
+    if rev and not repo:
+        raise BadInput(f"revision {rev!r} given without a repository: add the repository URL (--repo)")
+    inputs = BuildInputs()
+    t0 = time.monotonic()
+    if image_ref:
+        try:
+            inputs.image = await box.images.pull(image_ref)
+        except OciError as exc:
+            raise BadInput(f"build image {image_ref}: {exc}") from None
+        except OSError as exc:
+            raise BadInput(f"build image {image_ref}: cache error: {exc}") from None
+        rec.update(image_digest=inputs.image.digest, image_ms=round((time.monotonic() - t0) * 1000, 2))
+    if repo:
+        t1 = time.monotonic()
+        try:
+            inputs.checkout = await box.repos.checkout_image(repo, rev or None, acquire=True)
+        except RepoError as exc:
+            raise BadInput(f"repository {repo} at {rev or 'HEAD'}: {exc}") from None
+        except OSError as exc:
+            raise BadInput(f"repository {repo}: cache error: {exc}") from None
+        rec.update(commit=inputs.checkout.commit, checkout_ms=round((time.monotonic() - t1) * 1000, 2))
+    return inputs
 
 
 async def _tell(client, name: str, **fields) -> bool:
@@ -38,8 +94,10 @@ async def _tell(client, name: str, **fields) -> bool:
 async def run_build(box, client, build_id: str, msg) -> None:
     req = msg.fields
     shape = box.config.shapes.get(req["shape"] or next(iter(box.config.shapes)))
+    options = req.get("options") or {}
     rec = box.record_build(build_id, shape=req["shape"], customer=req["customer"], state="queued",
-                           argv=req["argv"][:8], submitted=time.time())
+                           argv=req["argv"][:8], submitted=time.time(),
+                           **{k: options[k] for k in ("image", "repo", "rev") if options.get(k)})
     cancel = box.cancels[build_id]
 
     async def finish(code: int, sig: int, reason: str, message: str, usage=None) -> None:
@@ -56,22 +114,34 @@ async def run_build(box, client, build_id: str, msg) -> None:
                                 f"{', '.join(box.config.shapes)}")
             await finish(-1, 0, "no_capacity", f"unknown shape {req['shape']!r}")
             return
-        pool = box.pools[shape.name]
         try:
-            rt = await _take_cell(pool, cancel, box.config.queue_timeout_s)
-        except (TimeoutError, BootFailed) as exc:
-            why = str(exc) or f"no warm cell of shape {shape.name} within {box.config.queue_timeout_s:g} s"
-            await finish(-1, 0, "no_capacity", why)
-            return
-        if rt is None:
-            await finish(-1, 0, "cancelled", "cancelled while waiting for a cell")
+            inputs = await resolve_inputs(box, options, rec)
+        except BadInput as exc:
+            await finish(-1, 0, "spawn_failed", str(exc))
             return
         try:
-            await _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish)
+            await _take_and_run(box, client, build_id, req, shape, cancel, rec, finish, inputs)
         finally:
-            await box.destroy(rt, "build over")
+            inputs.release(box)
     finally:
         box.cancels.pop(build_id, None)
+
+
+async def _take_and_run(box, client, build_id, req, shape, cancel, rec, finish, inputs) -> None:
+    pool = box.pool_for(shape, inputs.image)
+    try:
+        rt = await _take_cell(pool, cancel, box.config.queue_timeout_s)
+    except (TimeoutError, BootFailed) as exc:
+        why = str(exc) or f"no warm cell of shape {shape.name} within {box.config.queue_timeout_s:g} s"
+        await finish(-1, 0, "no_capacity", why)
+        return
+    if rt is None:
+        await finish(-1, 0, "cancelled", "cancelled while waiting for a cell")
+        return
+    try:
+        await _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish, inputs)
+    finally:
+        await box.destroy(rt, "build over")
 
 
 async def _take_cell(pool, cancel: asyncio.Event, timeout: float):
@@ -91,7 +161,7 @@ async def _take_cell(pool, cancel: asyncio.Event, timeout: float):
         canceller.cancel()
 
 
-async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish) -> None:
+async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish, inputs) -> None:
     cell = rt.cell
     loop = asyncio.get_running_loop()
     if not (rt.channel and rt.channel.is_open) or rt.vmm_status is not None:
@@ -129,10 +199,26 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
     start_deadline = loop.time() + box.config.boot_timeout_s
     cancel_sent = False
     recv = None
+    cwd = req["cwd"] or "/work"
+    source_fs = ""
+    if inputs.checkout is not None:
+        try:  # microvm has no hotplug: the checkout goes into the slot the cell booted with
+            copy_ms = await asyncio.to_thread(rt.driver.fill_source, inputs.checkout.path)
+        except (OSError, VmmError) as exc:
+            cell.transition(CellState.FAILED, str(exc))
+            await finish(-1, 0, "spawn_failed", f"cannot give the checkout to cell {cell.id}: {exc}")
+            return
+        rec.update(source_copy_ms=round(copy_ms, 2))
+        source_fs = inputs.checkout.fs_type
+        if cwd == "/work":
+            cwd = WORKSPACE  # the checkout does not hide the build's home
+    image = inputs.image
     try:
         await rt.channel.send("run", build_id=build_id, argv=req["argv"], env=req["env"],
-                              cwd=req["cwd"] or "/work", timeout_s=req["timeout_s"],
-                              limits={"output_bytes": shape.output_limit})
+                              cwd=cwd, timeout_s=req["timeout_s"],
+                              limits={"output_bytes": shape.output_limit},
+                              image=image.digest if image else "", image_fs=image.fs_type if image else "",
+                              image_env=list(image.config.env) if image else [], source_fs=source_fs)
         while True:
             recv = recv or asyncio.ensure_future(rt.channel.recv())
             waiters = {recv}
@@ -170,7 +256,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                 if cell.state is not CellState.ASSIGNED:
                     raise CellBroke("cell sent started twice")
                 cell.transition(CellState.RUNNING)
-                rec.update(state="running", warm_start_ms=(time.monotonic() - t_assigned) * 1000)
+                rec.update(state="running", warm_start_ms=(time.monotonic() - t_assigned) * 1000, started=time.time())
             elif msg.name == "output":
                 if cell.state is not CellState.RUNNING:
                     raise CellBroke("cell sent output before started")

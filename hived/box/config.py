@@ -50,6 +50,14 @@ class BoxConfig:
     net_subnet: str = "10.213.0.0/16"
     net_uplink: str = ""             # host interface cells' egress leaves by; "": no egress
     net_deny: tuple = ()             # extra destinations cells may not reach (the control plane)
+    oci_dir: Path = Path("/var/lib/hived/oci")      # build image cache (hived/oci)
+    oci_max_mib: int = 20480
+    oci_insecure: tuple = ()         # registries (host[:port]) pulled over plain HTTP
+    repos_dir: Path = Path("/var/lib/hived/repos")  # repository cache (hived/repos)
+    repos_max_mib: int = 20480
+    repo_protocols: tuple = ("https", "ssh", "git")
+    source_slot_mib: int = 1024      # each cell's sparse source slot; a checkout image must fit
+    image_pool_target: int = 1       # warm cells kept per (shape, build image) once a build used it
     extra: dict = field(default_factory=dict)
 
     @property
@@ -82,12 +90,19 @@ def _bool(where: str, value) -> bool:
     return value
 
 
+def _strings(where: str, value) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
 def parse(data: dict, source: str = "<config>") -> BoxConfig:
     box = data.get("box", {})
     known = {"name", "state_dir", "image_dir", "boot_concurrency", "boot_timeout_s", "vmm_overhead_mib",
              "metrics_addr", "metrics_port", "queue_timeout_s", "accelerator", "reserved_cores",
              "memory_mib", "disk_bytes_s", "net_bits_s", "overcommit", "vmm_uid_base", "network",
-             "net_subnet", "net_uplink", "net_deny"}
+             "net_subnet", "net_uplink", "net_deny", "oci_dir", "oci_max_mib", "oci_insecure", "repos_dir",
+             "repos_max_mib", "repo_protocols", "source_slot_mib", "image_pool_target"}
     for key in box:
         if key not in known:
             raise ConfigError(f"{source}: box.{key}: unknown key (known: {', '.join(sorted(known))})")
@@ -142,6 +157,14 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
         net_subnet=str(box.get("net_subnet", "10.213.0.0/16")),
         net_uplink=str(box.get("net_uplink", "")),
         net_deny=tuple(box.get("net_deny", ())),
+        oci_dir=Path(box.get("oci_dir", "/var/lib/hived/oci")),
+        oci_max_mib=_int(f"{source}: box.oci_max_mib", box.get("oci_max_mib", 20480), 64),
+        oci_insecure=_strings(f"{source}: box.oci_insecure", box.get("oci_insecure", [])),
+        repos_dir=Path(box.get("repos_dir", "/var/lib/hived/repos")),
+        repos_max_mib=_int(f"{source}: box.repos_max_mib", box.get("repos_max_mib", 20480), 64),
+        repo_protocols=_strings(f"{source}: box.repo_protocols", box.get("repo_protocols", ["https", "ssh", "git"])),
+        source_slot_mib=_int(f"{source}: box.source_slot_mib", box.get("source_slot_mib", 1024), 0),
+        image_pool_target=_int(f"{source}: box.image_pool_target", box.get("image_pool_target", 1), 0),
         extra=extra,
     )
 
@@ -167,7 +190,8 @@ def embedded(home: Path, pool_target: int = 1) -> BoxConfig:
     return parse(
         {
             "box": {"name": name, "state_dir": str(home / "state"), "overcommit": small,
-                    "reserved_cores": 0 if small else 1, "vmm_uid_base": 3_100_000},
+                    "reserved_cores": 0 if small else 1, "vmm_uid_base": 3_100_000,
+                    "oci_dir": str(home / "oci"), "repos_dir": str(home / "repos")},
             "shapes": {"small": {"vcpus": 1, "memory_mib": 512, "scratch_mib": 1024,
                                  "pool_target": pool_target}},
         },

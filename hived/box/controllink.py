@@ -263,7 +263,7 @@ class ControlLink:
     async def _register(self, channel: Channel) -> None:
         cfg = self.config
         await channel.handshake()
-        pools = self.box.pools
+        pools = self._shape_pools()
         await channel.send("box.register", box_id=cfg.box_id, token=cfg.token, shapes=sorted(pools),
                            capacity=self.capacity, warm=self._warm(),
                            targets={name: p.shape.pool_target for name, p in pools.items()},
@@ -340,17 +340,22 @@ class ControlLink:
         with contextlib.suppress(ChannelClosed):
             while True:
                 seq += 1
-                booting = {name: p.booting for name, p in self.box.pools.items()}
+                booting = {name: p.booting for name, p in self._shape_pools().items()}
                 running = sum(1 for b in self.records.values() if b.exit is None)
                 await channel.send("box.heartbeat", seq=seq, warm=self._warm(), booting=booting,
                                    running=running, assigns_seen=self.assigns_seen)
                 await asyncio.sleep(self.heartbeat_s)
 
+    def _shape_pools(self) -> dict:
+        """The pools the control plane schedules on: one per shape. Pools per (shape, build image)
+        are the box's own business (made when a build names an image), not reported."""
+        return {key: p for key, p in self.box.pools.items() if key == p.shape.name}
+
     def _warm(self) -> dict:
         """Warm cells not already promised to a build that is about to take one."""
         promised = collections.Counter(b.shape for b in self.records.values()
                                        if not b.started and b.exit is None)
-        return {name: max(0, len(p.warm) - promised[name]) for name, p in self.box.pools.items()}
+        return {name: max(0, len(p.warm) - promised[name]) for name, p in self._shape_pools().items()}
 
     # -- messages from the control plane -------------------------------------------------------------
     def _on_message(self, msg) -> None:
@@ -369,7 +374,7 @@ class ControlLink:
                 del self.records[rec.build_id]
         elif msg.name == "pool.target":
             for shape, n in f["targets"].items():
-                pool = self.box.pools.get(shape)
+                pool = self._shape_pools().get(shape)
                 if pool is not None and n >= 0 and pool.target != n:
                     log.info("pool %s: target %d -> %d (control plane)", shape, pool.target, n)
                     pool.target = n
@@ -405,7 +410,7 @@ class ControlLink:
         request = Message("build.submit", {
             "request_id": f"{rec.build_id}.{rec.lease}", "shape": f["shape"], "customer": f["customer"],
             "argv": f["argv"], "env": f["env"], "cwd": f["cwd"], "timeout_s": f["timeout_s"],
-            "options": rec.options})
+            "options": {k: v for k, v in rec.options.items() if k in ("image", "repo", "rev", "secure_compute")}})
         self.box.spawn(run_build(self.box, Relay(self, rec), rec.build_id, request))
 
     # -- Secure Compute ---------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class CellRuntime:
     alloc: object = None
     net: object = None  # hived.box.network.CellNetInfo
     tunnel: object = None  # hived.box.secure.CellTunnel (Secure Compute builds)
+    image_lease: object = None  # path of the build image leased from the image cache while the cell lives
     vcpu_threads: dict = dataclasses.field(default_factory=dict)
 
 
@@ -88,6 +89,8 @@ class BoxDaemon:
         self._clients: set[Channel] = set()
         self._tasks: set[asyncio.Task] = set()
         self.control_link = None  # hived.box.controllink.ControlLink when [control] is configured
+        self._images = None  # hived.oci.cache.ImageCache, opened on first use
+        self._repos = None   # hived.repos.cache.RepoCache, opened on first use
         self.started_at = time.time()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -175,6 +178,9 @@ class BoxDaemon:
             self.cgroups.remove_parent()
         if self.network is not None:
             await self.network.close()
+        for cache in (self._images, self._repos):
+            if cache is not None:
+                cache.close()
         self.metrics.close()
 
     def spawn(self, coro) -> asyncio.Task:
@@ -183,8 +189,46 @@ class BoxDaemon:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    # -- caches and pools per build image ---------------------------------------------------
+    @property
+    def images(self):
+        """The box's build image cache (hived/oci), opened on first use."""
+        if self._images is None:
+            from hived.oci.cache import ImageCache
+
+            self._images = ImageCache(self.config.oci_dir, max_bytes=self.config.oci_max_mib << 20,
+                                      insecure=self.config.oci_insecure)
+        return self._images
+
+    @property
+    def repos(self):
+        """The box's repository cache (hived/repos), opened on first use."""
+        if self._repos is None:
+            from hived.repos.cache import RepoCache
+
+            self._repos = RepoCache(self.config.repos_dir, self.config.repos_max_mib << 20,
+                                    protocols=self.config.repo_protocols)
+        return self._repos
+
+    def pool_for(self, shape, image=None) -> WarmPool:
+        """The warm pool of `shape` whose cells have `image` attached; made on first use and kept
+        (image_pool_target warm cells) so the next build of that image starts warm."""
+        if image is None:
+            return self.pools[shape.name]
+        key = f"{shape.name}@{image.digest}"
+        pool = self.pools.get(key)
+        if pool is None:
+            async def boot(shape, key=key, image=image):
+                return await self.boot_cell(shape, pool_key=key, image=image)
+
+            pool = WarmPool(shape, boot, self.metrics, key=key, image=image, target=self.config.image_pool_target)
+            self.pools[key] = pool
+            pool.start()
+        return pool
+
     # -- cells -----------------------------------------------------------------------------
-    def cell_spec(self, cell: Cell, shape, cgroup_procs, mode: str = "agent", alloc=None, net=None) -> CellSpec:
+    def cell_spec(self, cell: Cell, shape, cgroup_procs, mode: str = "agent", alloc=None, net=None,
+                  image_file=None) -> CellSpec:
         uid = self.config.vmm_uid_base + alloc.slot if (alloc and self.config.vmm_uid_base) else 0
         return CellSpec(
             cores=alloc.cores if alloc else (), vmm_uid=uid,
@@ -194,10 +238,12 @@ class BoxDaemon:
             kernel=self.image.kernel, initrd=self.image.initrd, rootfs=self.image.rootfs,
             accelerator=self.accelerator, mode=mode, cgroup_procs=tuple(cgroup_procs),
             disk_bytes_s=shape.disk_bytes_s, disk_iops=shape.disk_iops,
+            image_file=image_file, source_slot_mib=self.config.source_slot_mib if mode == "agent" else 0,
         )
 
-    async def boot_cell(self, shape) -> CellRuntime:
-        cell = Cell(new_cell_id(), shape.name, on_change=self.metrics.on_cell_change)
+    async def boot_cell(self, shape, pool_key: str = "", image=None) -> CellRuntime:
+        # A cell is named after its pool ("shape" or "shape@digest"): that is where it returns.
+        cell = Cell(new_cell_id(), pool_key or shape.name, on_change=self.metrics.on_cell_change)
         self.metrics.cells.labels(cell.state.value).inc()
         rt = CellRuntime(cell, self.driver_factory())
         self.cells[cell.id] = rt
@@ -227,7 +273,16 @@ class BoxDaemon:
                         with contextlib.suppress(Exception):
                             rt.net = await setup
                         raise
-                await rt.driver.prepare(self.cell_spec(cell, shape, procs, alloc=alloc, net=rt.net))
+                if image is not None:
+                    # The cell holds a lease on its image: never evicted while attached.
+                    from hived.oci.errors import OciError
+
+                    try:
+                        rt.image_lease = self.images.acquire(image.digest)
+                    except OciError as exc:
+                        raise VmmError(f"build image {image.digest} is not usable: {exc}") from None
+                await rt.driver.prepare(self.cell_spec(cell, shape, procs, alloc=alloc, net=rt.net,
+                                                       image_file=rt.image_lease))
                 rt.isolation_ms = (time.monotonic() - t0) * 1000
                 cell.transition(CellState.BOOTING)
                 cell.pid = await rt.driver.launch()
@@ -295,6 +350,12 @@ class BoxDaemon:
                     await self.network.teardown(cell.id)
                 except Exception as exc:  # never stop the rest of the cleanup
                     log.error("cell %s: network teardown: %s", cell.id, exc)
+            if rt.image_lease is not None:
+                lease, rt.image_lease = rt.image_lease, None
+                try:
+                    self.images.release(lease)
+                except Exception as exc:  # never stop the rest of the cleanup
+                    log.error("cell %s: image lease: %s", cell.id, exc)
             if rt.cgroup:
                 try:
                     self.cgroups.remove(cell.id)

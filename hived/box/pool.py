@@ -1,4 +1,4 @@
-"""A warm pool per shape: keeps `target` cells booted, boots more for waiting builds,
+"""A warm pool per shape, or per (shape, build image): keeps `target` cells booted, boots more for waiting builds,
 bounds concurrent boots (shared semaphore), and backs off after failed boots."""
 
 import asyncio
@@ -20,9 +20,11 @@ class NoRoom(Exception):
 
 
 class WarmPool:
-    def __init__(self, shape, boot, metrics=None) -> None:
+    def __init__(self, shape, boot, metrics=None, *, key: str = "", image=None, target: int | None = None) -> None:
         self.shape = shape
-        self.target = shape.pool_target
+        self.key = key or shape.name      # "shape", or "shape@<image digest>"
+        self.image = image                # hived.oci.cache.CachedImage its cells have attached, or None
+        self.target = shape.pool_target if target is None else target
         self._boot = boot                 # async fn(shape) -> runtime, raises BootFailed
         self.metrics = metrics
         self.warm: collections.deque = collections.deque()
@@ -38,7 +40,7 @@ class WarmPool:
         self.ready = asyncio.Event()      # set once a cell has been warm (for READY=1)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-{self.shape.name}")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-{self.key}")
         self._publish()
 
     def kick(self) -> None:
@@ -57,7 +59,7 @@ class WarmPool:
                 if self.failures:
                     delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (self.failures - 1))
                     log.warning("pool %s: %d failed boot(s) in a row, next try in %.1f s: %s",
-                                self.shape.name, self.failures, delay, self.last_error)
+                                self.key, self.failures, delay, self.last_error)
                     try:
                         await asyncio.wait_for(self._kick.wait(), delay)
                     except TimeoutError:
@@ -88,7 +90,7 @@ class WarmPool:
             self.last_error = str(exc)
             for waiter in list(self._waiters):
                 if not waiter.done() and self.failures >= 3:
-                    waiter.set_exception(BootFailed(f"cells of shape {self.shape.name} fail to boot: {exc}"))
+                    waiter.set_exception(BootFailed(f"cells of shape {self.key} fail to boot: {exc}"))
             return
         except asyncio.CancelledError:
             raise
@@ -142,8 +144,8 @@ class WarmPool:
 
     def _publish(self) -> None:
         if self.metrics:
-            self.metrics.pool_size.labels(self.shape.name).set(len(self.warm))
-            self.metrics.pool_target.labels(self.shape.name).set(self.target)
+            self.metrics.pool_size.labels(self.key).set(len(self.warm))
+            self.metrics.pool_target.labels(self.key).set(self.target)
 
     async def stop(self) -> list:
         """Stop booting; returns the warm cells for the caller to destroy.
@@ -163,7 +165,8 @@ class WarmPool:
         return warm
 
     def describe(self) -> dict:
-        return {"target": self.target, "warm": len(self.warm), "booting": self.booting,
+        return {"shape": self.shape.name, "image": self.image.digest if self.image else "",
+                "target": self.target, "warm": len(self.warm), "booting": self.booting,
                 "waiting_builds": len(self._waiters), "consecutive_failures": self.failures,
                 "waiting_for_room": self.no_room,
                 "last_error": self.last_error}

@@ -2,16 +2,17 @@
 
 It opens the host channel (virtio-serial port `hived.0`; vsock where the VMM offers
 it), says hello, announces itself with `cell.hello` (the host never polls a guest that
-is not listening yet), then runs exactly one build: spawn as the unprivileged `build`
-user, stream stdout/stderr as bounded `output` chunks with back-pressure, report
-`exit` with usage, honour `cancel` and `shutdown`. When the host goes away, the
-build is killed and the guest powers off: a cell never outlives its box daemon.
+is not listening yet), then runs exactly one build: in a crun container (see
+container.py) as the unprivileged `build` user, stream stdout/stderr as bounded
+`output` chunks with back-pressure, report `exit` with usage, honour `cancel` and
+`shutdown`. When the host goes away, the build is killed and the guest powers off: a cell never outlives its box daemon.
 
 Being PID 1, it reaps every child (orphans included) from one SIGCHLD handler, so
 it must not use asyncio's child watchers.
 """
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -21,11 +22,12 @@ import sys
 import time
 
 from hived import __version__
+from hived.cell import container
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.session import Session
 
 PORT_NAME = "hived.0"
-BUILD_UID = BUILD_GID = 1000
+CRUN = "/usr/bin/crun"
 CHUNK = 65536
 DEFAULT_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -156,13 +158,13 @@ async def open_port_channel(path: str, session: Session) -> Channel:
 
 
 class Build:
-    """The cell's one build: a process group, its two output streams, and its end."""
+    """The cell's one build: a crun container, its two output streams, and its end."""
 
     def __init__(self, agent: "Agent", msg) -> None:
         self.agent = agent
         self.id = msg["build_id"]
         self.msg = msg
-        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None  # the container's init (hived-buildinit), our child once crun exits
         self.status: tuple[int, object] | None = None
         self.reaped = asyncio.Event()
         self.seq = 0
@@ -171,44 +173,95 @@ class Build:
         self.end_reason: str | None = None  # timeout / cancelled / output_limit
         self.end_message = ""
         self.started = 0.0
+        self.report_r: int | None = None  # hived-buildinit's fd 3, read end
 
-    def _preexec(self) -> None:
-        import resource
+    def _env(self) -> dict[str, str]:
+        env = dict(DEFAULT_ENV)
+        for item in self.msg.get("image_env") or []:
+            key, sep, value = item.partition("=")
+            if sep and key:
+                env[key] = value
+        env.update(self.msg["env"])
+        return env
 
-        limits = self.msg["limits"]
-        for key, res in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC),
-                         ("fsize", resource.RLIMIT_FSIZE)):
-            if key in limits:
-                resource.setrlimit(res, (limits[key], limits[key]))
+    async def _crun(self, *args: str, **popen) -> tuple[int, str]:
+        """Run crun to its end (reaped by the agent's SIGCHLD handler); (wait status, its log)."""
+        log_path = container.RUN / "crun.log"
+        with contextlib.suppress(FileNotFoundError):
+            log_path.unlink()
+        proc = subprocess.Popen([CRUN, f"--log=file:{log_path}", "--cgroup-manager=cgroupfs", *args], **popen)
+        status, _ = await self.agent.wait_child(proc)
+        try:
+            text = log_path.read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        return status, text
+
+    async def _spawn(self) -> str | None:
+        """Set up and start the container; None, or why it could not start."""
+        msg = self.msg
+        cwd = msg["cwd"] or "/work"
+        try:
+            paths = container.prepare_filesystems(msg.get("image_fs") or "", msg.get("source_fs") or "")
+            config = container.bundle_config(msg["argv"], self._env(), cwd, msg["limits"], paths,
+                                             cgroup=f"/hived/{self.id}", hostname=self.agent.cell_id)
+            bundle = container.write_bundle(config)
+        except (container.ContainerError, OSError) as exc:
+            return f"cannot set up the build container: {exc}"
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        self.report_r = report_r
+        pidfile = container.RUN / "container.pid"
+
+        def report_fd_3() -> None:  # in the child: crun --preserve-fds 1 hands fd 3 to the container
+            os.dup2(report_w, 3)  # dup2 clears close-on-exec; every other fd of the agent has it set
+
+        try:
+            status, err = await self._crun(
+                "create", "--bundle", str(bundle), "--pid-file", str(pidfile), "--preserve-fds", "1", self.id,
+                stdin=subprocess.DEVNULL, stdout=self.stdout_w, stderr=self.stderr_w, preexec_fn=report_fd_3,
+                close_fds=False)  # close_fds would close fd 3 after preexec_fn
+        finally:
+            os.close(report_w)
+            os.close(self.stdout_w)
+            os.close(self.stderr_w)
+        if status != 0:
+            return f"crun create failed ({_describe(status)}): {err or 'no message'}"
+        self.pid = int(pidfile.read_text().split()[0])
+        self.agent.children[self.pid] = self._reaped
+        status, err = await self._crun("start", self.id, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if status != 0:
+            self.kill("spawn_failed", f"crun start failed ({_describe(status)}): {err or 'no message'}")
+        return None
+
+    def _reaped(self, status: int, ru) -> None:
+        self.status = (status, ru)
+        self.reaped.set()
 
     async def run(self) -> None:
         msg = self.msg
-        env = {**DEFAULT_ENV, **msg["env"]}
         self.started = time.monotonic()
-        try:
-            self.proc = subprocess.Popen(
-                msg["argv"], cwd=msg["cwd"] or "/work", env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                user=BUILD_UID, group=BUILD_GID, extra_groups=[], start_new_session=True,
-                preexec_fn=self._preexec, close_fds=True,
-            )
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
-            await self.agent.send_exit(self.id, 127, 0, "spawn_failed",
-                                       f"cannot start {msg['argv'][:1]}: {exc}", {})
+        stdout_r, self.stdout_w = os.pipe2(os.O_CLOEXEC)
+        stderr_r, self.stderr_w = os.pipe2(os.O_CLOEXEC)
+        stdout, stderr = os.fdopen(stdout_r, "rb", 0), os.fdopen(stderr_r, "rb", 0)
+        why = await self._spawn()
+        if why is not None:
+            stdout.close()
+            stderr.close()
+            await self.agent.send_exit(self.id, 127, 0, "spawn_failed", why, {})
             return
-        self.agent.children[self.proc.pid] = self
-        await self.agent.channel.send("started", build_id=self.id, pid=self.proc.pid, uptime=uptime())
+        await self.agent.channel.send("started", build_id=self.id, pid=self.pid, uptime=uptime())
         loop = asyncio.get_running_loop()
         timer = None
         if msg["timeout_s"] > 0:
             timer = loop.call_later(msg["timeout_s"], self.kill, "timeout",
                                     f"build ran over its timeout of {msg['timeout_s']:g} s")
-        readers = [loop.create_task(self._pump(self.proc.stdout, 1)),
-                   loop.create_task(self._pump(self.proc.stderr, 2))]
+        readers = [loop.create_task(self._pump(stdout, 1)),
+                   loop.create_task(self._pump(stderr, 2))]
         await self.reaped.wait()
         if timer:
             timer.cancel()
-        # Pipes may be held open by background children; give them a moment, then stop.
+        # The container's processes die with its init, so the pipes close; a moment for the rest.
         done, pending = await asyncio.wait(readers, timeout=2.0)
         for task in pending:
             task.cancel()
@@ -240,14 +293,26 @@ class Build:
             transport.close()
 
     def kill(self, reason: str, message: str) -> None:
-        if self.proc is None or self.status is not None:
+        """SIGKILL to the container's init: the kernel then kills its whole pid namespace."""
+        if self.pid is None or self.status is not None:
             return
         if self.end_reason is None:
             self.end_reason, self.end_message = reason, message
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def _build_report(self) -> tuple[str, int] | None:
+        try:
+            os.set_blocking(self.report_r, False)
+            text = os.read(self.report_r, 256).decode(errors="replace")
+        except (OSError, TypeError):
+            return None
+        finally:
+            with contextlib.suppress(OSError, TypeError):
+                os.close(self.report_r)
+        return container.parse_report(text)
 
     async def _report(self) -> None:
         status, ru = self.status
@@ -258,6 +323,14 @@ class Build:
             "maxrss_kb": float(ru.ru_maxrss),
             "output_bytes": float(self.output_bytes),
         }
+        report = self._build_report()
+        if report is not None and report[0] == "exec" and self.end_reason is None:
+            argv0 = self.msg["argv"][:1]
+            await self.agent.send_exit(self.id, 127, 0, "spawn_failed",
+                                       f"cannot start {argv0}: {container.exec_error(report[1])}", usage)
+            return
+        if report is not None and report[0] == "status" and self.end_reason is None:
+            status = report[1]  # the build's own status, seen by its init (PID 1 of the container)
         if os.WIFSIGNALED(status):
             code, sig = -1, os.WTERMSIG(status)
             reason = self.end_reason or "signaled"
@@ -269,12 +342,18 @@ class Build:
         await self.agent.send_exit(self.id, code, sig, reason, message, usage)
 
 
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
 class Agent:
     def __init__(self, cell_id: str) -> None:
         self.cell_id = cell_id
         self.channel: Channel | None = None
         self.build: Build | None = None
-        self.children: dict[int, Build] = {}
+        self.children: dict[int, object] = {}  # pid -> callback(wait status, rusage)
 
     def reap(self) -> None:
         """Reap every exited child; orphans re-parented to PID 1 included."""
@@ -285,11 +364,21 @@ class Agent:
                 return
             if pid == 0:
                 return
-            build = self.children.pop(pid, None)
-            if build is not None:
-                build.status = (status, ru)
-                build.proc.returncode = status  # keep Popen from waiting on a reaped pid
-                build.reaped.set()
+            done = self.children.pop(pid, None)
+            if done is not None:
+                done(status, ru)
+
+    async def wait_child(self, proc: subprocess.Popen) -> tuple[int, object]:
+        """The wait status of a child just spawned (registered before the loop can reap it)."""
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(status: int, ru) -> None:
+            proc.returncode = status  # keep Popen from waiting on a reaped pid
+            if not fut.done():
+                fut.set_result((status, ru))
+
+        self.children[proc.pid] = done
+        return await fut
 
     async def send_exit(self, build_id, code, sig, reason, message, usage) -> None:
         await self.channel.send("exit", build_id=build_id, code=code, signal=sig, reason=reason,

@@ -29,7 +29,10 @@ from hived.control.store import STREAM_MARKER, Build
 log = logging.getLogger(__name__)
 
 BUILD_FIELDS = {"customer", "shape", "argv", "env", "cwd", "timeout_s", "options"}
-OPTION_FIELDS = {"retries", "secure_compute", "region"}  # region: a routing hint for hived router
+# region: a routing hint for hived router; image, repo, rev: what the build runs in and on (the box
+# pulls the image and checks the revision out through its caches)
+OPTION_FIELDS = {"retries", "secure_compute", "region", "image", "repo", "rev"}
+OPTION_STRINGS = {"image": 512, "repo": 2048, "rev": 256}
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_ARGV, MAX_ITEM, MAX_ENV = 4096, 65536, 1024
 STREAMS = {1: "stdout", 2: "stderr", STREAM_MARKER: "hived"}
@@ -195,6 +198,12 @@ class Api:
         region = options.get("region", "")
         if not isinstance(region, str) or len(region) > 64:
             raise ApiError(400, "bad_field", "`options.region` must be a short string")
+        for key, limit in OPTION_STRINGS.items():
+            value = options.get(key, "")
+            if not isinstance(value, str) or len(value) > limit or any(c in value for c in "\n\r\0"):
+                raise ApiError(400, "bad_field", f"`options.{key}` must be a string of at most {limit} characters")
+        if options.get("rev") and not options.get("repo"):
+            raise ApiError(400, "bad_field", "`options.rev` needs `options.repo` (the repository's URL)")
         if secure and secure not in cust.secure_networks:
             have = ", ".join(cust.secure_networks) or "none"
             raise ApiError(400, "secure_compute_unavailable",
@@ -323,9 +332,17 @@ class Api:
         env = dict(repo.env, HIVED_GIT_REPOSITORY=repo_name, HIVED_GIT_REF=ref, HIVED_GIT_SHA=sha,
                    HIVED_GIT_URL=str(r.get("clone_url") or ""))
         delivery = request.headers.get("X-GitHub-Delivery", "")[:100]
+        # The build runs in the pushed commit's tree: the box checks `sha` out of its mirror of the
+        # repository (clone_url, or the repo's configured url) and starts the build there.
+        options = {}
+        url = repo.url or str(r.get("clone_url") or "")
+        if url:
+            options.update(repo=url, rev=sha)
+        if repo.image:
+            options["image"] = repo.image
         build = Build(id=self.cp.new_build_id(), customer=repo.customer, shape=repo.shape,
                       argv=list(repo.command), env=env, cwd="/work", timeout_s=repo.timeout_s,
-                      options={}, submitted_at=self.cp.clock(),
+                      options=options, submitted_at=self.cp.clock(),
                       idem_key=f"github:{delivery}" if delivery else None, source="github")
         return await self._submit(build)
 

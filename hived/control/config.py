@@ -32,6 +32,8 @@
     command = ["make", "test"]
     shape = "small"
     branches = ["main"]                # optional: only pushes to these
+    url = "https://github.com/acme/web.git"  # optional: where boxes fetch it (default: the event's clone_url)
+    image = "registry.example/ci:1"    # optional: build image its builds run in
 
 Every error names the key and what was expected.
 """
@@ -78,6 +80,8 @@ class Repo:
     branches: tuple[str, ...] | None = None
     env: dict = dataclasses.field(default_factory=dict)
     timeout_s: float = 0.0
+    url: str = ""      # where boxes fetch it from; "": the push event's clone_url
+    image: str = ""    # build image (OCI reference) its builds run in; "": the cell's own root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +126,12 @@ def _num(where: str, value, lo: float, kind=float):
         raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'} >= {lo}, "
                           f"got {value!r}")
     return kind(value)
+
+
+def _str(where: str, value) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
 
 
 def _strs(where: str, value) -> tuple[str, ...]:
@@ -210,7 +220,7 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table")
         _known(where, raw, {"customer", "secret", "secret_file", "command", "shape", "branches", "env",
-                            "timeout_s"})
+                            "timeout_s", "url", "image"})
         if raw.get("customer") not in customers:
             raise ConfigError(f"{where}.customer: {raw.get('customer')!r} is not a [customers.NAME] "
                               "of this hive")
@@ -237,7 +247,8 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
             raise ConfigError(f"{where}.env: expected a table of strings")
         repos[rname] = Repo(rname, raw["customer"], secret, command, shape,
                             _strs(f"{where}.branches", raw["branches"]) if "branches" in raw else None,
-                            dict(env), _num(f"{where}.timeout_s", raw.get("timeout_s", 0), 0))
+                            dict(env), _num(f"{where}.timeout_s", raw.get("timeout_s", 0), 0),
+                            _str(f"{where}.url", raw.get("url", "")), _str(f"{where}.image", raw.get("image", "")))
 
     heartbeat = _num(f"{source}: hive.heartbeat_s", hive.get("heartbeat_s", 1.0), 0.01)
     lost = _num(f"{source}: hive.box_lost_s", hive.get("box_lost_s", 10.0), 0.05)

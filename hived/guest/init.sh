@@ -4,7 +4,7 @@
 # Loads the virtio modules listed in /lib/modules/order (dependency order,
 # written by `hived image build`; the network's only with hived.ip=), brings up
 # eth0 if asked to, mounts the read-only root image on /newroot, the per-cell
-# scratch disk on /newroot/work, tmpfs on /tmp /run /var/tmp, and hands over to
+# scratch disk on /newroot/work, cgroup2 on /sys/fs/cgroup, tmpfs on /tmp /run /var/tmp, and hands over to
 # the agent (or, in bare mode, reports and reboots).
 #
 # Kernel command line (all optional):
@@ -42,6 +42,8 @@ mount -t proc -o nosuid,nodev,noexec proc /proc || die "mount /proc"
 T_INIT=$(uptime_s)
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || die "mount /sys"
 mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev || die "mount /dev"
+# crun puts each build in a cgroup of its own: the unified hierarchy, moved with /sys.
+mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup || die "mount cgroup2 on /sys/fs/cgroup"
 
 mode=agent
 root=/dev/vda

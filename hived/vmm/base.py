@@ -37,6 +37,8 @@ class CellSpec:
     tap_fd: int = -1             # the cell's tap (in its own netns), handed to the VMM; -1: no NIC
     mac: str = ""
     net_cmdline: str = ""        # hived.ip=... hived.gw=... for the guest's init
+    image_file: Path | None = None  # build image filesystem, attached read-only (serial hived-image)
+    source_slot_mib: int = 0     # a sparse source slot (serial hived-source) filled at assignment; 0: none
 
 
 class VmmDriver(abc.ABC):

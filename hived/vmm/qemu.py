@@ -76,7 +76,11 @@ def guest_cmdline(spec: CellSpec) -> str:
     return " ".join(args)
 
 
-def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch: Path, pidfile: Path):
+IMAGE_FDSET = 1  # -add-fd set holding the build image's file descriptor
+
+
+def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch: Path, pidfile: Path,
+                  image_fd: int = -1, source: Path | None = None):
     """The QEMU argv for a cell (pure: tested without starting anything)."""
     append = guest_cmdline(spec)
     throttle = ""
@@ -104,7 +108,7 @@ def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch:
         "-drive", f"id=root,file={spec.rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-drive", f"id=scratch,file={scratch},format=raw,if=none,discard=unmap{throttle}",
-        "-device", "virtio-blk-device,drive=scratch",
+        "-device", "virtio-blk-device,drive=scratch,serial=hived-scratch",
         "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=chan,path={chan}",
         "-device", "virtserialport,chardev=chan,name=hived.0",
@@ -112,6 +116,16 @@ def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch:
         "-pidfile", str(pidfile),
         "-sandbox", SANDBOX,
     ]
+    if image_fd >= 0:
+        # The box opened the cached image (it may live where the jailed VMM cannot look) and
+        # holds a lease on it; QEMU gets the open file, read-only, through an fd set.
+        argv += ["-add-fd", f"fd={image_fd},set={IMAGE_FDSET},opaque=hived-image",
+                 "-drive", f"id=image,file=/dev/fdset/{IMAGE_FDSET},format=raw,if=none,readonly=on",
+                 "-device", "virtio-blk-device,drive=image,serial=hived-image"]
+    if source is not None:
+        # Filled by the box at assignment (no hotplug on microvm); read-only to the guest.
+        argv += ["-drive", f"id=source,file={source},format=raw,if=none,readonly=on",
+                 "-device", "virtio-blk-device,drive=source,serial=hived-source"]
     if spec.tap_fd >= 0:
         # vhost needs /dev/vhost-net inside the jail: off until measured worth it.
         argv += ["-netdev", f"tap,id=n0,fd={spec.tap_fd},vhost=off",
@@ -192,6 +206,9 @@ class QemuMicrovm(VmmDriver):
                            "use a shorter state_dir")
         spec.cell_dir.mkdir(parents=True, exist_ok=False)
         await _make_scratch(self._p("scratch.ext4"), spec.scratch_mib)
+        if spec.source_slot_mib:
+            with open(self._p("source.img"), "wb") as f:
+                f.truncate(spec.source_slot_mib << 20)  # sparse: costs nothing until filled
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._listener.bind(str(chan))
         self._listener.listen(1)
@@ -201,12 +218,22 @@ class QemuMicrovm(VmmDriver):
             (spec.cell_dir / "jail").mkdir()
             for path in (spec.cell_dir, chan, self._p("scratch.ext4")):
                 os.chown(path, spec.vmm_uid, spec.vmm_uid)
+            if spec.source_slot_mib:
+                os.chmod(self._p("source.img"), 0o644)  # root writes it, the VMM only reads
             os.chmod(spec.cell_dir, 0o700)
 
     async def launch(self) -> int:
         spec = self.spec
+        image_fd = -1
+        if spec.image_file is not None:
+            try:
+                image_fd = os.open(spec.image_file, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise VmmError(f"cannot open build image {spec.image_file}: {exc.strerror}") from None
+        source = self._p("source.img") if spec.source_slot_mib else None
         argv = build_cmdline(spec, self._p("chan.sock"), self._p("qmp.sock"),
-                             self._p("console.log"), self._p("scratch.ext4"), self._p("qemu.pid"))
+                             self._p("console.log"), self._p("scratch.ext4"), self._p("qemu.pid"),
+                             image_fd=image_fd, source=source)
         if spec.vmm_uid:
             argv = confine(spec, argv, self._p("jail"))
         procs = [str(p) for p in spec.cgroup_procs]
@@ -218,17 +245,20 @@ class QemuMicrovm(VmmDriver):
                 with open(path, "w") as f:
                     f.write("0")
 
+        # the tap and image fds are O_CLOEXEC in the box: only this VMM inherits them
+        pass_fds = tuple(fd for fd in (spec.tap_fd, image_fd) if fd >= 0)
         try:
             with open(self._p("qemu.stderr"), "wb") as stderr:
                 self.proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                     stderr=stderr, preexec_fn=enter_cgroup if procs else None,
-                    start_new_session=True,
-                    # the tap fd is O_CLOEXEC in the box: only this VMM inherits it
-                    pass_fds=(spec.tap_fd,) if spec.tap_fd >= 0 else (),
+                    start_new_session=True, pass_fds=pass_fds,
                 )
         except OSError as exc:
             raise VmmError(f"cannot start {argv[0]}: {exc}") from None
+        finally:
+            if image_fd >= 0:
+                os.close(image_fd)
         return self.proc.pid
 
     async def accept(self, timeout: float) -> Channel:
@@ -311,6 +341,27 @@ class QemuMicrovm(VmmDriver):
             await self.proc.wait()
         if self.spec is not None:
             shutil.rmtree(self.spec.cell_dir, ignore_errors=True)
+
+    def fill_source(self, checkout: Path) -> float:
+        """Copy a checkout image into the source slot before `run`; returns the ms it took."""
+        import time
+
+        slot = self._p("source.img")
+        size = os.stat(checkout).st_size
+        if not self.spec.source_slot_mib:
+            raise VmmError("this cell has no source slot (box.source_slot_mib = 0)")
+        if size > self.spec.source_slot_mib << 20:
+            raise VmmError(f"checkout image is {size >> 20} MiB, larger than the cell's source slot of "
+                           f"{self.spec.source_slot_mib} MiB: raise box.source_slot_mib")
+        t0 = time.monotonic()
+        with open(checkout, "rb") as src, open(slot, "r+b") as dst:
+            left = size
+            while left:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), left)
+                if n == 0:
+                    raise VmmError(f"checkout image {checkout} shrank while being copied")
+                left -= n  # no fsync: QEMU reads the slot through the same page cache
+        return (time.monotonic() - t0) * 1000
 
     def console_tail(self, lines: int = 20) -> str:
         if self.spec is None:

@@ -1,0 +1,188 @@
+"""The build's container inside the cell: filesystems and the OCI bundle crun runs.
+
+Guest side (stdlib only). Layout in the cell:
+
+    /work                      the cell's scratch disk (ext4, per cell)
+      .hived/ (root, 0700)     root.upper, root.work: the container root's writable layer
+                               src.upper, src.work: the checkout's writable layer
+                               home/ (uid 1000): the container's /work
+    /run/hived/lower           the cell's own root, bound alone (no submounts)
+    /run/hived/image           the build image (drive `hived-image`, erofs/ext4, read-only)
+    /run/hived/rootfs          overlay: image (or the cell root) + root.upper
+    /run/hived/src.lower       the checkout (drive `hived-source`, read-only)
+    /run/hived/src             overlay: checkout + src.upper, bound at the build's cwd
+    /run/hived/bundle          config.json for crun
+
+The container: uid/gid 1000, no capabilities, no_new_privs, own pid/mount/ipc/uts/
+cgroup namespaces and a cgroup of its own; the network namespace is the cell's (the
+cell is the network boundary: its netns on the box isolates it). PID 1 is
+hived-buildinit (hived/guest/buildinit.c), which runs the build as its child and
+reports the build's wait status on fd 3.
+"""
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+from pathlib import Path
+
+BUILD_UID = BUILD_GID = 1000
+RUN = Path("/run/hived")
+WORK = Path("/work")
+STATE = WORK / ".hived"
+BUILDINIT = "/opt/hived/bin/hived-buildinit"
+INIT_IN_CONTAINER = "/.hived/init"
+IMAGE_SERIAL = "hived-image"
+SOURCE_SERIAL = "hived-source"
+BLKFLSBUF = 0x1261  # drop a block device's cached pages
+MS_RDONLY, MS_NODEV, MS_NOSUID, MS_BIND = 0x1, 0x4, 0x2, 0x1000
+RLIMITS = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "fsize": "RLIMIT_FSIZE"}
+
+
+class ContainerError(Exception):
+    """The container could not be set up; the message says what and why."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(source: str, target: Path, fstype: str | None, flags: int = 0, data: str = "") -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    rc = _libc.mount(source.encode(), str(target).encode(), fstype.encode() if fstype else None,
+                     ctypes.c_ulong(flags), data.encode() if data else None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise ContainerError(f"mount {source} ({fstype or 'bind'}) on {target}: {os.strerror(err)}")
+
+
+def find_disk(serial: str, sys_block: Path = Path("/sys/block")) -> str:
+    """The /dev node of the virtio disk the box gave this serial (names depend on probe order)."""
+    for dev in sorted(sys_block.glob("vd*")):
+        try:
+            if (dev / "serial").read_text().strip() == serial:
+                return f"/dev/{dev.name}"
+        except OSError:
+            continue
+    raise ContainerError(f"no disk with serial {serial!r} in this cell (the box attaches it at boot)")
+
+
+def drop_cached(dev: str) -> None:
+    """The box wrote the source slot after the guest scanned it: forget what the guest read."""
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF, 0)
+    finally:
+        os.close(fd)
+
+
+def _dir(path: Path, uid: int = 0, mode: int = 0o755) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, uid, uid)
+    os.chmod(path, mode)
+    return path
+
+
+def _overlay(lower: Path, name: str, target: Path, owner: int = 0) -> None:
+    upper = _dir(STATE / f"{name}.upper", owner)
+    work = _dir(STATE / f"{name}.work")
+    mount("overlay", target, "overlay", MS_NODEV,
+          f"lowerdir={lower},upperdir={upper},workdir={work}")
+
+
+def prepare_filesystems(image_fs: str, source_fs: str) -> dict:
+    """Mount the container's root and the checkout; returns the paths for the bundle."""
+    _dir(STATE, 0, 0o700)
+    home = _dir(STATE / "home", BUILD_UID)
+    if image_fs:
+        lower = RUN / "image"
+        mount(find_disk(IMAGE_SERIAL), lower, image_fs, MS_RDONLY | MS_NODEV)
+    else:
+        lower = RUN / "lower"
+        mount("/", lower, None, MS_BIND)  # not recursive: only the root filesystem itself
+    rootfs = RUN / "rootfs"
+    _overlay(lower, "root", rootfs)
+    paths = {"rootfs": rootfs, "home": home, "source": None}
+    if source_fs:
+        dev = find_disk(SOURCE_SERIAL)
+        drop_cached(dev)
+        mount(dev, RUN / "src.lower", source_fs, MS_RDONLY | MS_NODEV)
+        _overlay(RUN / "src.lower", "src", RUN / "src", owner=BUILD_UID)
+        paths["source"] = RUN / "src"
+    return paths
+
+
+def bundle_config(argv: list[str], env: dict[str, str], cwd: str, limits: dict, paths: dict,
+                  cgroup: str, hostname: str) -> dict:
+    """The OCI runtime config (pure: tested without a guest)."""
+    caps = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+    rlimits = [{"type": RLIMITS[k], "hard": int(v), "soft": int(v)} for k, v in limits.items() if k in RLIMITS]
+    nosuid = ["nosuid", "nodev"]
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": [*nosuid, "noexec"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": [*nosuid, "noexec", "mode=1777"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": [*nosuid, "noexec"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": [*nosuid, "noexec", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup",
+         "options": [*nosuid, "noexec", "ro"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": [*nosuid, "mode=1777"]},
+        {"destination": "/work", "type": "bind", "source": str(paths["home"]), "options": ["rbind", *nosuid]},
+        {"destination": INIT_IN_CONTAINER, "type": "bind", "source": BUILDINIT, "options": ["bind", "ro", "nodev"]},
+        {"destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf",
+         "options": ["bind", "ro", *nosuid]},
+    ]
+    if not os.path.exists("/etc/resolv.conf"):
+        mounts.pop()
+    if paths.get("source") is not None:
+        mounts.append({"destination": cwd, "type": "bind", "source": str(paths["source"]),
+                       "options": ["rbind", *nosuid]})
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": BUILD_UID, "gid": BUILD_GID, "additionalGids": []},
+            "args": [INIT_IN_CONTAINER, *argv],
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": cwd,
+            "capabilities": caps,
+            "noNewPrivileges": True,
+            "rlimits": rlimits,
+        },
+        "root": {"path": str(paths["rootfs"]), "readonly": False},
+        "hostname": hostname,
+        "mounts": mounts,
+        "linux": {
+            # No network namespace: the build shares the cell's, and the cell is the boundary.
+            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts", "cgroup")],
+            "cgroupsPath": cgroup,
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                            "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+
+
+def write_bundle(config: dict) -> Path:
+    bundle = _dir(RUN / "bundle", 0, 0o700)
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def parse_report(text: str) -> tuple[str, int] | None:
+    """hived-buildinit's one line on fd 3: ("status", wait status) or ("exec", errno)."""
+    words = text.split()
+    if len(words) != 2 or words[0] not in ("status", "exec"):
+        return None
+    try:
+        return words[0], int(words[1])
+    except ValueError:
+        return None
+
+
+def exec_error(err: int) -> str:
+    return os.strerror(err) if err else errno.errorcode.get(err, str(err))
