@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import uvloop
 
-from hived.control.config import parse
+from hived.control.config import ConfigError, parse
 from hived.control.server import ControlPlane
 
 TOKENS = {"acme": "tok-acme-0123456789", "other": "tok-other-0123456789", "admin": "tok-admin-0123456789"}
@@ -277,3 +277,36 @@ def test_metrics(tmp_path):
             status, health = await h.call("GET", "/healthz", token=None)
             assert status == 200 and health["queue"] == {"small": 1}
     run(main)
+
+
+def test_github_push_of_a_secure_compute_repo_builds_on_its_network(tmp_path):
+    data = {
+        "hive": {"name": "t1", "state_dir": str(tmp_path / "t1"), "api_listen": "127.0.0.1:0",
+                 "box_listen": "127.0.0.1:0", "heartbeat_s": 0.1, "box_lost_s": 1.0},
+        "shapes": {"small": {}},
+        "customers": {"acme": {"api_tokens_sha256": [sha(TOKENS["acme"])]}},
+        "networks": {"acme-private": {"customer": "acme", "connector_tokens_sha256": [sha("c")],
+                                      "tunnel_subnet": "100.96.0.0/24"}},
+        "repos": {"acme/web": {"customer": "acme", "secret": SECRET, "command": ["make"],
+                               "secure_compute": "acme-private"}},
+    }
+    cfg = parse(data, "test")
+    assert cfg.repos["acme/web"].secure_compute == "acme-private"
+    assert cfg.customers["acme"].secure_networks == ("acme-private",)
+
+    async def main():
+        async with Hive(cfg) as h:
+            body = push()
+            status, b = await h.call("POST", "/v1/webhooks/github", token=None, raw=body,
+                                     headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": sign(body)})
+            assert status == 201, b
+            assert h.cp.store.get_build(b["id"]).options["secure_compute"] == "acme-private"
+    run(main)
+    data["repos"]["acme/web"]["secure_compute"] = "someone-elses"
+    with pytest.raises(ConfigError, match=r"repos.acme/web.secure_compute: 'someone-elses' is not a "
+                                          r"\[networks.NAME\] of customer 'acme'"):
+        parse(data, "test")
+    data["repos"]["acme/web"]["secure_compute"] = ""
+    data["networks"]["acme-private"]["tunnel_subnet"] = "100.96.0.0/31"
+    with pytest.raises(ConfigError, match="tunnel_subnet: 100.96.0.0/31 is too small"):
+        parse(data, "test")

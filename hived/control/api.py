@@ -340,6 +340,8 @@ class Api:
             options.update(repo=url, rev=sha)
         if repo.image:
             options["image"] = repo.image
+        if repo.secure_compute:
+            options["secure_compute"] = repo.secure_compute
         build = Build(id=self.cp.new_build_id(), customer=repo.customer, shape=repo.shape,
                       argv=list(repo.command), env=env, cwd="/work", timeout_s=repo.timeout_s,
                       options=options, submitted_at=self.cp.clock(),

@@ -34,6 +34,7 @@
     branches = ["main"]                # optional: only pushes to these
     url = "https://github.com/acme/web.git"  # optional: where boxes fetch it (default: the event's clone_url)
     image = "registry.example/ci:1"    # optional: build image its builds run in
+    secure_compute = "acme-private"    # optional: its builds reach this network through a tunnel
 
 Every error names the key and what was expected.
 """
@@ -82,6 +83,7 @@ class Repo:
     timeout_s: float = 0.0
     url: str = ""      # where boxes fetch it from; "": the push event's clone_url
     image: str = ""    # build image (OCI reference) its builds run in; "": the cell's own root
+    secure_compute: str = ""  # Secure Compute network its builds reach ([networks.NAME] of its customer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +222,7 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table")
         _known(where, raw, {"customer", "secret", "secret_file", "command", "shape", "branches", "env",
-                            "timeout_s", "url", "image"})
+                            "timeout_s", "url", "image", "secure_compute"})
         if raw.get("customer") not in customers:
             raise ConfigError(f"{where}.customer: {raw.get('customer')!r} is not a [customers.NAME] "
                               "of this hive")
@@ -248,7 +250,12 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
         repos[rname] = Repo(rname, raw["customer"], secret, command, shape,
                             _strs(f"{where}.branches", raw["branches"]) if "branches" in raw else None,
                             dict(env), _num(f"{where}.timeout_s", raw.get("timeout_s", 0), 0),
-                            _str(f"{where}.url", raw.get("url", "")), _str(f"{where}.image", raw.get("image", "")))
+                            _str(f"{where}.url", raw.get("url", "")), _str(f"{where}.image", raw.get("image", "")),
+                            _str(f"{where}.secure_compute", raw.get("secure_compute", "")))
+        net = repos[rname].secure_compute
+        if net and (net not in networks or networks[net].customer != raw["customer"]):
+            raise ConfigError(f"{where}.secure_compute: {net!r} is not a [networks.NAME] of customer "
+                              f"{raw['customer']!r}")
 
     heartbeat = _num(f"{source}: hive.heartbeat_s", hive.get("heartbeat_s", 1.0), 0.01)
     lost = _num(f"{source}: hive.box_lost_s", hive.get("box_lost_s", 10.0), 0.05)
