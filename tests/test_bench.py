@@ -4,6 +4,7 @@ No timing assertions: only that numbers exist, are positive and consistent with 
 The boot benchmark boots real microVMs (marked vm; skipped without a built image).
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -195,3 +196,38 @@ def test_boot_two_cells_and_nothing_left():
         left = [str(d) for cell in res["cell_ids"] for d in cells_cg.dirs(cell) if d.exists()]
         left += [str(d) for d in box_cg.parent_dirs() if d.exists()]
         assert left == [], f"cgroups left behind: {left}"
+
+
+@pytest.mark.vm
+def test_secure_two_builds_each_and_nothing_left():
+    try:
+        bench.resolve_image(None)
+    except bench.BenchError as exc:
+        reason = f"no cell image for the secure benchmark: {exc}"
+        print(reason)
+        pytest.skip(reason)
+    if os.geteuid() != 0 or shutil.which("wireguard-go") is None:
+        reason = "needs root and wireguard-go (Debian package wireguard-go)"
+        print(reason)
+        pytest.skip(reason)
+    netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    r = _run([sys.executable, "-m", "hived", "bench", "secure", "--json", "--builds", "2"], 540)
+    assert r.returncode == 0, r.stderr
+    report = _one_json_object(r.stdout)
+    assert report["bench"] == "secure" and report["builds_each"] == 2
+    p = report["provision_ms"]
+    assert p["n"] == 2 and 0 < p["min"] <= p["p50"] <= p["p95"] <= p["max"]
+    stages = report["stages_ms"]
+    # cumulative stages: each ends no earlier than the one before, the last is the whole
+    order = ["interface_and_kex_ms", "configure_ms", "egress_ms", "provision_ms"]
+    for a, b in itertools.pairwise(order):
+        assert stages[a]["samples"] and all(x <= y for x, y in zip(stages[a]["samples"], stages[b]["samples"],
+                                                                   strict=True))
+    assert stages["provision_ms"]["samples"] == p["samples"]
+    s, pl = report["start_ms"]["secure"], report["start_ms"]["plain"]
+    assert s["n"] == pl["n"] == 2
+    assert report["overhead_ratio"] == pytest.approx(s["p50"] / pl["p50"], abs=0.01)
+    # the secure build started after its tunnel was up
+    assert all(start >= prov for start, prov in zip(s["samples"], p["samples"], strict=True))
+    netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert not {n for n in netns_after - netns_before if n.startswith(("hvt", "hv-bsec", "hvr-bsec"))}
