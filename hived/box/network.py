@@ -612,15 +612,20 @@ class CellNetwork:
         except OSError as exc:
             raise NetworkError(f"cannot open {TAP} of cell {cell_id}: {exc.strerror}") from None
 
-    async def secure_egress(self, cell_id: str, ifname: str, address: str, routes: list[str]) -> float:
-        """Make a WireGuard interface (already moved into the cell's namespace) the cell's
-        only way out (Secure Compute): the veth to the router goes, `address` (a /32) goes
-        on `ifname`, `routes` lead into it, and the guest's packets leave with `address`
-        (masquerade). Returns the milliseconds it took."""
+    async def secure_cut(self, cell_id: str, ifname: str) -> float:
+        """First half of Secure Compute egress (it needs nothing from the key exchange, so it
+        runs meanwhile): the veth to the router goes, so the cell has no way out at all, and
+        the guest's packets leaving by `ifname` get its address (masquerade). Milliseconds."""
+        check_cell_id(cell_id)
+        return await self._run(self._secure_cut_blocking, cell_id, ifname)
+
+    async def secure_route(self, cell_id: str, ifname: str, address: str, routes: list[str]) -> float:
+        """Second half: `address` (a /32) on the WireGuard interface `ifname` (already moved
+        into the cell's namespace), which goes up, and `routes` lead into it. Milliseconds."""
         check_cell_id(cell_id)
         for r in routes:
             ipaddress.IPv4Network(r)
-        return await self._run(self._secure_blocking, cell_id, ifname, address, list(routes))
+        return await self._run(self._secure_route_blocking, cell_id, ifname, address, list(routes))
 
     async def close(self) -> bool:
         """Remove the router namespace (and the uplink's host side) if no cells remain.
@@ -925,20 +930,39 @@ class CellNetwork:
         finally:
             ipr.close()
 
-    def _secure_blocking(self, cell_id: str, ifname: str, address: str, routes: list[str]) -> float:
+    def _secure_cut_blocking(self, cell_id: str, ifname: str) -> float:
         t0 = time.perf_counter()
         ns = self.netns_name(cell_id)
         veth_a, _ = veth_names(cell_id)
         step = f"remove veth {veth_a} (the cell's path to the router)"
         try:
-            # First cut the ordinary way out: deleting the router end takes the cell end along.
             self._router()
-            self._del_router_link(veth_a)
+            self._del_router_link(veth_a)  # the router end takes the cell end along
+            step = f"masquerade onto {ifname}"
             with entered(ns):
-                ipr = self._iproute()
                 nft = self._nft()
             try:
-                step = f"address {address} on {ifname}"
+                nft.table("add", name=CELL_TABLE)
+                nft.chain("add", table=CELL_TABLE, name="postrouting", hook="postrouting", type="nat",
+                          priority=100)
+                nft.rule("add", table=CELL_TABLE, chain="postrouting",
+                         expressions=[_ifname(_NFT_META_OIFNAME, ifname) + _masq()])
+            finally:
+                nft.close()
+        except NetworkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - netlink errors, named by step
+            raise self._fail(f"cell {cell_id}: Secure Compute egress: {step}", exc) from None
+        return round((time.perf_counter() - t0) * 1000, 2)
+
+    def _secure_route_blocking(self, cell_id: str, ifname: str, address: str, routes: list[str]) -> float:
+        t0 = time.perf_counter()
+        ns = self.netns_name(cell_id)
+        step = f"address {address} on {ifname}"
+        try:
+            with entered(ns):
+                ipr = self._iproute()
+            try:
                 idx = ipr.link_lookup(ifname=ifname)
                 if not idx:
                     raise NetworkError(f"cell {cell_id}: tunnel interface {ifname} is not in namespace {ns}")
@@ -948,15 +972,8 @@ class CellNetwork:
                 for r in routes:
                     step = f"route {r} into {ifname}"
                     ipr.route("add", dst=r, oif=idx[0])
-                step = f"masquerade onto {ifname}"
-                nft.table("add", name=CELL_TABLE)
-                nft.chain("add", table=CELL_TABLE, name="postrouting", hook="postrouting", type="nat",
-                          priority=100)
-                nft.rule("add", table=CELL_TABLE, chain="postrouting",
-                         expressions=[_ifname(_NFT_META_OIFNAME, ifname) + _masq()])
             finally:
                 ipr.close()
-                nft.close()
         except NetworkError:
             raise
         except Exception as exc:  # noqa: BLE001 - netlink errors, named by step

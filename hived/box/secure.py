@@ -9,8 +9,9 @@ the customer's connector, made at assignment and gone with the cell.
       3. secure.open {cell public key} -> key exchange -> the connector adds the peer
          <- secure.opened {connector key, endpoint, cell address, routes}
       4. private key + peer into the interface over its UAPI socket (memory to memory)
-      5. the cell's veth to the router goes; the routes lead into the tunnel; the guest's
-         packets leave with the cell's tunnel address (CellNetwork.secure_egress)
+      5. the routes lead into the tunnel (CellNetwork.secure_route); meanwhile, during 2-3,
+         the cell's veth to the router went and the guest's packets leaving by the tunnel
+         get the cell's tunnel address (CellNetwork.secure_cut)
       6. wait for the WireGuard handshake: the tunnel has carried its first bytes
       then `run` goes to the cell.
 
@@ -68,23 +69,26 @@ class CellTunnel:
         opening = asyncio.ensure_future(wireguard.open_interface(
             name, birth_netns=net.host_netns, target_netns=net.netns_name(cell_id)))
         asking = asyncio.ensure_future(kex.open_tunnel(cell_id, network, keys.public, KEX_TIMEOUT_S))
+        cutting = asyncio.ensure_future(net.secure_cut(cell_id, name))
         self._kex = kex
         try:
             try:
-                await asyncio.wait({opening, asking}, return_when=asyncio.FIRST_EXCEPTION)
+                await asyncio.wait({opening, asking, cutting}, return_when=asyncio.FIRST_EXCEPTION)
                 if asking.done() and asking.exception() is not None:
                     raise SecureComputeFailed(f"key exchange: {asking.exception()}")
                 if opening.done() and opening.exception() is not None:
                     raise SecureComputeFailed(f"tunnel interface {name}: {opening.exception()}")
+                if cutting.done() and cutting.exception() is not None:
+                    raise SecureComputeFailed(str(cutting.exception()))
             finally:
-                for fut in (opening, asking):
+                for fut in (opening, asking, cutting):
                     if not fut.done():
                         fut.cancel()
                     await asyncio.gather(fut, return_exceptions=True)
                 if opening.done() and not opening.cancelled() and opening.exception() is None:
                     self.iface = opening.result()
             answer = asking.result()
-            self.timings["interface_and_kex_ms"] = (time.perf_counter() - t0) * 1000
+            self.timings["interface_kex_cut_ms"] = (time.perf_counter() - t0) * 1000
             self.address = answer["address"]
             connector_key = answer["connector_key"]
             await self.iface.configure(private_key=keys.private, peers=[wireguard.Peer(
@@ -92,8 +96,8 @@ class CellTunnel:
                 keepalive_s=KEEPALIVE_S)])
             keys.wipe()
             self.timings["configure_ms"] = (time.perf_counter() - t0) * 1000
-            await net.secure_egress(cell_id, self.iface.name, self.address, answer["routes"])
-            self.timings["egress_ms"] = (time.perf_counter() - t0) * 1000
+            await net.secure_route(cell_id, self.iface.name, self.address, answer["routes"])
+            self.timings["route_ms"] = (time.perf_counter() - t0) * 1000
             try:
                 await self.iface.wait_handshake(connector_key, HANDSHAKE_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - any failure here is "no tunnel", said with its cause

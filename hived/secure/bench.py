@@ -9,7 +9,8 @@ Builds alternate, Secure Compute and not, with the same command, in one run:
                  with the connector has completed (the first bytes have come back through
                  the tunnel); covers key pair, interface, key exchange round trip through the
                  control plane and the connector, egress switch and handshake.
-  stages_ms      cumulative per step (interface_and_kex, configure, egress, provision).
+  stages_ms      cumulative per step (interface_kex_cut: interface, key exchange and cutting the
+                 veth at the same time; configure; route; provision).
   start_ms       the box takes the cell -> the guest reports the build started, for both
                  kinds; overhead_ratio = secure start p50 / plain start p50.
 
