@@ -9,6 +9,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 60.0
+REFILL_AFTER_TAKE_S = 0.3  # see take()
 
 
 class BootFailed(Exception):
@@ -116,7 +117,10 @@ class WarmPool:
         """A warm cell now, or None. Dead cells found on the way are handed back for cleanup."""
         while self.warm:
             rt = self.warm.popleft()
-            self.kick()
+            # The replacement boots a moment later: the build that took this cell is at its most
+            # latency-sensitive (tunnel, checkout, container start) and a boot right now would take
+            # the CPU from it; a boot takes seconds, so the pool loses next to nothing.
+            asyncio.get_running_loop().call_later(REFILL_AFTER_TAKE_S, self.kick)
             self._publish()
             return rt
         return None
