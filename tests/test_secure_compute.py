@@ -305,3 +305,25 @@ def _wg_processes(names) -> list[int]:
         if cmd and cmd[0].endswith(b"wireguard-go") and any(n.encode() in cmd for n in names):
             out.append(int(pid))
     return out
+
+
+def test_control_plane_restart_mid_build_fails_the_secure_build_clearly(hive):
+    """The key exchange service keeps tunnels in memory: after a restart the connector registers
+    again with new keys, so the running build's tunnel is dead and the box must say so."""
+    i = hive.submit(["sh", "-c", "python3 -c \"$0\" 5 && sleep 60", FETCH % hive.net.url], timeout_s=120)
+    hive.wait(i, ("running",), timeout=120)
+    deadline = time.monotonic() + 60
+    while hive.net.secret not in hive.log(i):
+        assert time.monotonic() < deadline, hive.log(i)
+        time.sleep(0.2)
+    hive.box.call(hive.cp.stop())
+    hive.cp = ControlPlane(hive.config)
+    hive.box.call(hive.cp.start())
+    b = hive.wait(i, timeout=90)
+    assert b["state"] == "failed" and b["reason"] == "secure_compute", b
+    assert "control plane restarted" in b["message"], b
+    hive.wait_connector()
+    # A new build gets a new tunnel through the re-registered connector.
+    j = hive.submit(hive.fetch_argv())
+    assert hive.wait(j)["state"] == "succeeded", hive.log(j)
+    hive.box.wait_pool_full()

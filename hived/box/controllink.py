@@ -196,6 +196,7 @@ class ControlLink:
         self._wake = asyncio.Event()
         self._opening: dict[str, asyncio.Future] = {}   # build id -> secure.opened
         self._lost: dict[str, asyncio.Future] = {}      # build id -> reason of secure.lost
+        self.epoch = ""                                 # the control plane's run (box.registered)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -274,6 +275,7 @@ class ControlLink:
         if msg.name != "box.registered":
             raise ProtocolError("bad_message", f"expected box.registered, got {msg.name}")
         self.heartbeat_s, self.lost_s = msg["heartbeat_s"], msg["lost_s"]
+        self._new_epoch(msg["epoch"])
         self.channel = channel
         self.assigns_seen = 0
         self.connects += 1
@@ -440,6 +442,17 @@ class ControlLink:
             with contextlib.suppress(ChannelClosed, ProtocolError, OSError):
                 self.channel.send_nowait("secure.close", build_id=rec.build_id, lease=rec.lease)
         # else: the control plane removes the peer when the build's exit arrives
+
+    def _new_epoch(self, epoch: str) -> None:
+        """A control plane that started again has forgotten every tunnel (its connectors registered
+        again with new keys): the Secure Compute builds running here lost theirs."""
+        if self.epoch and epoch != self.epoch:
+            for build_id, fut in self._lost.items():
+                if not fut.done():
+                    fut.set_result("the control plane restarted, and with it the key exchange service; the "
+                                   "connector's end of the tunnel is gone")
+                    log.warning("build %s: Secure Compute tunnel lost with the control plane's restart", build_id)
+        self.epoch = epoch
 
     def lost_future(self, build_id: str) -> asyncio.Future:
         fut = self._lost.get(build_id)

@@ -22,7 +22,8 @@ connector that disconnects or is replaced takes all its tunnels with it; the box
 holding them get `secure.lost` and fail those builds with the reason.
 
 State is memory only: after a control plane restart connectors register again (with new
-keys), which ends every tunnel of the previous run.
+keys), which ends every tunnel of the previous run. Boxes see a new `epoch` in
+box.registered and fail the Secure Compute builds they were running, with that reason.
 
 The class is plain logic with `send` callbacks, driven by hived/control/server.py.
 """

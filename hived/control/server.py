@@ -97,6 +97,7 @@ class ControlPlane:
         self.metrics = ControlMetrics(self)
         self.links: dict[str, BoxLink] = {}
         self.connector_channels: set[Channel] = set()
+        self.epoch = secrets.token_hex(8)  # boxes learn from it that tunnels of an earlier run are gone
         self.kex = KeyExchange(config.networks, hive=config.hive, send_box=self._send_box,
                                holds=self.scheduler.holds, build_network=self._build_network)
         self.api_port = 0
@@ -462,7 +463,7 @@ class ControlPlane:
             self.store.box_seen(box_id, capacity=msg["capacity"], shapes=msg["shapes"], warm=msg["warm"],
                                 now=now, registered=True)
             link.send("box.registered", box_id=box_id, hive=self.config.hive,
-                      heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s)
+                      heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s, epoch=self.epoch)
             log.info("box %s registered from %s: shapes %s, capacity %d, warm %s, holding %d build(s)",
                      box_id, _peer(channel), msg["shapes"], msg["capacity"], msg["warm"], len(msg["builds"]))
             self._apply(self.scheduler.box_connected(
