@@ -97,7 +97,7 @@ class BoxHarness:
         return await connect_unix(str(self.config.client_socket), Session("client", "test", {"box"}))
 
     async def _build(self, argv, *, shape="", timeout_s=0.0, env=None, cancel_after_started=None,
-                     on_accepted=None, options=None, cwd="/work"):
+                     cancel_after_output: bytes | None = None, on_accepted=None, options=None, cwd="/work"):
         ch = await self._client()
         out, err, errors = bytearray(), bytearray(), []
         build_id = cell_id = ""
@@ -117,6 +117,9 @@ class BoxHarness:
                         asyncio.get_running_loop().create_task(later())
                 elif msg.name == "output":
                     (out if msg["stream"] == 1 else err).extend(msg["data"])
+                    if cancel_after_output is not None and cancel_after_output in out:
+                        cancel_after_output = None  # once: the build has visibly run
+                        await ch.send("cancel", build_id=build_id, reason="test")
                 elif msg.name == "error":
                     errors.append(msg.fields)
                 elif msg.name == "exit":
