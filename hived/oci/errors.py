@@ -6,20 +6,11 @@
 
 from __future__ import annotations
 
+from hived.errors import ActionableError
 
-class OciError(Exception):
-    """Base: a failure the caller reports as one line. `why` and `todo` are both plain text."""
 
-    todo = "retry; if it keeps failing, report it"
-
-    def __init__(self, why: str, todo: str | None = None):
-        super().__init__(why)
-        self.why = why
-        if todo is not None:
-            self.todo = todo
-
-    def __str__(self) -> str:
-        return f"{self.why}; {self.todo}"
+class OciError(ActionableError):
+    """Base of this cache's errors (see hived.errors)."""
 
 
 class InvalidReference(OciError):

@@ -7,21 +7,11 @@ message ever carries a credential: URLs are shown with their user info removed.
 
 from __future__ import annotations
 
+from hived.errors import ActionableError
 
-class RepoError(Exception):
-    """Base: a failure the caller reports as one line. `why` and `todo` are plain text."""
 
-    todo = "retry; if it keeps failing, report it"
-
-    def __init__(self, why: str, todo: str | None = None):
-        why = " ".join(why.split())  # one line, whatever git printed
-        super().__init__(why)
-        self.why = why
-        if todo is not None:
-            self.todo = todo
-
-    def __str__(self) -> str:
-        return f"{self.why}; {self.todo}"
+class RepoError(ActionableError):
+    """Base of this cache's errors (see hived.errors)."""
 
 
 class InvalidUrl(RepoError):
