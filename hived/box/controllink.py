@@ -36,23 +36,18 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import ssl
 from pathlib import Path
 
 from hived.box.builds import run_build
+from hived.control.dial import REFUSED_BACKOFF_S, REGISTER_TIMEOUT_S, backoff, dial, tls_context
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.codec import Message
 from hived.protocol.errors import ProtocolError
-from hived.protocol.session import Session
 
 log = logging.getLogger(__name__)
 
 HOLD_OUTPUT_BYTES = 4 << 20
-BACKOFF_MIN_S = 0.2
-BACKOFF_MAX_S = 10.0
-REFUSED_BACKOFF_S = 30.0
-REGISTER_TIMEOUT_S = 10.0
 
 
 class LinkConfigError(Exception):
@@ -110,12 +105,7 @@ class LinkConfig:
                    path("ca_file"), path("cert_file"), path("key_file"), str(table.get("server_name", "")))
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        if self.ca_file is None:
-            return None
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        if self.cert_file is not None:
-            ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
-        return ctx
+        return tls_context(self.ca_file, self.cert_file, self.key_file)
 
 
 @dataclasses.dataclass
@@ -245,7 +235,7 @@ class ControlLink:
             if self._stopping:
                 return
             if delay is None:
-                delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** attempt) * random.uniform(0.5, 1.0)
+                delay = backoff(attempt)
                 attempt += 1
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -253,13 +243,7 @@ class ControlLink:
 
     async def _connect(self) -> Channel:
         cfg = self.config
-        loop = asyncio.get_running_loop()
-        session = Session("box", cfg.box_id, {"control"})
-        ctx = cfg.ssl_context()
-        _, channel = await asyncio.wait_for(loop.create_connection(
-            lambda: Channel(session, hello_timeout=REGISTER_TIMEOUT_S), cfg.host, cfg.port, ssl=ctx,
-            server_hostname=(cfg.server_name or cfg.host) if ctx else None), REGISTER_TIMEOUT_S)
-        return channel
+        return await dial("box", cfg.box_id, cfg.host, cfg.port, cfg.ssl_context(), cfg.server_name)
 
     async def _register(self, channel: Channel) -> None:
         cfg = self.config

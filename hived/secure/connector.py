@@ -33,24 +33,19 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import random
 import socket
 import ssl
 import time
 
+from hived.control.dial import REFUSED_BACKOFF_S, REGISTER_TIMEOUT_S, backoff, dial
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.errors import ProtocolError
-from hived.protocol.session import Session
 from hived.secure import wireguard as wg
 from hived.secure.connector_config import ConnectorConfig
 from hived.secure.keys import KeyPair, b64
 
 log = logging.getLogger(__name__)
 
-BACKOFF_MIN_S = 0.2
-BACKOFF_MAX_S = 10.0
-REFUSED_BACKOFF_S = 30.0
-REGISTER_TIMEOUT_S = 10.0
 
 
 class ConnectorError(Exception):
@@ -207,7 +202,7 @@ class Connector:
             if self._stopping:
                 return
             if delay is None:
-                delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** attempt) * random.uniform(0.5, 1.0)
+                delay = backoff(attempt)
                 attempt += 1
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -215,13 +210,8 @@ class Connector:
 
     async def _connect(self) -> Channel:
         cfg = self.config
-        loop = asyncio.get_running_loop()
-        session = Session("connector", cfg.network, {"control"})
-        ctx = cfg.ssl_context()
-        _, channel = await asyncio.wait_for(loop.create_connection(
-            lambda: Channel(session, hello_timeout=REGISTER_TIMEOUT_S), cfg.control_host, cfg.control_port,
-            ssl=ctx, server_hostname=(cfg.server_name or cfg.control_host) if ctx else None), REGISTER_TIMEOUT_S)
-        return channel
+        return await dial("connector", cfg.network, cfg.control_host, cfg.control_port, cfg.ssl_context(),
+                          cfg.server_name)
 
     async def _register(self, channel: Channel) -> None:
         cfg = self.config

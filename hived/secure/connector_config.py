@@ -134,12 +134,9 @@ class ConnectorConfig:
                    text("server_name", ""), text("netns", "") or None, driver)
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        if self.ca_file is None:
-            return None
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        if self.cert_file is not None:
-            ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
-        return ctx
+        from hived.control.dial import tls_context
+
+        return tls_context(self.ca_file, self.cert_file, self.key_file)
 
 
 def _host_port(value: str, where: str, what: str) -> tuple[str, int]:
