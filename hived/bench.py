@@ -813,64 +813,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _benchmark(which: str):
+    """(run(args) -> report, render(report) -> text, the errors it reports as one line) of a benchmark."""
+    if which == "codec":
+        return (lambda args: run_codec(args.seconds, args.rounds)), render_codec, BenchError
+    if which == "boot":
+        return run_boot, render_boot, BenchError
+    if which == "repos":
+        from hived.repos import bench as m
+    elif which == "control":
+        from hived.control import bench as m
+    elif which == "cache":
+        from hived import cachebench as m
+    else:
+        from hived.secure import bench as m
+    return m.run, m.render, (m.BenchError, BenchError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.which == "repos":
-        from hived.repos import bench as repos_bench
-
-        try:
-            report = repos_bench.run(args)
-        except repos_bench.BenchError as exc:
-            print(f"hived bench repos: {exc}", file=sys.stderr)
-            return 1
-        print(json.dumps(report, indent=2) if args.json else repos_bench.render(report))
-        return 0
-    if args.which == "secure":
-        from hived.secure import bench as secure_bench
-
-        try:
-            return secure_bench.main(args)
-        except BenchError as exc:
-            print(f"hived bench secure: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("hived bench secure: interrupted", file=sys.stderr)
-            return 130
-    if args.which == "cache":
-        from hived import cachebench
-
-        try:
-            report = cachebench.run(args)
-        except cachebench.BenchError as exc:
-            print(f"hived bench cache: {exc}", file=sys.stderr)
-            return 1
-        print(json.dumps(report, indent=2) if args.json else cachebench.render(report))
-        return 0
-    if args.which == "control":
-        from hived.control import bench as control_bench
-
-        try:
-            report = control_bench.run(args)
-        except control_bench.BenchError as exc:
-            print(f"hived bench control: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("hived bench control: interrupted", file=sys.stderr)
-            return 130
-        print(json.dumps(report, indent=2) if args.json else control_bench.render(report))
-        return 0
+    run, render, errors = _benchmark(args.which)
     try:
-        report = run_codec(args.seconds, args.rounds) if args.which == "codec" else run_boot(args)
-    except BenchError as exc:
+        report = run(args)
+    except errors as exc:
         print(f"hived bench {args.which}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"hived bench {args.which}: interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(render_codec(report) if args.which == "codec" else render_boot(report))
+    print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 
 

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,12 +41,6 @@ def parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _hash(token: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 async def _run(n: int, work: Path) -> dict:
     from hived import image as cell_image
     from hived import kvm
@@ -56,7 +48,7 @@ async def _run(n: int, work: Path) -> dict:
     from hived.box.controllink import LinkConfig
     from hived.box.daemon import BoxDaemon, CellImage
     from hived.control.config import parse as control_parse
-    from hived.control.server import ControlPlane
+    from hived.control.server import ControlPlane, token_hash
     from hived.control.store import Build
     from hived.secure.testbed import CustomerNetwork
 
@@ -75,9 +67,9 @@ async def _run(n: int, work: Path) -> dict:
                      "box_listen": f"{net.host_ip}:{port}", "heartbeat_s": 0.5, "box_lost_s": 8.0,
                      "synchronous": "normal"},
             "shapes": {"small": {}},
-            "customers": {"acme": {"api_tokens_sha256": [_hash(api_token)]}},
-            "boxes": {"bench-box": {"token_sha256": _hash(box_token)}},
-            "networks": {NETWORK: {"customer": "acme", "connector_tokens_sha256": [_hash(conn_token)],
+            "customers": {"acme": {"api_tokens_sha256": [token_hash(api_token)]}},
+            "boxes": {"bench-box": {"token_sha256": token_hash(box_token)}},
+            "networks": {NETWORK: {"customer": "acme", "connector_tokens_sha256": [token_hash(conn_token)],
                                    "tunnel_subnet": "100.97.0.0/24", "routes": [net.private_net]}},
         }, "bench"))
         await cp.start()
@@ -156,7 +148,7 @@ def render(r: dict) -> str:
             f"(ratio {r['overhead_ratio']})")
 
 
-def main(args) -> int:
+def run(args) -> dict:
     import uvloop
 
     if os.geteuid() != 0:
@@ -165,8 +157,6 @@ def main(args) -> int:
         raise BenchError("--builds must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="hived-bench-secure-"))
     try:
-        report = uvloop.run(_run(args.builds, work))
+        return uvloop.run(_run(args.builds, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(report, indent=2) if args.json else render(report), file=sys.stdout, flush=True)
-    return 0
