@@ -268,11 +268,16 @@ def entered(name: str):
         try:
             yield
         finally:
-            # safe: `home` is this thread's own netns, held open since before it left
-            if s.lib.setns(home, s.lib.CLONE_NEWNET) < 0:
-                raise _Stranded(f"cannot return from netns {name}: {os.strerror(s.ffi.errno)}")
+            _go_home(s, home, f"return from netns {name}")
     finally:
         os.close(home)
+
+
+def _go_home(s, home: int, what: str) -> None:
+    """Move this thread back into its own netns `home` (an fd held open since it left)."""
+    # safe: `home` is this thread's own netns, held open by the caller since before it left
+    if s.lib.setns(home, s.lib.CLONE_NEWNET) < 0:
+        raise _Stranded(f"cannot {what}: {os.strerror(s.ffi.errno)}")
 
 
 def _share_netns_dir() -> None:
@@ -321,9 +326,7 @@ def create_netns(name: str) -> None:
             os.unlink(path)
             raise
         finally:
-            # safe: `home` is this thread's own netns, held open since before unshare
-            if s.lib.setns(home, s.lib.CLONE_NEWNET) < 0:
-                raise _Stranded(f"cannot leave new netns {name}: {os.strerror(s.ffi.errno)}")
+            _go_home(s, home, f"leave new netns {name}")
     finally:
         os.close(home)
 
