@@ -74,28 +74,39 @@ class E2E:
             self.box.stop()
 
     def http(self, method, path, body=None):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {TOKENS['acme']}"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                data = r.read()
-                is_json = r.headers["Content-Type"].startswith("application/json")
-                return r.status, (json.loads(data) if is_json else data)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return api_call(self.api_port, method, path, body)
 
     def wait(self, build_id, states, timeout=180):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                status, b = self.http("GET", f"/v1/builds/{build_id}")
-            except (urllib.error.URLError, ConnectionError):
-                status, b = 0, None  # the control plane is restarting
-            if status == 200 and b["state"] in states:
-                return b
-            time.sleep(0.2)
-        raise AssertionError(f"build {build_id} not in {states} after {timeout} s: {b}")
+        return wait_build(self.api_port, build_id, states, timeout)
+
+
+def api_call(port: int, method: str, path: str, body=None, token: str = TOKENS["acme"]):
+    """(status, JSON or bytes) of one call to a hive's API on loopback."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            data = r.read()
+            is_json = r.headers["Content-Type"].startswith("application/json")
+            return r.status, (json.loads(data) if is_json else data)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_build(port: int, build_id: str, states, timeout: float = 180) -> dict:
+    """The build once it is in one of `states` (the API may be restarting meanwhile)."""
+    deadline = time.monotonic() + timeout
+    b = None
+    while time.monotonic() < deadline:
+        try:
+            status, b = api_call(port, "GET", f"/v1/builds/{build_id}")
+        except (urllib.error.URLError, ConnectionError):
+            status, b = 0, None  # the control plane is restarting
+        if status == 200 and b["state"] in states:
+            return b
+        time.sleep(0.2)
+    raise AssertionError(f"build {build_id} not in {states} after {timeout} s: {b}")
 
 
 @pytest.fixture(scope="module")

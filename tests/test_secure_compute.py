@@ -10,17 +10,15 @@ per-cell WireGuard tunnels (wireguard-go here).
 
 import asyncio
 import base64
-import json
 import os
 import secrets
 import signal
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from test_control_api import TOKENS, sha
+from test_control_e2e import api_call, wait_build
 from test_control_restart import free_port
 
 from hived.box.controllink import ControlLink, LinkConfig
@@ -104,16 +102,7 @@ class Hive:
                 self.net.down()
 
     def http(self, method, path, body=None):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {TOKENS['acme']}"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                data = r.read()
-                return r.status, (json.loads(data) if r.headers["Content-Type"].startswith("application/json")
-                                  else data)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return api_call(self.api_port, method, path, body)
 
     def submit(self, argv, secure=True, timeout_s=60):
         body = {"argv": argv, "timeout_s": timeout_s}
@@ -124,13 +113,7 @@ class Hive:
         return b["id"]
 
     def wait(self, build_id, states=("succeeded", "failed", "cancelled"), timeout=240):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status, b = self.http("GET", f"/v1/builds/{build_id}")
-            if status == 200 and b["state"] in states:
-                return b
-            time.sleep(0.2)
-        raise AssertionError(f"build {build_id} not in {states} after {timeout} s: {b}")
+        return wait_build(self.api_port, build_id, states, timeout)
 
     def log(self, build_id) -> str:
         _, data = self.http("GET", f"/v1/builds/{build_id}/logs")
