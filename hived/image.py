@@ -32,7 +32,6 @@ e2fsprogs and busybox-static. The initramfs cpio is written here, not by cpio(1)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -56,6 +55,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from hived.errors import ActionableError
 
 # Bump whenever the build recipe in this file changes (slimming, users, mke2fs
 # options, initramfs layout...): this module is not among the hashed guest files.
@@ -145,11 +146,11 @@ BUILDINIT_PATH = "opt/hived/bin/hived-buildinit"  # in the root image; PID 1 of 
 _HEX_NAME = re.compile(r"^[0-9a-f]{16}$")
 
 
-class ImageError(Exception):
+class ImageError(ActionableError):
     """A build or lookup failure, shown as one line: `<what> failed: <why>; <todo>`."""
 
     def __init__(self, what: str, why: str, todo: str):
-        super().__init__(what, why, todo)
+        Exception.__init__(self, what, why, todo)
         self.what, self.why, self.todo = what, why, todo
 
     def __str__(self) -> str:
@@ -1179,51 +1180,3 @@ def guest_kernel_args(accel: str = "tcg") -> str:
 
 # --------------------------------------------------------------------------
 # CLI
-
-
-def main(argv: list[str]) -> int:
-    """`hived image build [--dest DIR] [--force]` | `hived image path [--dest DIR]`."""
-    parser = argparse.ArgumentParser(prog="hived image",
-                                     description="build or locate the cell image")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the cell image (prints its directory)")
-    b.add_argument("--dest", help=f"image root (default $HIVED_IMAGE_DIR or {DEFAULT_DEST})")
-    b.add_argument("--force", action="store_true",
-                   help="rebuild even if complete, rerunning debootstrap")
-    p = sub.add_parser("path", help="print the image directory for the current code")
-    p.add_argument("--dest", help=f"image root (default $HIVED_IMAGE_DIR or {DEFAULT_DEST})")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        if args.cmd == "build":
-            path = build_image(args.dest, force=args.force)
-        else:
-            path = find_image(args.dest, required=True)
-        print(path)
-        return 0
-    except ImageError as e:
-        print(f"hived image: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("hived image: build failed: interrupted; rerun `hived image build`",
-              file=sys.stderr)
-        return 130
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            why, todo = "disk full", "free space or set HIVED_IMAGE_DIR to a bigger disk"
-        else:
-            why, todo = f"{e.strerror or e} ({e.filename or ''})", "check permissions and paths"
-        print(f"hived image: {args.cmd} failed: {why}; {todo}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        if os.environ.get("HIVED_DEBUG"):
-            raise
-        print(f"hived image: {args.cmd} failed: {type(e).__name__}: {e}; "
-              "rerun with HIVED_DEBUG=1 for a traceback and report it", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -354,7 +354,7 @@ def main(config_path: str) -> int:
     """`hived router --config FILE`."""
     import uvloop
 
-    from hived.cli import UserError
+    from hived.errors import UserError
 
     try:
         config = load(Path(config_path))
@@ -369,9 +369,9 @@ def main(config_path: str) -> int:
 if __name__ == "__main__":
     import argparse
 
-    from hived.cli import _guard
+    from hived.errors import guard
 
     p = argparse.ArgumentParser(prog="hived router")
     p.add_argument("--config", required=True)
     args = p.parse_args()
-    sys.exit(_guard(lambda: main(args.config)))
+    sys.exit(guard(lambda: main(args.config)))

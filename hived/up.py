@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from hived.cli import UserError
+from hived.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hived import bench
+from hived.bench import boot, common
 
 ROOT = Path(__file__).resolve().parent.parent
 CODEC_KEYS = [f"{mode}/{w}" for mode in ("encode", "decode", "framing_only")
@@ -42,15 +42,15 @@ def _one_json_object(stdout: str) -> dict:
 
 # -- pure helpers ---------------------------------------------------------------------------
 def test_percentile_interpolates_between_ranks():
-    assert bench.percentile([5.0], 50) == 5.0
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert bench.percentile([4.0, 1.0, 3.0, 2.0], 0) == 1.0
-    assert bench.percentile([4.0, 1.0, 3.0, 2.0], 100) == 4.0
-    assert bench.percentile(list(map(float, range(1, 11))), 95) == pytest.approx(9.55)
+    assert common.percentile([5.0], 50) == 5.0
+    assert common.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert common.percentile([4.0, 1.0, 3.0, 2.0], 0) == 1.0
+    assert common.percentile([4.0, 1.0, 3.0, 2.0], 100) == 4.0
+    assert common.percentile(list(map(float, range(1, 11))), 95) == pytest.approx(9.55)
 
 
 def test_dist_ms_shape():
-    d = bench.dist_ms([3.0, 1.0, 2.0])
+    d = common.dist_ms([3.0, 1.0, 2.0])
     assert d["p50"] == 2.0 and d["min"] == 1.0 and d["max"] == 3.0 and d["n"] == 3
     assert d["min"] <= d["p50"] <= d["p95"] <= d["max"]
 
@@ -143,7 +143,7 @@ def _bench_qemus() -> set[int]:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "qemu" in cmd.split(" ", 1)[0] and f"/tmp/{bench.TMP_PREFIX}" in cmd:
+        if "qemu" in cmd.split(" ", 1)[0] and f"/tmp/{boot.TMP_PREFIX}" in cmd:
             pids.add(int(entry))
     return pids
 
@@ -151,8 +151,8 @@ def _bench_qemus() -> set[int]:
 @pytest.mark.vm
 def test_boot_two_cells_and_nothing_left():
     try:
-        bench.resolve_image(None)
-    except bench.BenchError as exc:
+        boot.resolve_image(None)
+    except common.BenchError as exc:
         reason = f"no cell image for the boot benchmark: {exc}"
         print(reason)
         pytest.skip(reason)
@@ -180,7 +180,7 @@ def test_boot_two_cells_and_nothing_left():
     # Nothing left: no QEMU, no temp dir, no cell cgroup, no box cgroup parent.
     res = report["resources"]
     tmp = Path(res["tmp_dir"])
-    assert tmp.name.startswith(bench.TMP_PREFIX)
+    assert tmp.name.startswith(boot.TMP_PREFIX)
     assert not tmp.exists(), f"{tmp} left behind"
     # only this run's VMMs: other benchmark runs may be going on at the same time
     mine = {pid for pid in _bench_qemus() - before if report["resources"]["tmp_dir"] in _cmd(pid)}
@@ -201,8 +201,8 @@ def test_boot_two_cells_and_nothing_left():
 @pytest.mark.vm
 def test_secure_two_builds_each_and_nothing_left():
     try:
-        bench.resolve_image(None)
-    except bench.BenchError as exc:
+        boot.resolve_image(None)
+    except common.BenchError as exc:
         reason = f"no cell image for the secure benchmark: {exc}"
         print(reason)
         pytest.skip(reason)

@@ -52,7 +52,7 @@ class ControlProcess:
     def __init__(self, config: str, log_path) -> None:
         self.log = open(log_path, "ab")  # noqa: SIM115 (closed in kill())
         env = dict(os.environ, HIVED_LOG="INFO")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hived.control", "--config", config],
+        self.proc = subprocess.Popen([sys.executable, "-m", "hived", "control", "--config", config],
                                      stdout=subprocess.PIPE, stderr=self.log, env=env)
         line = self.proc.stdout.readline().decode()
         if not line.startswith("ready "):

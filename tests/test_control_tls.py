@@ -74,11 +74,11 @@ def test_require_box_certs(tmp_path, tls_dir):
 def test_cli_init_and_tokens(tmp_path):
     cfg = tmp_path / "hive.toml"
     cfg.write_text(f'[hive]\nname = "c1"\nstate_dir = "{tmp_path}/state"\ntls_dir = "tls"\n[shapes.small]\n')
-    out = subprocess.run([sys.executable, "-m", "hived.control", "init", "--config", str(cfg), "--box", "b1"],
+    out = subprocess.run([sys.executable, "-m", "hived", "control", "init", "--config", str(cfg), "--box", "b1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "tls" / "box-b1.pem").exists() and "wrote" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "hived.control", "add-box", "--config", str(cfg), "b1"],
+    out = subprocess.run([sys.executable, "-m", "hived", "control", "add-box", "--config", str(cfg), "b1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     token = out.stdout.split("token ")[1].split()[0]
@@ -88,6 +88,6 @@ def test_cli_init_and_tokens(tmp_path):
     store = SQLiteStore(tmp_path / "state" / "c1.db", "c1")
     assert store.get_box("b1").token_hash == token_hash(token)
     store.close()
-    out = subprocess.run([sys.executable, "-m", "hived.control", "--config", str(tmp_path / "nope.toml")],
+    out = subprocess.run([sys.executable, "-m", "hived", "control", "--config", str(tmp_path / "nope.toml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "does not exist" in out.stderr

@@ -32,7 +32,7 @@ from test_oci_support import (
     tree_files,
 )
 
-from hived.oci import cli
+from hived.cli import image as cli
 from hived.oci.cache import ImageCache
 from hived.oci.errors import AuthError, CacheError, DigestMismatch, InUse, NotFound, RegistryUnavailable
 from hived.oci.registry import Credentials

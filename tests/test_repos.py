@@ -712,7 +712,7 @@ def test_operator_cli(tmp_path, project):
     root = tmp_path / "cache"
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "hived.repos.cli", *args, "--cache-dir", str(root),
+        return subprocess.run([sys.executable, "-m", "hived", "repo", *args, "--cache-dir", str(root),
                                "--allow-protocol", "file"], capture_output=True, text=True, timeout=120, input="")
 
     p = cli("get", project.repo.url, "v2", "--json")

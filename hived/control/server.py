@@ -646,12 +646,12 @@ async def serve(config: ControlConfig, *, ready_file=None) -> int:
 
 
 def main(config_path: str) -> int:
-    """`hived control --config FILE`. Raises hived.cli.UserError on a bad config or state file."""
+    """`hived control --config FILE`. Raises hived.errors.UserError on a bad config or state file."""
     import uvloop
 
-    from hived.cli import UserError
     from hived.control.config import ConfigError, load
     from hived.control.store import StoreError
+    from hived.errors import UserError
 
     try:
         config = load(config_path)

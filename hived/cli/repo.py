@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from hived.errors import guard
 from hived.repos.cache import DEFAULT_ROOT, RepoCache
 from hived.repos.errors import RepoError
 from hived.repos.url import ALL_PROTOCOLS, DEFAULT_PROTOCOLS, Credentials
@@ -72,37 +73,35 @@ def render(listing: dict, usage: int, bound: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return guard(lambda: _run(args), prog="hived repo")
+
+
+def _run(args) -> int:
     protocols = tuple(dict.fromkeys([*DEFAULT_PROTOCOLS, *args.allow_protocol]))
-    try:
-        cache = RepoCache(args.cache_dir, protocols=protocols)
-        if args.cmd == "get":
-            creds = None
-            if args.password_stdin:
-                creds = Credentials(args.user or "", sys.stdin.readline().rstrip("\n"))
-            elif args.user:
-                raise RepoError("--user needs --password-stdin", "pipe the password or token in")
-            make = cache.bundle if args.bundle else cache.checkout_image
-            got = asyncio.run(make(args.url, args.rev, creds, refresh=args.refresh))
-            d = {k: str(v) if k == "path" else v for k, v in asdict(got).items()}
-            print(json.dumps(d, indent=2) if args.json else f"{got.commit} {got.path} {_mb(got.size)}")
-        elif args.cmd == "ls":
-            listing = cache.list()
-            if args.json:
-                print(json.dumps({**listing, "bytes": cache.usage(), "max_bytes": cache.max_bytes}, indent=2))
-            else:
-                print(render(listing, cache.usage(), cache.max_bytes))
-        elif args.cmd == "rm":
-            kind = "mirror" if args.mirror else "bundle" if args.bundle else "image"
-            for name in args.names:
-                cache.remove(name, kind)
+    cache = RepoCache(args.cache_dir, protocols=protocols)
+    if args.cmd == "get":
+        creds = None
+        if args.password_stdin:
+            creds = Credentials(args.user or "", sys.stdin.readline().rstrip("\n"))
+        elif args.user:
+            raise RepoError("--user needs --password-stdin", "pipe the password or token in")
+        make = cache.bundle if args.bundle else cache.checkout_image
+        got = asyncio.run(make(args.url, args.rev, creds, refresh=args.refresh))
+        d = {k: str(v) if k == "path" else v for k, v in asdict(got).items()}
+        print(json.dumps(d, indent=2) if args.json else f"{got.commit} {got.path} {_mb(got.size)}")
+    elif args.cmd == "ls":
+        listing = cache.list()
+        if args.json:
+            print(json.dumps({**listing, "bytes": cache.usage(), "max_bytes": cache.max_bytes}, indent=2))
         else:
-            print(json.dumps(cache.gc()))
-        return 0
-    except RepoError as e:
-        print(f"hived repo: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+            print(render(listing, cache.usage(), cache.max_bytes))
+    elif args.cmd == "rm":
+        kind = "mirror" if args.mirror else "bundle" if args.bundle else "image"
+        for name in args.names:
+            cache.remove(name, kind)
+    else:
+        print(json.dumps(cache.gc()))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""`hived image pull|ls|rm`: the box's build-image cache, for operators.
+"""`hived image build|path` (the cell image) and `hived image pull|ls|rm` (the box's build-image
+cache), for operators.
+
+    hived image build [--dest DIR] [--force]
+    hived image path [--dest DIR]
 
     hived image pull REF [--user U --password-stdin] [--cached] [--json]
     hived image ls [--json]
@@ -17,6 +21,7 @@ import os
 import sys
 import time
 
+from hived.errors import guard
 from hived.oci.cache import DEFAULT_ROOT, CachedImage, ImageCache
 from hived.oci.errors import OciError
 from hived.oci.registry import Credentials
@@ -92,34 +97,45 @@ def _progress_printer(stream):
 
 
 def main(argv: list[str]) -> int:
+    """`hived image build|path` (the cell image) or `hived image pull|ls|rm` (build images)."""
+    if argv and argv[0] in COMMANDS:
+        return _cache_main(argv)
+    return _cell_image_main(argv)
+
+
+def _cache_main(argv: list[str]) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     target = {"pull": getattr(args, "ref", ""), "rm": " ".join(getattr(args, "refs", []))}.get(args.cmd, "")
-    what = f"{args.cmd} {target}".strip()
+    return guard(lambda: _run(args), prog="hived image", what=f"{args.cmd} {target}".strip())
+
+
+def _cell_image_main(argv: list[str]) -> int:
+    from hived import image
+
+    parser = argparse.ArgumentParser(prog="hived image", description="build or locate the cell image")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build the cell image (prints its directory)")
+    b.add_argument("--dest", help=f"image root (default $HIVED_IMAGE_DIR or {image.DEFAULT_DEST})")
+    b.add_argument("--force", action="store_true", help="rebuild even if complete, rerunning debootstrap")
+    p = sub.add_parser("path", help="print the image directory for the current code")
+    p.add_argument("--dest", help=f"image root (default $HIVED_IMAGE_DIR or {image.DEFAULT_DEST})")
     try:
-        return _run(args)
-    except OciError as e:
-        print(f"hived image: {what} failed: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"hived image: {what} interrupted; run it again (nothing partial is kept)", file=sys.stderr)
-        return 130
-    except PermissionError as e:
-        print(f"hived image: {what} failed: no permission for {e.filename}; run as root or pick --cache-dir",
-              file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"hived image: {what} failed: {e.strerror or e} ({e.filename or ''}); check the cache directory",
-              file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        if os.environ.get("HIVED_DEBUG"):
-            raise
-        print(f"hived image: {what} failed: {type(e).__name__}: {e}; "
-              "rerun with HIVED_DEBUG=1 for a traceback and report it", file=sys.stderr)
-        return 1
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+    def run() -> int:
+        if args.cmd == "build":
+            path = image.build_image(args.dest, force=args.force)
+        else:
+            path = image.find_image(args.dest, required=True)
+        print(path)
+        return 0
+
+    return guard(run, prog="hived image", what=args.cmd)
 
 
 def _run(args) -> int:

@@ -9,7 +9,7 @@
 import argparse
 import hashlib
 
-from hived.cli import UserError
+from hived.errors import UserError
 
 
 def _load(path: str):

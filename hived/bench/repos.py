@@ -12,7 +12,7 @@ One run measures, on a fresh cache:
   image_read_ms (mount the image read-only and read every file, root only; page cache warm, as
   on a box that just made the image).
 
-`python -m hived.repos.bench [--json] [--size-mb 20]`; `run(args)` returns the report.
+`hived bench repos [--json] [--size-mb 20]`; `run(args)` returns the report.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -28,11 +27,11 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from hived.bench.common import BenchError
 from hived.repos.cache import RepoCache
 
 WORDS = ("int", "return", "static", "const", "void", "struct", "if", "else", "for", "while", "self", "def",
@@ -40,8 +39,6 @@ WORDS = ("int", "return", "static", "const", "void", "struct", "if", "else", "fo
          "parse", "write", "read", "open", "close", "index", "count", "name", "path", "node", "list", "map")
 
 
-class BenchError(Exception):
-    pass
 
 
 def _env(home: Path) -> dict:
@@ -271,8 +268,7 @@ def render(r: dict) -> str:
     ])
 
 
-def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="hived bench repos", description=__doc__.splitlines()[0])
+def parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--size-mb", type=float, default=20.0, help="packed size of the test repository (default 20)")
     p.add_argument("--warm-runs", type=int, default=15, help="warm requests to take the median of (default 15)")
@@ -280,16 +276,3 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        report = run(args)
-    except BenchError as e:
-        print(f"hived bench repos: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

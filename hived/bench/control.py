@@ -35,29 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from hived.bench.common import BenchError, _loadavg, machine_info, summary
 from hived.control.config import parse
 from hived.control.server import ControlPlane
 from hived.control.simbox import bench_token
 from hived.control.store import Build
 
 
-class BenchError(Exception):
-    pass
-
-
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def _dist(ms: list[float]) -> dict:
-    if not ms:
-        return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
-    return {"p50": round(_pct(ms, 50), 3), "p90": round(_pct(ms, 90), 3), "p99": round(_pct(ms, 99), 3),
-            "max": round(max(ms), 3), "n": len(ms)}
+    return summary(ms, (50, 90, 99), digits=3)
 
 
 class _Fleet:
@@ -211,7 +197,7 @@ async def _paced(cp: ControlPlane, sub: _Submitter, done: _Finished, rate: float
 async def _http(cp: ControlPlane, seed: str, builds: int, concurrency: int, cpu: int) -> dict:
     """Closed loop over HTTP: a client process POSTs builds, `concurrency` at a time."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hived.control.bench", "_http_client", f"http://127.0.0.1:{cp.api_port}/v1/builds",
+        sys.executable, "-m", "hived.bench.control", "_http_client", f"http://127.0.0.1:{cp.api_port}/v1/builds",
         f"api-{seed}", str(builds), str(concurrency), str(cpu), stdout=subprocess.PIPE)
     out, _ = await proc.communicate()
     if proc.returncode != 0:
@@ -246,8 +232,6 @@ async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, l
                   warm: int = 4, synchronous: str = "full", window: int = 0, pin: bool = True,
                   http: int = 0) -> dict:
     import logging
-
-    from hived.bench import _loadavg, machine_info
 
     logging.getLogger("hived").setLevel(logging.ERROR)  # 100 boxes saying goodbye is not news
     machine = machine_info()  # its load average is the one before this run
@@ -367,6 +351,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    """Only the --http client process starts here (`hived bench control` is the benchmark)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_http_client"]:  # the client process of --http
         import uvloop
@@ -377,14 +362,8 @@ def main(argv=None) -> int:
                 os.sched_setaffinity(0, {cpu})
         print(json.dumps(uvloop.run(_http_client(url, token, n, concurrency))))
         return 0
-    args = parser().parse_args(argv)
-    try:
-        report = run(args)
-    except BenchError as exc:
-        print(f"hived bench control: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0
+    raise SystemExit("usage: python -m hived.bench.control _http_client URL TOKEN N CONCURRENCY CPU "
+                     "(the benchmark itself is `hived bench control`)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from hived.cli import EXIT_INFRA, UserError
+from hived.errors import EXIT_INFRA, UserError
 from hived.protocol.channel import ChannelClosed, connect_unix
 from hived.protocol.session import Session
 

@@ -33,17 +33,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from hived.bench import repos as repos_bench
+from hived.bench.common import BenchError, progress, summary
+
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
 
-class BenchError(Exception):
-    pass
-
-
-def _progress(text: str) -> None:
-    import sys
-
-    print(text, file=sys.stderr, flush=True)
 
 
 # -- the test image ------------------------------------------------------------------------------
@@ -209,10 +204,7 @@ async def _pool_full(box, key_prefix: str) -> None:
 
 
 def _dist(values: list[float]) -> dict:
-    from hived.bench import percentile
-
-    return {"p50": round(percentile(values, 50), 1), "p95": round(percentile(values, 95), 1),
-            "min": round(min(values), 1), "max": round(max(values), 1), "n": len(values)}
+    return summary(values, (50, 95), with_min=True)
 
 
 async def _measure(work: Path, ref: str, repo_url: str, runs: int, registry_host: str) -> dict:
@@ -223,22 +215,22 @@ async def _measure(work: Path, ref: str, repo_url: str, runs: int, registry_host
         for _ in range(runs):
             await _pool_full(box, "small")
             plain.append((await _build_start_ms(box, {}))["start_ms"])
-        _progress("image, cold ...")
+        progress("image, cold ...")
         await _pool_full(box, "small")
         cold = await _build_start_ms(box, {"image": ref})
         r["image_cold"] = cold
         warm = []
         for i in range(runs):
-            _progress(f"image, cached {i + 1}/{runs} ...")
+            progress(f"image, cached {i + 1}/{runs} ...")
             await _pool_full(box, "small@")
             warm.append(await _build_start_ms(box, {"image": ref}))
         r["image_warm"] = warm
-        _progress("repository, cold ...")
+        progress("repository, cold ...")
         await _pool_full(box, "small")
         r["clone_cold"] = await _build_start_ms(box, {"repo": repo_url, "rev": "main"})
         clones = []
         for i in range(runs):
-            _progress(f"repository, cached {i + 1}/{runs} ...")
+            progress(f"repository, cached {i + 1}/{runs} ...")
             await _pool_full(box, "small")
             clones.append(await _build_start_ms(box, {"repo": repo_url, "rev": "main"}))
         r["clone_warm"] = clones
@@ -267,8 +259,6 @@ def run(args: argparse.Namespace) -> dict:
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not installed: apt-get install {pkg}")
     import uvloop
-
-    from hived.repos import bench as repos_bench
 
     work = Path(tempfile.mkdtemp(prefix="hvbc", dir="/tmp"))
     registry = daemon = None

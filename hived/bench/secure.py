@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hived.bench import BenchError, dist_ms, machine_info, progress
+from hived.bench.common import BenchError, dist_ms, machine_info, progress
 
 NETWORK = "bench-private"
 

@@ -1,0 +1,62 @@
+"""`hived bench NAME`: benchmarks that run side by side with their baseline, one module each.
+
+    hived bench codec    frame encode/decode, compiled vs pure-Python framing (codec.py)
+    hived bench boot     cold boot vs bare QEMU, warm start through a box daemon (boot.py)
+    hived bench control  control plane throughput and latency, simulated boxes (control.py)
+    hived bench repos    repository cache, cold vs warm (repos.py)
+    hived bench cache    time to build start with an image and a repository, cold vs cached (cache.py)
+    hived bench secure   Secure Compute provisioning beside plain builds (secure.py)
+
+Each module has `parser(p)`, `run(args) -> report` and `render(report) -> text`; what they
+share (BenchError, statistics, machine facts, the JSON writer) is in common.py. Every result
+is a distribution and a ratio to a baseline measured in the same run; `--json` prints exactly
+one JSON object on stdout, progress goes to stderr. See benchmarks/README.md.
+"""
+
+import argparse
+import importlib
+import sys
+
+from hived.bench.common import BenchError, emit
+from hived.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+
+BENCHMARKS = {
+    "codec": "frame encode/decode: compiled vs pure-Python framing",
+    "boot": "cold boot vs bare QEMU, and warm start through a box daemon",
+    "control": "control plane scheduling throughput and latency, simulated boxes",
+    "repos": "repository cache: clone cold vs warm (checkout image), and bundles",
+    "secure": "Secure Compute: tunnel provisioning per cell, beside the same build without it",
+    "cache": "time to build start with a build image and a repository, cold vs cached (real box)",
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"hived.bench.{name}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hived bench", description="benchmarks, each against its baseline in "
+                                "the same run; --json prints one JSON object")
+    sub = p.add_subparsers(dest="which", required=True)
+    for name, help_text in BENCHMARKS.items():
+        _module(name).parser(sub.add_parser(name, help=help_text))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    bench = _module(args.which)
+    try:
+        report = bench.run(args)
+    except BenchError as exc:
+        print(f"hived bench {args.which}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"hived bench {args.which}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    emit(report, args.json, bench.render)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
