@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from hived import image
+from hived.cli import image as image_cli
 
 IMAGE_ROOT = Path(os.environ.get("HIVED_IMAGE_DIR") or image.DEFAULT_DEST)
 QEMU = "qemu-system-x86_64"
@@ -136,8 +137,8 @@ def test_build_returns_cached_image_without_rebuilding(image_dir, monkeypatch):
     def no_build(*a, **kw):
         raise AssertionError("build_image rebuilt an image whose inputs did not change")
 
-    monkeypatch.setattr(image, "_build", no_build)
-    monkeypatch.setattr(image, "debootstrap_tarball", no_build)
+    monkeypatch.setattr(image.store, "_build", no_build)
+    monkeypatch.setattr(image.store, "debootstrap_tarball", no_build)
     manifest = IMAGE_ROOT / h / "manifest.json"
     before = manifest.stat().st_mtime_ns
     t0 = time.monotonic()
@@ -382,10 +383,10 @@ def test_main_reports_errors_in_one_line(monkeypatch, capsys):
         raise image.ImageError("debootstrap", "E: no network", "check the network")
 
     monkeypatch.setattr(image, "build_image", fail)
-    assert image.main(["build", "--dest", "/nonexistent"]) == 1
+    assert image_cli.main(["build", "--dest", "/nonexistent"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "hived image: debootstrap failed: E: no network; check the network"
-    assert image.main(["bogus"]) == 2
+    assert image_cli.main(["bogus"]) == 2
 
 
 def test_missing_tool_names_the_package(monkeypatch):
