@@ -68,13 +68,41 @@ import logging
 import os
 import re
 import socket
-import struct
 import time
+
+from hived.net.errors import MissingCapability, NetworkError
+from hived.net.netns import (
+    TUN_PATH,
+    _errcheck,
+    _Stranded,
+    _sys,
+    create_netns,
+    delete_netns,
+    entered,
+    list_netns,
+    netns_exists,
+    netns_path,
+    tap_open,
+    write_sysctls,
+)
+from hived.net.nft import (
+    CT_ESTABLISHED,
+    CT_RELATED,
+    NF_ACCEPT,
+    NF_DROP,
+    NFT_CMP_NEQ,
+    NFT_META_IIFNAME,
+    NFT_META_OIFNAME,
+    masquerade,
+    match_ct_state,
+    match_ifname,
+    match_ip_in,
+    verdict,
+)
+from hived.net.tc import ETH_P_ALL, TC_INGRESS, TC_ROOT_TBF, tbf_params
 
 log = logging.getLogger(__name__)
 
-NETNS_DIR = "/run/netns"
-TUN_PATH = "/dev/net/tun"
 TAP = "tap0"
 IFB = "ifb0"
 IFB_KIND = "ifb"  # rtnetlink link kind of IFB
@@ -91,35 +119,6 @@ DEFAULT_DENY = (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
     "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/3",
 )
-
-# tbf sizing (see tbf_params)
-MIN_BURST_BYTES = 8192       # > one full frame (1514 B) with room for a second
-BURST_SECONDS = 0.004        # bucket = 4 ms of traffic at the rate
-QUEUE_SECONDS = 0.050        # queue: 50 ms of traffic at the rate...
-MIN_QUEUE_BYTES = 64 << 10   # ...but never less than 64 KiB
-MIN_RATE_BITS_S = 8_000
-MAX_RATE_BITS_S = ((1 << 32) - 1) * 8  # tbf's 32-bit bytes/s (no TCA_TBF_RATE64 here)
-
-ETH_P_ALL = 0x0003
-TC_INGRESS = 0xFFFF0000
-TC_ROOT_TBF = 0x10000
-
-# nftables numbers (linux/netfilter/nf_tables.h, linux/netfilter.h)
-_NF_DROP, _NF_ACCEPT = 0, 1
-_NFT_REG_VERDICT, _NFT_REG_1 = 0, 1
-_NFT_CMP_EQ, _NFT_CMP_NEQ = 0, 1
-_NFT_META_IIFNAME, _NFT_META_OIFNAME = 6, 7
-_NFT_CT_STATE = 0
-_CT_ESTABLISHED, _CT_RELATED = 1 << 1, 1 << 2
-_NFT_PAYLOAD_NETWORK_HEADER = 1
-
-
-class NetworkError(Exception):
-    """Cell networking failed; the message says what, why, and what to do."""
-
-
-class MissingCapability(NetworkError):
-    """The host lacks something cell networking needs (tun, ifb, veth, tc, nftables)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,241 +178,6 @@ def cell_mac(cell_id: str) -> str:
     """The guest NIC's MAC: locally administered, unicast, from the cell id."""
     hex8 = check_cell_id(cell_id)[1:]
     return "02:68:" + ":".join(hex8[i:i + 2] for i in range(0, 8, 2))
-
-
-# --------------------------------------------------------------------------------------
-# tbf sizing
-
-
-def tbf_params(bits_s: int) -> dict:
-    """tbf parameters for a rate: {"rate": "<n>bit", "burst": bytes, "limit": bytes}.
-
-    The bucket (burst) must hold at least one full frame, or tbf drops it; beyond that it
-    only lets a short burst through at line rate, so 4 ms of traffic keeps the long-run
-    rate exact (the bucket is at most 4 ms ahead) while large rates still get buckets of
-    many frames (tbf paces with a high-resolution timer, so no per-jiffy sizing is
-    needed). Packets above the bucket size that are GSO (from a vnet-header tap) are
-    segmented by tbf, not dropped. The queue (limit) is 50 ms of traffic, at least
-    64 KiB: small enough to keep latency bounded, large enough that TCP keeps the
-    bucket busy (a queue of a few frames makes TCP back off below the rate).
-    """
-    if not isinstance(bits_s, int) or not MIN_RATE_BITS_S <= bits_s <= MAX_RATE_BITS_S:
-        raise NetworkError(f"rate {bits_s!r} bit/s is out of range: 0 (unlimited) or "
-                           f"{MIN_RATE_BITS_S}..{MAX_RATE_BITS_S}")
-    rate_bytes = bits_s / 8
-    burst = max(MIN_BURST_BYTES, int(rate_bytes * BURST_SECONDS))
-    limit = max(MIN_QUEUE_BYTES, int(rate_bytes * QUEUE_SECONDS)) + burst
-    return {"rate": f"{bits_s}bit", "burst": burst, "limit": limit}
-
-
-# --------------------------------------------------------------------------------------
-# namespaces (hived._sys: setns/unshare/mount are not in Python 3.11)
-
-
-def _sys():
-    try:
-        from hived import _sys
-    except ImportError:
-        raise NetworkError("native module hived._sys is not compiled: run `pip install -e .` "
-                           "(or `python _native/sys_build.py`)") from None
-    return _sys
-
-
-def _errcheck(rc: int, what: str) -> int:
-    if rc < 0:
-        e = _sys().ffi.errno
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-    return rc
-
-
-def netns_path(name: str) -> str:
-    return os.path.join(NETNS_DIR, name)
-
-
-def netns_exists(name: str) -> bool:
-    return os.path.exists(netns_path(name))
-
-
-def list_netns() -> list[str]:
-    try:
-        return sorted(os.listdir(NETNS_DIR))
-    except FileNotFoundError:
-        return []
-
-
-class _Stranded(BaseException):
-    """A thread is not in its own network namespace: the worker must never be used again.
-
-    A BaseException, so that no `except Exception` on the way swallows it."""
-
-
-@contextlib.contextmanager
-def entered(name: str):
-    """Run the block with the calling thread inside netns `name` (other threads unaffected).
-
-    Sockets and tap fds opened inside stay bound to that namespace after the block.
-    """
-    s = _sys()
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            target = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NetworkError(f"network namespace {name} does not exist") from None
-        try:
-            # safe: moves only this thread, and the finally below moves it back (or raises _Stranded)
-            _errcheck(s.lib.setns(target, s.lib.CLONE_NEWNET), f"setns into {name}")
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _go_home(s, home, f"return from netns {name}")
-    finally:
-        os.close(home)
-
-
-def _go_home(s, home: int, what: str) -> None:
-    """Move this thread back into its own netns `home` (an fd held open since it left)."""
-    # safe: `home` is this thread's own netns, held open by the caller since before it left
-    if s.lib.setns(home, s.lib.CLONE_NEWNET) < 0:
-        raise _Stranded(f"cannot {what}: {os.strerror(s.ffi.errno)}")
-
-
-def _share_netns_dir() -> None:
-    """Make /run/netns a shared mount, as iproute2 does, so other mount namespaces see ours."""
-    s = _sys()
-    os.makedirs(NETNS_DIR, mode=0o755, exist_ok=True)
-    flags = s.lib.MS_SHARED | s.lib.MS_REC
-    # safe: changes only the propagation of /run/netns (as iproute2 does); nothing is mounted
-    if s.lib.mount(b"none", NETNS_DIR.encode(), s.ffi.NULL, flags, s.ffi.NULL) == 0:
-        return
-    if s.ffi.errno != errno.EINVAL:  # EINVAL: not a mount point yet
-        _errcheck(-1, f"make {NETNS_DIR} shared")
-    # safe: binds /run/netns onto itself, only to make it a mount point (as iproute2 does)
-    _errcheck(s.lib.mount(NETNS_DIR.encode(), NETNS_DIR.encode(), b"none",
-                          s.lib.MS_BIND | s.lib.MS_REC, s.ffi.NULL), f"bind-mount {NETNS_DIR}")
-    # safe: as above, propagation only
-    _errcheck(s.lib.mount(b"none", NETNS_DIR.encode(), s.ffi.NULL, flags, s.ffi.NULL),
-              f"make {NETNS_DIR} shared")
-
-
-_netns_dir_ready = False
-
-
-def create_netns(name: str) -> None:
-    """Create the named network namespace /run/netns/<name> (like `ip netns add`)."""
-    global _netns_dir_ready
-    s = _sys()
-    if not _netns_dir_ready:
-        _share_netns_dir()
-        _netns_dir_ready = True
-    path = netns_path(name)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0)
-    os.close(fd)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        # safe: CLONE_NEWNET moves only this thread into a new netns; the setns below returns it
-        if s.lib.unshare(s.lib.CLONE_NEWNET) < 0:
-            e = s.ffi.errno
-            os.unlink(path)
-            raise OSError(e, f"unshare(CLONE_NEWNET) for {name}: {os.strerror(e)}")
-        try:
-            # safe: binds this thread's brand-new netns onto the file we just created (O_EXCL)
-            _errcheck(s.lib.mount(b"/proc/thread-self/ns/net", path.encode(), b"none",
-                                  s.lib.MS_BIND, s.ffi.NULL), f"bind-mount netns {name}")
-        except OSError:
-            os.unlink(path)
-            raise
-        finally:
-            _go_home(s, home, f"leave new netns {name}")
-    finally:
-        os.close(home)
-
-
-def delete_netns(name: str) -> bool:
-    """Remove the named namespace (like `ip netns del`); False if it did not exist."""
-    s = _sys()
-    path = netns_path(name)
-    if not os.path.lexists(path):
-        return False
-    # safe: detaches only the bind mount that names the namespace (the netns dies with its last user)
-    if s.lib.umount2(path.encode(), s.lib.MNT_DETACH) < 0 and s.ffi.errno not in (errno.EINVAL,
-                                                                                  errno.ENOENT):
-        _errcheck(-1, f"unmount netns {name}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    return True
-
-
-def write_sysctls(values: dict[str, str | int]) -> None:
-    """Write net sysctls in the calling thread's namespace (e.g. {"net.ipv4.ip_forward": 1})."""
-    for key, value in values.items():
-        path = "/proc/sys/" + key.replace(".", "/")
-        try:
-            with open(path, "w") as f:
-                f.write(str(value))
-        except OSError as exc:
-            raise NetworkError(f"cannot set sysctl {key}={value}: {exc.strerror}") from None
-
-
-def tap_open(name: str, *, create: bool = False, persist: bool = False) -> int:
-    """Attach to tap `name` in the calling thread's netns; returns an O_CLOEXEC fd.
-
-    Flags IFF_TAP | IFF_NO_PI | IFF_VNET_HDR. create=True makes the tap (and fails with
-    EBUSY if it exists); persist=True keeps it after the last fd closes.
-    """
-    s = _sys()
-    # safe: the C side bounds the name to IFNAMSIZ and opens the fd O_CLOEXEC
-    fd = s.lib.hived_tap_open(name.encode(), int(create), int(persist))
-    if fd < 0:
-        raise OSError(-fd, f"tap {name}: {os.strerror(-fd)}")
-    return fd
-
-
-# --------------------------------------------------------------------------------------
-# nftables expressions (pyroute2's NFTables speaks raw netlink expressions)
-
-
-def _x(name: str, **data) -> dict:
-    attrs = [(f"NFTA_{name.upper()}_{k.upper()}", v) for k, v in data.items()]
-    return {"attrs": [("NFTA_EXPR_NAME", name), ("NFTA_EXPR_DATA", {"attrs": attrs})]}
-
-
-def _value(b: bytes) -> dict:
-    return {"attrs": [("NFTA_DATA_VALUE", b)]}
-
-
-def _ifname(key: int, name: str, op: int = _NFT_CMP_EQ) -> list:
-    """iifname/oifname == name; a trailing '*' matches a prefix (like nft)."""
-    data = name[:-1].encode() if name.endswith("*") else name.encode() + b"\0"
-    return [_x("meta", dreg=_NFT_REG_1, key=key), _x("cmp", sreg=_NFT_REG_1, op=op, data=_value(data))]
-
-
-def _ct_state_any(mask: int) -> list:
-    """ct state & mask != 0."""
-    return [_x("ct", dreg=_NFT_REG_1, key=_NFT_CT_STATE),
-            _x("bitwise", sreg=_NFT_REG_1, dreg=_NFT_REG_1, len=4,
-               mask=_value(struct.pack("=I", mask)), xor=_value(b"\0\0\0\0")),
-            _x("cmp", sreg=_NFT_REG_1, op=_NFT_CMP_NEQ, data=_value(b"\0\0\0\0"))]
-
-
-def _ip_addr_in(cidr: str, *, dst: bool) -> list:
-    net = ipaddress.IPv4Network(cidr)
-    return [_x("payload", dreg=_NFT_REG_1, base=_NFT_PAYLOAD_NETWORK_HEADER,
-               offset=16 if dst else 12, len=4),
-            _x("bitwise", sreg=_NFT_REG_1, dreg=_NFT_REG_1, len=4,
-               mask=_value(net.netmask.packed), xor=_value(b"\0\0\0\0")),
-            _x("cmp", sreg=_NFT_REG_1, op=_NFT_CMP_EQ, data=_value(net.network_address.packed))]
-
-
-def _verdict(code: int) -> list:
-    return [_x("immediate", dreg=_NFT_REG_VERDICT,
-               data={"attrs": [("NFTA_DATA_VERDICT", {"attrs": [("NFTA_VERDICT_CODE", code)]})]})]
-
-
-def _masq() -> list:
-    return [_x("masq")]
 
 
 # --------------------------------------------------------------------------------------
@@ -717,24 +481,24 @@ class CellNetwork:
         try:
             nft.table("add", name=t)
             nft.chain("add", table=t, name="forward", hook="forward", type="filter",
-                      priority=0, policy=_NF_DROP)
+                      priority=0, policy=NF_DROP)
         except Exception as exc:  # noqa: BLE001 - any failure here is the same missing feature
             raise MissingCapability(f"nftables in router namespace {self.router_netns} failed "
                                     f"({self._fail('add table', exc)}): the kernel needs "
                                     "CONFIG_NF_TABLES with IPv4 filter and NAT") from None
-        rules = [_ct_state_any(_CT_ESTABLISHED | _CT_RELATED) + _verdict(_NF_ACCEPT)]
+        rules = [match_ct_state(CT_ESTABLISHED | CT_RELATED) + verdict(NF_ACCEPT)]
         if self.uplink is not None:
             for cidr in self.deny:
-                rules.append(_ip_addr_in(cidr, dst=True) + _verdict(_NF_DROP))
-            rules.append(_ifname(_NFT_META_IIFNAME, "v*") + _ifname(_NFT_META_OIFNAME, ROUTER_UPLINK)
-                         + _verdict(_NF_ACCEPT))
+                rules.append(match_ip_in(cidr, dst=True) + verdict(NF_DROP))
+            rules.append(match_ifname(NFT_META_IIFNAME, "v*") + match_ifname(NFT_META_OIFNAME, ROUTER_UPLINK)
+                         + verdict(NF_ACCEPT))
         for expr in rules:
             nft.rule("add", table=t, chain="forward", expressions=[expr])
         if self.uplink is not None:
             nft.chain("add", table=t, name="postrouting", hook="postrouting", type="nat",
                       priority=100)
             nft.rule("add", table=t, chain="postrouting",
-                     expressions=[_ifname(_NFT_META_OIFNAME, ROUTER_UPLINK) + _masq()])
+                     expressions=[match_ifname(NFT_META_OIFNAME, ROUTER_UPLINK) + masquerade()])
 
     def _connect_uplink(self, router_ipr) -> None:
         """Transit veth host<->router, host-side firewall and NAT onto the uplink."""
@@ -767,21 +531,21 @@ class CellNetwork:
                 nft.table("add", name=t)
                 nft.chain("add", table=t, name="input", hook="input", type="filter", priority=-10)
                 nft.rule("add", table=t, chain="input",
-                         expressions=[_ifname(_NFT_META_IIFNAME, hv) + _verdict(_NF_DROP)])
+                         expressions=[match_ifname(NFT_META_IIFNAME, hv) + verdict(NF_DROP)])
                 nft.chain("add", table=t, name="forward", hook="forward", type="filter", priority=-10)
                 nft.rule("add", table=t, chain="forward",
-                         expressions=[_ifname(_NFT_META_IIFNAME, hv)
-                                      + _ifname(_NFT_META_OIFNAME, up, _NFT_CMP_NEQ) + _verdict(_NF_DROP)])
+                         expressions=[match_ifname(NFT_META_IIFNAME, hv)
+                                      + match_ifname(NFT_META_OIFNAME, up, NFT_CMP_NEQ) + verdict(NF_DROP)])
                 nft.rule("add", table=t, chain="forward",
-                         expressions=[_ifname(_NFT_META_OIFNAME, hv)
-                                      + _ct_state_any(_CT_ESTABLISHED | _CT_RELATED) + _verdict(_NF_ACCEPT)])
+                         expressions=[match_ifname(NFT_META_OIFNAME, hv)
+                                      + match_ct_state(CT_ESTABLISHED | CT_RELATED) + verdict(NF_ACCEPT)])
                 nft.rule("add", table=t, chain="forward",
-                         expressions=[_ifname(_NFT_META_OIFNAME, hv) + _verdict(_NF_DROP)])
+                         expressions=[match_ifname(NFT_META_OIFNAME, hv) + verdict(NF_DROP)])
                 nft.chain("add", table=t, name="postrouting", hook="postrouting", type="nat",
                           priority=100)
                 nft.rule("add", table=t, chain="postrouting",
-                         expressions=[_ip_addr_in(f"{self.transit_router_ip}/32", dst=False)
-                                      + _ifname(_NFT_META_OIFNAME, up) + _masq()])
+                         expressions=[match_ip_in(f"{self.transit_router_ip}/32", dst=False)
+                                      + match_ifname(NFT_META_OIFNAME, up) + masquerade()])
             finally:
                 nft.close()
         except NetworkError:
@@ -949,7 +713,7 @@ class CellNetwork:
                 nft.chain("add", table=CELL_TABLE, name="postrouting", hook="postrouting", type="nat",
                           priority=100)
                 nft.rule("add", table=CELL_TABLE, chain="postrouting",
-                         expressions=[_ifname(_NFT_META_OIFNAME, ifname) + _masq()])
+                         expressions=[match_ifname(NFT_META_OIFNAME, ifname) + masquerade()])
             finally:
                 nft.close()
         except NetworkError:

@@ -38,6 +38,9 @@ import ssl
 import time
 
 from hived.control.dial import REFUSED_BACKOFF_S, REGISTER_TIMEOUT_S, backoff, dial
+from hived.net import netns
+from hived.net import nft as nft_x
+from hived.net.errors import NetworkError
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.errors import ProtocolError
 from hived.secure import wireguard as wg
@@ -357,14 +360,12 @@ class Connector:
     def _apply_firewall(self, address: str, routes: list[str]) -> None:
         """ip_forward=1 and the table: into the tunnel only replies; out of it only to `routes`;
         masquerade the tunnel subnet onto anything but the tunnel (if configured)."""
-        from hived.box import network as n
-
         subnet = str(ipaddress.IPv4Interface(address).network)
         iface, t = self.config.interface, self.table
         with wg.in_netns(self.config.netns):
             try:
-                n.write_sysctls({"net.ipv4.ip_forward": 1})
-            except n.NetworkError as exc:
+                netns.write_sysctls({"net.ipv4.ip_forward": 1})
+            except NetworkError as exc:
                 raise ConnectorError(f"{exc} (the connector forwards the cells' traffic)") from None
             nft = _nftables()
         try:
@@ -377,22 +378,22 @@ class Connector:
                                      "CONFIG_NF_TABLES (IPv4 filter and NAT)") from None
             rules = [
                 # into the tunnel: only replies (the private network cannot open connections to cells)
-                n._ifname(n._NFT_META_OIFNAME, iface) + n._ct_state_any(n._CT_ESTABLISHED | n._CT_RELATED)
-                + n._verdict(n._NF_ACCEPT),
-                n._ifname(n._NFT_META_OIFNAME, iface) + n._verdict(n._NF_DROP),
+                nft_x.match_ifname(nft_x.NFT_META_OIFNAME, iface)
+                + nft_x.match_ct_state(nft_x.CT_ESTABLISHED | nft_x.CT_RELATED) + nft_x.verdict(nft_x.NF_ACCEPT),
+                nft_x.match_ifname(nft_x.NFT_META_OIFNAME, iface) + nft_x.verdict(nft_x.NF_DROP),
             ]
             # out of the tunnel: only to the network's routes
             for r in routes:
-                rules.append(n._ifname(n._NFT_META_IIFNAME, iface) + n._ip_addr_in(r, dst=True)
-                             + n._verdict(n._NF_ACCEPT))
-            rules.append(n._ifname(n._NFT_META_IIFNAME, iface) + n._verdict(n._NF_DROP))
+                rules.append(nft_x.match_ifname(nft_x.NFT_META_IIFNAME, iface) + nft_x.match_ip_in(r, dst=True)
+                             + nft_x.verdict(nft_x.NF_ACCEPT))
+            rules.append(nft_x.match_ifname(nft_x.NFT_META_IIFNAME, iface) + nft_x.verdict(nft_x.NF_DROP))
             for expr in rules:
                 nft.rule("add", table=t, chain="forward", expressions=[expr])
             if self.config.masquerade:
                 nft.chain("add", table=t, name="postrouting", hook="postrouting", type="nat", priority=100)
                 nft.rule("add", table=t, chain="postrouting", expressions=[
-                    n._ip_addr_in(subnet, dst=False) + n._ifname(n._NFT_META_OIFNAME, iface, n._NFT_CMP_NEQ)
-                    + n._masq()])
+                    nft_x.match_ip_in(subnet, dst=False)
+                    + nft_x.match_ifname(nft_x.NFT_META_OIFNAME, iface, nft_x.NFT_CMP_NEQ) + nft_x.masquerade()])
             self._firewall_subnet = subnet
         except ConnectorError:
             raise
@@ -402,9 +403,7 @@ class Connector:
             nft.close()
 
     def _remove_firewall(self) -> None:
-        from hived.box import network as n
-
-        if self.config.netns is not None and not n.netns_exists(self.config.netns):
+        if self.config.netns is not None and not netns.netns_exists(self.config.netns):
             return
         with wg.in_netns(self.config.netns):
             nft = _nftables()

@@ -28,7 +28,7 @@ cell's 32 bits in 6 base-62 characters (at most 15 = IFNAMSIZ). `box_prefix(tag)
 exactly 6 characters is how crash cleanup (`clean_leftovers`) recognises one box's.
 
 Blocking work (fork/exec, netlink, setns) runs in a small thread pool of this module;
-a thread enters a namespace only for the length of one call (hived.box.network.entered).
+a thread enters a namespace only for the length of one call (hived.net.netns.entered).
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 async def run_blocking(fn, *args):
-    from hived.box.network import _Stranded
+    from hived.net.netns import _Stranded
 
     global _executor
     try:
@@ -287,7 +287,8 @@ def in_netns(name: str | None):
     if name is None:
         yield
         return
-    from hived.box.network import NetworkError, entered
+    from hived.net.errors import NetworkError
+    from hived.net.netns import entered
 
     try:
         with entered(name):
@@ -692,7 +693,7 @@ def kernel_available() -> tuple[bool, str]:
     global _kernel_probe
     if _kernel_probe is not None:
         return _kernel_probe
-    from hived.box.network import create_netns, delete_netns
+    from hived.net.netns import create_netns, delete_netns
 
     scratch = f"hvwgprobe-{os.getpid()}"
     try:
