@@ -34,11 +34,12 @@ import logging
 import re
 import signal
 import sys
-import tomllib
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+
+from hived import tomlfile
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +138,7 @@ def parse(data: dict, source: str = "<config>") -> RouterConfig:
 
 
 def load(path) -> RouterConfig:
-    try:
-        with open(path, "rb") as f:
-            return parse(tomllib.load(f), str(path))
-    except FileNotFoundError:
-        raise RouterConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RouterConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return parse(tomlfile.read(path, RouterConfigError), str(path))
 
 
 class NoHive(Exception):

@@ -22,9 +22,9 @@ from test_control_e2e import api_call, wait_build
 from test_control_restart import free_port
 
 from hived.box.controllink import ControlLink, LinkConfig
+from hived.connector.testbed import CustomerNetwork
 from hived.control.config import parse
 from hived.control.server import ControlPlane
-from hived.secure.testbed import CustomerNetwork
 
 from boxharness import BoxHarness
 

@@ -508,11 +508,11 @@ def test_connector_against_real_control_plane(world, closing, tmp_path):
     from test_control_restart import free_port
 
     from hived.box import network
+    from hived.connector.config import ConnectorConfig
+    from hived.connector.daemon import Connector
     from hived.control.config import parse
     from hived.control.keyexchange import Tunnel
     from hived.control.server import ControlPlane
-    from hived.secure.connector import Connector
-    from hived.secure.connector_config import ConnectorConfig
 
     priv = world["conn"][:-2] + "-p"
     network.create_netns(priv)

@@ -1,5 +1,5 @@
 """`hived bench secure [--builds N] [--json]`: Secure Compute provisioning, measured on real
-parts: a customer network on this machine (hived/secure/testbed.py: a connector in its own
+parts: a customer network on this machine (hived/connector/testbed.py: a connector in its own
 namespace in front of a private service), a control plane with its key exchange service,
 a box with warm cells (real microVMs) and a WireGuard tunnel per cell.
 
@@ -47,10 +47,10 @@ async def _run(n: int, work: Path) -> dict:
     from hived.box.config import parse as box_parse
     from hived.box.controllink import LinkConfig
     from hived.box.daemon import BoxDaemon, CellImage
+    from hived.connector.testbed import CustomerNetwork
     from hived.control.config import parse as control_parse
     from hived.control.server import ControlPlane, token_hash
     from hived.control.store import Build
-    from hived.secure.testbed import CustomerNetwork
 
     img = cell_image.find_image(required=True)
     net = CustomerNetwork(work, network=NETWORK).up()

@@ -3,9 +3,10 @@
 import hashlib
 import os
 import socket
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hived import tomlfile
 
 
 class ConfigError(Exception):
@@ -170,14 +171,7 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
 
 
 def load(path: Path) -> BoxConfig:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse(data, str(path))
+    return parse(tomlfile.read(path, ConfigError), str(path))
 
 
 def embedded(home: Path, pool_target: int = 1) -> BoxConfig:

@@ -40,7 +40,7 @@ import ssl
 from pathlib import Path
 
 from hived.box.builds import run_build
-from hived.control.dial import REFUSED_BACKOFF_S, REGISTER_TIMEOUT_S, backoff, dial, tls_context
+from hived.link import REGISTER_TIMEOUT_S, ReconnectLoop, dial, tls_context
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.codec import Message
 from hived.protocol.errors import ProtocolError
@@ -166,7 +166,7 @@ class KexError(Exception):
     """The key exchange service refused or could not be reached; the message says why."""
 
 
-class ControlLink:
+class ControlLink(ReconnectLoop):
     def __init__(self, box, config: LinkConfig) -> None:
         self.box = box
         self.config = config
@@ -211,35 +211,11 @@ class ControlLink:
                                              "held_output_bytes": b.held_bytes}
                                 for b in self.records.values()}}
 
-    async def _run(self) -> None:
-        attempt = 0
-        while not self._stopping:
-            delay = None
-            try:
-                channel = await self._connect()
-                try:
-                    await self._register(channel)
-                    attempt = 0
-                    self.last_error = ""
-                    await self._serve(channel)
-                finally:
-                    self._disconnected(channel)
-            except LinkRefused as exc:
-                self.last_error = str(exc)
-                log.error("control plane %s:%d refused box %s: %s", self.config.host, self.config.port,
-                          self.config.box_id, exc)
-                delay = REFUSED_BACKOFF_S
-            except (OSError, ChannelClosed, TimeoutError, ProtocolError, ssl.SSLError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("control link to %s:%d: %s", self.config.host, self.config.port, self.last_error)
-            if self._stopping:
-                return
-            if delay is None:
-                delay = backoff(attempt)
-                attempt += 1
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+    link_kind = "control link"
+    refused_errors = (LinkRefused,)
+
+    def peer_name(self) -> str:
+        return f"control plane {self.config.host}:{self.config.port} (box {self.config.box_id})"
 
     async def _connect(self) -> Channel:
         cfg = self.config

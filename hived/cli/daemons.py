@@ -33,8 +33,8 @@ def cmd_router(args) -> int:
 
 
 def cmd_connector(args) -> int:
-    from hived.secure import connector
-    from hived.secure.connector_config import ConnectorConfigError
+    from hived.connector import daemon as connector
+    from hived.connector.config import ConnectorConfigError
 
     try:
         return connector.main(args.config, verbose=args.verbose)

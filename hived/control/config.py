@@ -42,8 +42,9 @@ Every error names the key and what was expected.
 import dataclasses
 import ipaddress
 import re
-import tomllib
 from pathlib import Path
+
+from hived import tomlfile
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -320,11 +321,4 @@ def _network(where: str, name: str, raw, customers: dict) -> SecureNetwork:
 
 def load(path: Path | str) -> ControlConfig:
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse(data, str(path), base=path.resolve().parent)
+    return parse(tomlfile.read(path, ConfigError), str(path), base=path.resolve().parent)

@@ -34,17 +34,16 @@ import ipaddress
 import logging
 import os
 import socket
-import ssl
 import time
 
-from hived.control.dial import REFUSED_BACKOFF_S, REGISTER_TIMEOUT_S, backoff, dial
+from hived.connector.config import ConnectorConfig
+from hived.link import REGISTER_TIMEOUT_S, ReconnectLoop, dial
 from hived.net import netns
 from hived.net import nft as nft_x
 from hived.net.errors import NetworkError
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.errors import ProtocolError
 from hived.secure import wireguard as wg
-from hived.secure.connector_config import ConnectorConfig
 from hived.secure.keys import KeyPair, b64
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ class PeerInfo:
         return f"PeerInfo({self.peer_id}, {b64(self.public_key)}, {self.address})"
 
 
-class Connector:
+class Connector(ReconnectLoop):
     def __init__(self, config: ConnectorConfig) -> None:
         self.config = config
         self.iface: wg.Interface | None = None
@@ -180,36 +179,13 @@ class Connector:
         self._peers.clear()
 
     # -- the link ---------------------------------------------------------------------------
-    async def _run(self) -> None:
-        attempt = 0
+    link_kind = "connector link"
+    refused_errors = (RegistrationRefused,)
+    retry_errors = (*ReconnectLoop.retry_errors, ConnectorError)
+
+    def peer_name(self) -> str:
         cfg = self.config
-        while not self._stopping:
-            delay = None
-            try:
-                channel = await self._connect()
-                try:
-                    await self._register(channel)
-                    attempt = 0
-                    self.last_error = ""
-                    await self._serve(channel)
-                finally:
-                    await self._disconnected(channel)
-            except RegistrationRefused as exc:
-                self.last_error = str(exc)
-                log.error("control plane %s:%d refused the connector of network %s: %s", cfg.control_host,
-                          cfg.control_port, cfg.network, exc)
-                delay = REFUSED_BACKOFF_S
-            except (OSError, ChannelClosed, TimeoutError, ProtocolError, ssl.SSLError, ConnectorError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("connector link to %s:%d: %s", cfg.control_host, cfg.control_port, self.last_error)
-            if self._stopping:
-                return
-            if delay is None:
-                delay = backoff(attempt)
-                attempt += 1
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+        return f"control plane {cfg.control_host}:{cfg.control_port} (connector of network {cfg.network})"
 
     async def _connect(self) -> Channel:
         cfg = self.config

@@ -21,8 +21,9 @@ import dataclasses
 import ipaddress
 import re
 import ssl
-import tomllib
 from pathlib import Path
+
+from hived import tomlfile
 
 KNOWN = {"control", "network", "token", "token_file", "endpoint", "listen_port", "interface", "masquerade",
          "ca_file", "cert_file", "key_file", "server_name", "netns", "driver"}
@@ -51,15 +52,7 @@ class ConnectorConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ConnectorConfig:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConnectorConfigError(f"{path}: no such file (give the connector's config with --config)") from None
-        except OSError as exc:
-            raise ConnectorConfigError(f"{path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConnectorConfigError(f"{path}: not valid TOML: {exc}") from None
+        data = tomlfile.read(path, ConnectorConfigError, "give the connector's config with --config")
         table = data.get("connector")
         if not isinstance(table, dict):
             raise ConnectorConfigError(f"{path}: needs a [connector] table (control, network, token, endpoint)")
@@ -134,7 +127,7 @@ class ConnectorConfig:
                    text("server_name", ""), text("netns", "") or None, driver)
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        from hived.control.dial import tls_context
+        from hived.link import tls_context
 
         return tls_context(self.ca_file, self.cert_file, self.key_file)
 
