@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -47,8 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hived.cachedir import CacheDir, try_lock
 from hived.fsutil import fsync_dir as _fsync_dir
-from hived.fsutil import pid_alive as _pid_alive
 from hived.fsutil import write_json_atomic as _write_json_atomic
 from hived.oci import reference
 from hived.oci.errors import CacheError, InUse, NotCached, OciError, UnsupportedImage
@@ -65,8 +64,6 @@ from hived.oci.registry import (
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/var/lib/hived/oci"
-DEFAULT_MAX_BYTES = 20 << 30
-INDEX_VERSION = 1
 FS_FILES = {"erofs": "rootfs.erofs", "ext4": "rootfs.ext4"}
 PARALLEL_BLOBS = 3
 
@@ -147,77 +144,30 @@ def _first_error(e: BaseException) -> BaseException:
     return e
 
 
-class ImageCache:
-    """See the module doc. One object per process; all methods but `pull` are synchronous."""
+class ImageCache(CacheDir):
+    """See the module doc. One object per process; all methods but `pull` are synchronous.
+    Index, locks, leases, trash and eviction: hived/cachedir.py."""
+
+    what = "image cache"
+    error = CacheError
+    not_cached = NotCached
 
     min_free_bytes = 64 << 20  # besides the layers, free space a pull needs before it starts
 
     def __init__(self, root: str | os.PathLike = DEFAULT_ROOT, *, max_bytes: int | None = None,
                  fs_type: str = "auto", insecure: tuple[str, ...] = (), ssl: Any = None,
                  platform: str = DEFAULT_PLATFORM):
-        self.root = Path(root)
         self.fs_type = fs_type
         self.insecure = tuple(insecure)
         self.ssl = ssl
         self.platform = platform
-        self._leases: dict[str, list[int]] = {}
-        self._trash: list[Path] = []  # detached dirs, removed once the index lock is released
         self._inflight: dict[str, asyncio.Future] = {}
-        for sub in ("blobs/sha256", "images", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
-        with self._locked():
-            index = self._load()
-            if max_bytes is not None:
-                index["max_bytes"] = int(max_bytes)
-            self._reconcile(index)
-            self._save(index)
-            self._clean_tmp()
-        self.max_bytes = int(index["max_bytes"])
+        super().__init__(root, ("blobs/sha256", "images"), max_bytes)
 
     # ------------------------------------------------------------------ state on disk
 
-    @property
-    def index_path(self) -> Path:
-        return self.root / "index.json"
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The index lock. Never await while holding it (flock is per open file, so a second
-        coroutine of the same process would block the event loop). Directories removed
-        meanwhile are only renamed under it; they are deleted after it is released."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-            trash, self._trash = self._trash, []
-            for d in trash:
-                shutil.rmtree(d, ignore_errors=True)
-
-    def _load(self) -> dict:
-        try:
-            doc = json.loads(self.index_path.read_text())
-            if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION:
-                raise ValueError("unknown index version")
-            doc.setdefault("images", {})
-            doc.setdefault("refs", {})
-            doc.setdefault("max_bytes", DEFAULT_MAX_BYTES)
-            return doc
-        except FileNotFoundError:
-            broken = False
-        except (ValueError, OSError) as e:
-            log.warning("image cache index %s unreadable (%s): rebuilding it from images/", self.index_path, e)
-            broken = True
-        doc = {"version": INDEX_VERSION, "max_bytes": getattr(self, "max_bytes", DEFAULT_MAX_BYTES),
-               "images": {}, "refs": {}}
-        if broken:
-            self._reconcile(doc)  # every complete image directory describes itself (image.json)
-        return doc
-
-    def _save(self, index: dict, durable: bool = True) -> None:
-        _write_json_atomic(self.index_path, index, durable)
+    def _empty_index(self) -> dict:
+        return {**super()._empty_index(), "images": {}, "refs": {}}
 
     def _image_dir(self, digest: str) -> Path:
         return self.root / "images" / _hex(digest)
@@ -245,7 +195,7 @@ class ImageCache:
                     raise ValueError("incomplete")
             except (OSError, ValueError, KeyError):
                 log.warning("image cache: removing stray %s", d)
-                self._detach_and_remove(d)
+                self._detach(d)
                 continue
             now = time.time()
             images[digest] = {k: meta[k] for k in ("file", "fs", "size", "layers", "config", "created",
@@ -255,52 +205,13 @@ class ImageCache:
                 index["refs"].setdefault(r, digest)
         index["refs"] = {r: dg for r, dg in index["refs"].items() if dg in images}
 
-    def _clean_tmp(self) -> None:
-        """Remove what crashed pulls and removals left (but not another live pull's dir)."""
-        for d in (self.root / "tmp").iterdir():
-            if d.name.startswith("pull-"):
-                lock = d / ".lock"
-                try:
-                    fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    pid = d.name.split("-")[1]
-                    if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
-                        continue  # just created, lock not there yet
-                    fd = -1
-                if fd >= 0:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        os.close(fd)
-                        continue  # a live pull
-                    os.close(fd)
-            self._detach_and_remove(d, rename=False)
-        for p in self.root.glob(".index.json.tmp-*"):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-
-    def _detach_and_remove(self, d: Path, rename: bool = True) -> None:
-        """Rename d out of the way now (atomic), delete it when the index lock is released."""
-        if rename:
-            dest = self.root / "tmp" / f"del-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(d, dest)
-            except FileNotFoundError:
-                return
-            d = dest
-        if d.is_dir() and not d.is_symlink():
-            self._trash.append(d)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                d.unlink()
-
     def _entry_image(self, index: dict, digest: str) -> CachedImage:
         e = index["images"][digest]
         refs = tuple(sorted(r for r, dg in index["refs"].items() if dg == digest))
         return CachedImage(digest=digest, path=self._image_file(digest, e), size=int(e.get("size", 0)),
                            config=ImageConfig.from_dict(e.get("config") or {}), fs_type=e.get("fs", "erofs"),
                            refs=refs, layers=tuple(e.get("layers") or ()), created=e.get("created", 0.0),
-                           last_used=e.get("last_used", 0.0), in_use=self._in_use(digest, e))
+                           last_used=e.get("last_used", 0.0), in_use=self._in_use(digest, self._image_file(digest, e)))
 
     def _find(self, index: dict, ref_or_digest: str) -> str | None:
         """Manifest digest for a reference, a digest (image or index) or a unique hex prefix."""
@@ -327,30 +238,6 @@ class ImageCache:
 
     # ------------------------------------------------------------------ leases
 
-    def _in_use(self, digest: str, entry: dict) -> bool:
-        if self._leases.get(digest):
-            return True
-        fd = self._try_exclusive(digest, entry)
-        if fd is None:
-            return True
-        if fd >= 0:
-            os.close(fd)
-        return False
-
-    def _try_exclusive(self, digest: str, entry: dict) -> int | None:
-        """An fd holding the image file's exclusive flock; None when someone holds a lease;
-        -1 when the file is already gone."""
-        try:
-            fd = os.open(self._image_file(digest, entry), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return -1
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
-
     def acquire(self, ref_or_digest: str) -> Path:
         """Lease a cached image: returns its file, kept (never evicted) until `release`."""
         with self._locked():
@@ -364,20 +251,7 @@ class ImageCache:
             return path
 
     def _lease(self, index: dict, digest: str) -> Path:
-        path = self._image_file(digest, index["images"][digest])
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotCached(f"{digest} was removed from the image cache") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            if not os.path.samestat(os.fstat(fd), os.stat(path)):
-                raise FileNotFoundError(path)
-        except (BlockingIOError, FileNotFoundError):
-            os.close(fd)
-            raise NotCached(f"{digest} is being removed from the image cache") from None
-        self._leases.setdefault(digest, []).append(fd)
-        return path
+        return self._take_lease(digest, self._image_file(digest, index["images"][digest]), digest)
 
     def release(self, ref_digest_or_path: str | os.PathLike) -> None:
         """Give back one lease taken by `acquire` (by ref, digest or the path it returned)."""
@@ -389,12 +263,7 @@ class ImageCache:
         if digest is None:
             with self._locked():
                 digest = self._find(self._load(), key)
-        fds = self._leases.get(digest or "")
-        if not fds:
-            raise CacheError(f"{key} is not acquired by this process", "release only what acquire returned")
-        os.close(fds.pop())
-        if not fds:
-            del self._leases[digest]
+        self._drop_lease(digest, key)
 
     @contextlib.contextmanager
     def leased(self, ref_or_digest: str) -> Iterator[Path]:
@@ -403,13 +272,6 @@ class ImageCache:
             yield path
         finally:
             self.release(path)
-
-    def close(self) -> None:
-        """Drop every lease this object holds."""
-        for fds in self._leases.values():
-            for fd in fds:
-                os.close(fd)
-        self._leases.clear()
 
     # ------------------------------------------------------------------ queries
 
@@ -465,11 +327,11 @@ class ImageCache:
             return True
         if self._leases.get(digest):
             return False
-        fd = self._try_exclusive(digest, entry)
+        fd = try_lock(self._image_file(digest, entry))
         if fd is None:
             return False
         try:
-            self._detach_and_remove(self._image_dir(digest))
+            self._detach(self._image_dir(digest))
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -488,24 +350,14 @@ class ImageCache:
         return freed
 
     def _evict(self, index: dict, protect: set[str]) -> list[str]:
-        evicted = []
-        used = self.usage()
-        if used <= self.max_bytes:
-            return evicted
-        for digest in sorted(index["images"], key=lambda dg: index["images"][dg].get("last_used", 0)):
-            if used <= self.max_bytes:
-                break
-            if digest in protect:
-                continue
-            if self._remove_image(index, digest):
-                evicted.append(digest)
-                log.info("image cache: evicted %s (least recently used; cache over %d bytes)",
-                         digest, self.max_bytes)
-                self._drop_unreferenced_blobs(index)
-                used = self.usage()
-        if used > self.max_bytes:
-            log.warning("image cache: %d bytes used, bound %d: the rest is in use", used, self.max_bytes)
-        return evicted
+        def remove(digest: str) -> bool:
+            if not self._remove_image(index, digest):
+                return False
+            self._drop_unreferenced_blobs(index)
+            return True
+
+        return self._evict_lru([(e.get("last_used", 0), dg) for dg, e in index["images"].items()], self.usage,
+                               remove, protect, str)
 
     def gc(self) -> dict:
         """Leftover temp dirs, missing or stray images, unreferenced blobs, then the size bound."""
@@ -596,11 +448,8 @@ class ImageCache:
         if layer_bytes > self.max_bytes:
             raise CacheError(f"{r} has {layer_bytes} bytes of layers, more than the cache bound {self.max_bytes}",
                              "raise the image cache's max_bytes or use a smaller image")
-        work = self.root / "tmp" / f"pull-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        work.mkdir()
+        work, lock_fd = self._workdir("pull")
         ok = False
-        lock_fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
             free = shutil.disk_usage(self.root).free
             if free < layer_bytes + self.min_free_bytes:
@@ -726,16 +575,7 @@ class ImageCache:
         return fs_type, fs_file, size
 
     def _fs_type(self) -> str:
-        if self.fs_type in FS_FILES:
-            want = {"erofs": "mkfs.erofs", "ext4": "mke2fs"}[self.fs_type]
-            if shutil.which(want) is None:
-                raise CacheError(f"{want} is not installed", "apt-get install erofs-utils e2fsprogs")
-            return self.fs_type
-        if shutil.which("mkfs.erofs"):
-            return "erofs"
-        if shutil.which("mke2fs"):
-            return "ext4"
-        raise CacheError("neither mkfs.erofs nor mke2fs is installed", "apt-get install erofs-utils")
+        return self._pick_fs_type(self.fs_type)
 
     def _commit(self, r: reference.Reference, manifest: ImageManifest, work: Path, meta: dict) -> None:
         final = self._image_dir(manifest.digest)

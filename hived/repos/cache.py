@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hived.cachedir import CacheDir, try_lock
 from hived.fsutil import fsync_dir as _fsync_dir
 from hived.fsutil import pid_alive as _pid_alive
 from hived.fsutil import write_json_atomic as _write_json_atomic
@@ -89,8 +90,6 @@ from hived.repos.url import ABBREV_SHA, DEFAULT_PROTOCOLS, FULL_SHA, Credentials
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/var/lib/hived/repos"
-DEFAULT_MAX_BYTES = 20 << 30
-INDEX_VERSION = 1
 FS_FILES = {"erofs": "checkout.erofs", "ext4": "checkout.ext4"}
 BUNDLE_FILE = "repo.bundle"
 MIRROR_META = "hived-mirror.json"
@@ -139,21 +138,6 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def _try_lock(path: Path, mode: int = fcntl.LOCK_EX) -> int | None:
-    """An fd holding path's flock (non-blocking); None when someone else holds it; -1 when
-    the file does not exist."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return -1
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 async def _flock(path: Path, mode: int) -> int:
     """Wait for path's flock without blocking the event loop (polls; cancel-safe)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -171,9 +155,15 @@ async def _flock(path: Path, mode: int) -> int:
         raise
 
 
-class RepoCache:
+class RepoCache(CacheDir):
     """See the module doc. One object per process; `resolve`, `checkout_image` and `bundle` are
-    coroutines, everything else is synchronous and quick."""
+    coroutines, everything else is synchronous and quick. Index, locks, leases, trash and
+    eviction: hived/cachedir.py."""
+
+    what = "repository cache"
+    error = RepoCacheError
+    not_cached = NotCached
+    remove_in_background = True  # mirrors and checkouts are large trees
 
     min_free_bytes = 256 << 20  # a fetch or build needs at least this much free space to start
 
@@ -183,7 +173,7 @@ class RepoCache:
                  access_ttl_s: float = 300.0, ssh_command: str = DEFAULT_SSH, fsck: bool = True,
                  tree_owner: tuple[int, int] = TREE_OWNER, scratch_dir: str | os.PathLike | None = "auto",
                  scratch_max_bytes: int = 1 << 30):
-        self.root = Path(root)
+        root = Path(root)
         self.protocols = tuple(protocols)
         self.fs_type = fs_type
         self.fetch_timeout_s = fetch_timeout_s
@@ -198,15 +188,10 @@ class RepoCache:
             scratch_dir = _tmpfs("/dev/shm")
         self.scratch_dir = Path(scratch_dir) if scratch_dir else None
         self.scratch_max_bytes = scratch_max_bytes
-        for sub in ("mirrors", "images", "bundles", "tmp", "locks", "home"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
-        ensure_home(str(self.root / "home"))
-        self.git = GitRunner(self.protocols, str(self.root / "home"), ssh_command, fsck)
+        ensure_home(str(root / "home"))
+        self.git = GitRunner(self.protocols, str(root / "home"), ssh_command, fsck)
         self.stats: collections.Counter[str] = collections.Counter()
         self.timings: dict[str, float] = {}  # the last fetch, checkout, mkfs, bundle (ms): for benchmarks
-        self._leases: dict[tuple[str, str], list[int]] = {}
-        self._trash: list[Path] = []
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: collections.Counter[str] = collections.Counter()
         self._locks_loop: asyncio.AbstractEventLoop | None = None
@@ -214,14 +199,7 @@ class RepoCache:
         self._access_ok: dict[str, float] = {}  # credentials fingerprint -> checked until (monotonic)
         self._packed_cache: dict[Path, tuple[tuple, dict]] = {}
         self._scratch_trees: dict[Path, list[Path]] = {}
-        with self._locked():
-            index = self._load()
-            if max_bytes is not None:
-                index["max_bytes"] = int(max_bytes)
-            self._reconcile(index)
-            self._save(index)
-            self._clean_tmp()
-        self.max_bytes = int(index["max_bytes"])
+        super().__init__(root, ("mirrors", "images", "bundles", "locks", "home"), max_bytes)
         if self.scratch_dir is not None:
             for d in self.scratch_dir.glob("hived-tree-*"):
                 pid = d.name.split("-")[2]
@@ -281,12 +259,7 @@ class RepoCache:
                     key == k[1] or key.startswith(str(self.root / k[0] / k[1]) + os.sep)):
                 found = k
                 break
-        fds = self._leases.get(found) if found else None
-        if not fds:
-            raise RepoCacheError(f"{key} is not leased by this process", "release only what acquire returned")
-        os.close(fds.pop())
-        if not fds:
-            del self._leases[found]
+        self._drop_lease(found, key)
 
     @contextlib.contextmanager
     def leased(self, commit: str, kind: str = "image") -> Iterator[Path]:
@@ -295,13 +268,6 @@ class RepoCache:
             yield path
         finally:
             self.release(path)
-
-    def close(self) -> None:
-        """Drop every lease this object holds."""
-        for fds in self._leases.values():
-            for fd in fds:
-                os.close(fd)
-        self._leases.clear()
 
     # ------------------------------------------------------------------ public: queries and upkeep
 
@@ -410,51 +376,10 @@ class RepoCache:
         finally:
             os.close(fd)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The index lock. Never await while holding it (flock is per open file: a second
-        coroutine of this process would block the event loop). Directories removed meanwhile
-        are only renamed under it and deleted afterwards, off the event loop."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-            trash, self._trash = self._trash, []
-            if trash:
-                threading.Thread(target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in trash],
-                                 name="hived-repos-rm", daemon=True).start()
-
     # ------------------------------------------------------------------ the index
 
-    @property
-    def index_path(self) -> Path:
-        return self.root / "index.json"
-
     def _empty_index(self) -> dict:
-        return {"version": INDEX_VERSION, "max_bytes": getattr(self, "max_bytes", DEFAULT_MAX_BYTES),
-                "mirrors": {}, "images": {}, "bundles": {}, "auth": {}}
-
-    def _load(self) -> dict:
-        try:
-            doc = json.loads(self.index_path.read_text())
-            if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION:
-                raise ValueError("unknown index version")
-            for k, v in self._empty_index().items():
-                doc.setdefault(k, v)
-            return doc
-        except FileNotFoundError:
-            return self._empty_index()
-        except (ValueError, OSError) as e:
-            log.warning("repository cache index %s unreadable (%s): rebuilding it from the directories",
-                        self.index_path, e)
-        doc = self._empty_index()
-        self._reconcile(doc)
-        return doc
-
-    def _save(self, index: dict, durable: bool = True) -> None:
-        _write_json_atomic(self.index_path, index, durable)
+        return {**super()._empty_index(), "mirrors": {}, "images": {}, "bundles": {}, "auth": {}}
 
     def _mirror(self, key: str) -> Path:
         return self.root / "mirrors" / f"{key}.git"
@@ -505,54 +430,13 @@ class RepoCache:
             mirrors[key] = {"url": meta.get("url", ""), "size": _tree_bytes(d), "last_used": time.time(),
                             "fetched": meta.get("created", 0)}
 
-    def _clean_tmp(self) -> None:
-        """Remove what crashed work left (not another live process's work dir)."""
-        for d in (self.root / "tmp").iterdir():
-            if not d.name.startswith("del-"):
-                pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
-                fd = _try_lock(d / ".lock")
-                if fd is None:
-                    continue  # live work
-                if fd == -1 and pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-                    continue  # just created, its lock not there yet
-                if fd >= 0:
-                    os.close(fd)
-            self._detach(d, rename=False)
-        for p in self.root.glob(".index.json.tmp-*"):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-
-    def _detach(self, d: Path, rename: bool = True) -> None:
-        """Rename d out of the way now (atomic); delete it once the index lock is released."""
-        if rename:
-            dest = self.root / "tmp" / f"del-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(d, dest)
-            except FileNotFoundError:
-                return
-            d = dest
-        self._trash.append(d)
-
     def _usage(self, index: dict) -> int:
         return sum(int(e.get("size", 0)) for kind in ("mirrors", "images", "bundles") for e in index[kind].values())
 
     # ------------------------------------------------------------------ eviction
 
     def _lease(self, kind: str, commit: str, entry: dict) -> Path:
-        path = self._artifact_file(kind, commit, entry)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotCached(f"{kind[:-1]} of {commit} was removed from the repository cache") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            if not os.path.samestat(os.fstat(fd), os.stat(path)):
-                raise FileNotFoundError(path)
-        except (BlockingIOError, FileNotFoundError):
-            os.close(fd)
-            raise NotCached(f"{kind[:-1]} of {commit} is being removed from the repository cache") from None
-        self._leases.setdefault((kind, commit), []).append(fd)
-        return path
+        return self._take_lease((kind, commit), self._artifact_file(kind, commit, entry), f"{kind[:-1]} of {commit}")
 
     def _remove(self, index: dict, kind: str, name: str) -> bool:
         """Remove one entry unless it is in use (by any process). True when gone."""
@@ -563,7 +447,7 @@ class RepoCache:
             fds = []
             try:
                 for lock in (f"{name}.use", f"{name}.fetch"):
-                    fd = _try_lock(self.root / "locks" / lock)
+                    fd = try_lock(self.root / "locks" / lock)
                     if fd is None:
                         return False
                     fds.append(fd)
@@ -575,7 +459,7 @@ class RepoCache:
         else:
             if self._leases.get((kind, name)):
                 return False
-            fd = _try_lock(self._artifact_file(kind, name, entry))
+            fd = try_lock(self._artifact_file(kind, name, entry))
             if fd is None:
                 return False
             try:
@@ -587,25 +471,11 @@ class RepoCache:
         return True
 
     def _evict(self, index: dict, protect: set[tuple[str, str]]) -> list[str]:
-        used = self._usage(index)
-        evicted: list[str] = []
-        if used <= self.max_bytes:
-            return evicted
-        order = sorted((e.get("last_used", 0), kind, name) for kind in ("mirrors", "images", "bundles")
-                       for name, e in index[kind].items())
-        for _t, kind, name in order:
-            if used <= self.max_bytes:
-                break
-            if (kind, name) in protect:
-                continue
-            if self._remove(index, kind, name):
-                evicted.append(f"{kind[:-1]}:{name}")
-                log.info("repository cache: evicted %s %s (least recently used; over %d bytes)",
-                         kind[:-1], name, self.max_bytes)
-                used = self._usage(index)
-        if used > self.max_bytes:
-            log.warning("repository cache: %d bytes used, bound %d: the rest is in use", used, self.max_bytes)
-        return evicted
+        entries = [(e.get("last_used", 0), (kind, name)) for kind in ("mirrors", "images", "bundles")
+                   for name, e in index[kind].items()]
+        evicted = self._evict_lru(entries, lambda: self._usage(index), lambda k: self._remove(index, *k), protect,
+                                  lambda k: f"{k[0][:-1]} {k[1]}")
+        return [f"{kind[:-1]}:{name}" for kind, name in evicted]
 
     # ------------------------------------------------------------------ access to private repositories
 
@@ -836,13 +706,6 @@ class RepoCache:
         else:
             index["auth"].pop(remote.key, None)
 
-    def _workdir(self, op: str) -> tuple[Path, int]:
-        work = self.root / "tmp" / f"{op}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        work.mkdir()
-        fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return work, fd
-
     # ------------------------------------------------------------------ images and bundles
 
     async def _artifact(self, kind: str, url: str, rev: str | None, credentials: Credentials | None,
@@ -1052,16 +915,7 @@ class RepoCache:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
 
     def _fs_type(self) -> str:
-        if self.fs_type in FS_FILES:
-            want = {"erofs": "mkfs.erofs", "ext4": "mke2fs"}[self.fs_type]
-            if shutil.which(want) is None:
-                raise RepoCacheError(f"{want} is not installed", "apt-get install erofs-utils e2fsprogs")
-            return self.fs_type
-        if shutil.which("mkfs.erofs"):
-            return "erofs"
-        if shutil.which("mke2fs"):
-            return "ext4"
-        raise RepoCacheError("neither mkfs.erofs nor mke2fs is installed", "apt-get install erofs-utils")
+        return self._pick_fs_type(self.fs_type)
 
 
 # ---------------------------------------------------------------------------------------- helpers
