@@ -59,7 +59,8 @@ class ReconnectLoop:
 
     A subclass says what it is (`link_kind` for logs, `peer_name()`), how it connects
     (`_connect`), registers (`_register`, raising one of `refused_errors` when the control
-    plane says no: then it waits REFUSED_BACKOFF_S) and serves (`_serve`), and what a lost
+    plane says no: then it waits REFUSED_BACKOFF_S, and setting `lost_s`), what it sends
+    while linked (`_heartbeat`) and does with each message (`_on_message`), and what a lost
     link undoes (`_disconnected`, plain or async). It owns `_stopping`, `_wake` (set it to
     retry at once) and `last_error`."""
 
@@ -70,6 +71,7 @@ class ReconnectLoop:
     _stopping: bool
     _wake: asyncio.Event
     last_error: str
+    lost_s: float
 
     def peer_name(self) -> str:
         raise NotImplementedError
@@ -80,8 +82,29 @@ class ReconnectLoop:
     async def _register(self, channel: Channel) -> None:
         raise NotImplementedError
 
-    async def _serve(self, channel: Channel) -> None:
+    async def _heartbeat(self, channel: Channel) -> None:
         raise NotImplementedError
+
+    def _on_message(self, channel: Channel, msg):
+        """One message from the control plane (plain or async)."""
+        raise NotImplementedError
+
+    async def _serve(self, channel: Channel) -> None:
+        """Heartbeats out, messages in, until the link drops or the control plane is silent
+        for `lost_s` (its heartbeats stopped)."""
+        beat = asyncio.get_running_loop().create_task(self._heartbeat(channel))
+        try:
+            while True:
+                async with asyncio.timeout(self.lost_s):  # not wait_for: it can swallow a racing cancel (3.11)
+                    msg = await channel.recv()
+                handled = self._on_message(channel, msg)
+                if inspect.isawaitable(handled):
+                    await handled
+        except TimeoutError:
+            raise TimeoutError(f"control plane silent for {self.lost_s:g} s") from None
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
 
     def _disconnected(self, channel: Channel):
         raise NotImplementedError

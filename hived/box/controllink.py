@@ -284,19 +284,6 @@ class ControlLink(ReconnectLoop):
                 log.warning("build %s: control plane unreachable for %.1f s before it got a cell: "
                             "cancelled", rec.build_id, self.lost_s / 2)
 
-    async def _serve(self, channel: Channel) -> None:
-        beat = asyncio.get_running_loop().create_task(self._heartbeat(channel))
-        try:
-            while True:
-                async with asyncio.timeout(self.lost_s):  # not wait_for: it can swallow a racing cancel (3.11)
-                    msg = await channel.recv()
-                self._on_message(msg)
-        except TimeoutError:
-            raise TimeoutError(f"control plane silent for {self.lost_s:g} s") from None
-        finally:
-            beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
-
     async def _heartbeat(self, channel: Channel) -> None:
         seq = 0
         with contextlib.suppress(ChannelClosed):
@@ -320,7 +307,7 @@ class ControlLink(ReconnectLoop):
         return {name: max(0, len(p.warm) - promised[name]) for name, p in self._shape_pools().items()}
 
     # -- messages from the control plane -------------------------------------------------------------
-    def _on_message(self, msg) -> None:
+    def _on_message(self, channel: Channel, msg) -> None:
         f = msg.fields
         if msg.name == "build.assign":
             self.assigns_seen += 1

@@ -232,19 +232,6 @@ class Connector(ReconnectLoop):
                         self.config.network, len(self._peers))
         await self.new_keys()
 
-    async def _serve(self, channel: Channel) -> None:
-        beat = asyncio.get_running_loop().create_task(self._heartbeat(channel))
-        try:
-            while True:
-                async with asyncio.timeout(self.lost_s):  # not wait_for: it can swallow a racing cancel (3.11)
-                    msg = await channel.recv()
-                await self._on_message(channel, msg)
-        except TimeoutError:
-            raise TimeoutError(f"control plane silent for {self.lost_s:g} s") from None
-        finally:
-            beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
-
     async def _heartbeat(self, channel: Channel) -> None:
         seq = 0
         with contextlib.suppress(ChannelClosed):
