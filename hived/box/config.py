@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hived import tomlfile
+from hived.configspec import Key, boolean, choice, integer, number, read_table, string, strings
 
 
 class ConfigError(Exception):
@@ -80,33 +81,44 @@ MINIMUM = {"vcpus": 1, "memory_mib": 128, "scratch_mib": 64}
 
 
 def _int(where: str, value, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{where}: expected an integer >= {minimum}, got {value!r}")
-    return value
+    return integer(minimum)(where, value, ConfigError)
 
 
-def _bool(where: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-def _strings(where: str, value) -> tuple:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-    return tuple(value)
+# The [box] table, key by key: default and check (hived/configspec.py). None: computed below.
+BOX_KEYS = {
+    "name": Key(None, string(), "default: the host name"),
+    "state_dir": Key("/var/lib/hived/box", string()),
+    "image_dir": Key(None, string(), "default: $HIVED_IMAGE_DIR or /var/lib/hived/images"),
+    "boot_concurrency": Key(2, integer(1)),
+    "boot_timeout_s": Key(120.0, number(0.1)),
+    "vmm_overhead_mib": Key(256, integer(0)),
+    "metrics_addr": Key("127.0.0.1", string()),
+    "metrics_port": Key(0, integer(0)),
+    "queue_timeout_s": Key(300.0, number(0.0)),
+    "accelerator": Key("", choice("", "kvm", "tcg"), "absent: the KVM probe decides"),
+    "reserved_cores": Key(1, integer(0)),
+    "memory_mib": Key(0, integer(0)),
+    "disk_bytes_s": Key(0, integer(0)),
+    "net_bits_s": Key(0, integer(0)),
+    "overcommit": Key(False, boolean()),
+    "vmm_uid_base": Key(0, integer(0)),
+    "network": Key(True, boolean()),
+    "net_subnet": Key("10.213.0.0/16", string()),
+    "net_uplink": Key("", string()),
+    "net_deny": Key((), strings()),
+    "oci_dir": Key("/var/lib/hived/oci", string()),
+    "oci_max_mib": Key(20480, integer(64)),
+    "oci_insecure": Key((), strings()),
+    "repos_dir": Key("/var/lib/hived/repos", string()),
+    "repos_max_mib": Key(20480, integer(64)),
+    "repo_protocols": Key(("https", "ssh", "git"), strings()),
+    "source_slot_mib": Key(1024, integer(0)),
+    "image_pool_target": Key(1, integer(0)),
+}
 
 
 def parse(data: dict, source: str = "<config>") -> BoxConfig:
-    box = data.get("box", {})
-    known = {"name", "state_dir", "image_dir", "boot_concurrency", "boot_timeout_s", "vmm_overhead_mib",
-             "metrics_addr", "metrics_port", "queue_timeout_s", "accelerator", "reserved_cores",
-             "memory_mib", "disk_bytes_s", "net_bits_s", "overcommit", "vmm_uid_base", "network",
-             "net_subnet", "net_uplink", "net_deny", "oci_dir", "oci_max_mib", "oci_insecure", "repos_dir",
-             "repos_max_mib", "repo_protocols", "source_slot_mib", "image_pool_target"}
-    for key in box:
-        if key not in known:
-            raise ConfigError(f"{source}: box.{key}: unknown key (known: {', '.join(sorted(known))})")
+    box = read_table(data.get("box", {}), BOX_KEYS, f"{source}: box", ConfigError)
     shapes = {}
     for name, raw in data.get("shapes", {}).items():
         if not isinstance(raw, dict):
@@ -120,11 +132,7 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
         shapes[name] = Shape(name=name, **kw)
     if not shapes:
         raise ConfigError(f"{source}: no [shapes.NAME] table: a box needs at least one shape")
-    accel = box.get("accelerator", "")
-    if accel not in ("", "kvm", "tcg"):
-        raise ConfigError(f"{source}: box.accelerator: expected \"kvm\", \"tcg\" or absent, got {accel!r}")
-    state_dir = Path(box.get("state_dir", "/var/lib/hived/box"))
-    name = str(box.get("name", socket.gethostname().split(".")[0] or "box"))
+    name = box["name"] or socket.gethostname().split(".")[0] or "box"
     extra = {}
     if "control" in data:  # the link to the hive's control plane (hived/box/controllink.py)
         from hived.box.controllink import LinkConfig, LinkConfigError
@@ -136,36 +144,13 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
                                                      source=f"{source}: control")
         except LinkConfigError as exc:
             raise ConfigError(str(exc)) from None
+    paths = ("state_dir", "oci_dir", "repos_dir")
     return BoxConfig(
+        **{k: v for k, v in box.items() if k not in ("name", "image_dir", *paths)},
+        **{k: Path(box[k]) for k in paths},
         name=name,
-        state_dir=state_dir,
-        image_dir=Path(box.get("image_dir", os.environ.get("HIVED_IMAGE_DIR", "/var/lib/hived/images"))),
+        image_dir=Path(box["image_dir"] or os.environ.get("HIVED_IMAGE_DIR", "/var/lib/hived/images")),
         shapes=shapes,
-        boot_concurrency=_int(f"{source}: box.boot_concurrency", box.get("boot_concurrency", 2), 1),
-        boot_timeout_s=float(box.get("boot_timeout_s", 120.0)),
-        vmm_overhead_mib=_int(f"{source}: box.vmm_overhead_mib", box.get("vmm_overhead_mib", 256), 0),
-        metrics_addr=str(box.get("metrics_addr", "127.0.0.1")),
-        metrics_port=_int(f"{source}: box.metrics_port", box.get("metrics_port", 0), 0),
-        queue_timeout_s=float(box.get("queue_timeout_s", 300.0)),
-        accelerator=accel,
-        reserved_cores=_int(f"{source}: box.reserved_cores", box.get("reserved_cores", 1), 0),
-        memory_mib=_int(f"{source}: box.memory_mib", box.get("memory_mib", 0), 0),
-        disk_bytes_s=_int(f"{source}: box.disk_bytes_s", box.get("disk_bytes_s", 0), 0),
-        net_bits_s=_int(f"{source}: box.net_bits_s", box.get("net_bits_s", 0), 0),
-        overcommit=_bool(f"{source}: box.overcommit", box.get("overcommit", False)),
-        vmm_uid_base=_int(f"{source}: box.vmm_uid_base", box.get("vmm_uid_base", 0), 0),
-        network=_bool(f"{source}: box.network", box.get("network", True)),
-        net_subnet=str(box.get("net_subnet", "10.213.0.0/16")),
-        net_uplink=str(box.get("net_uplink", "")),
-        net_deny=tuple(box.get("net_deny", ())),
-        oci_dir=Path(box.get("oci_dir", "/var/lib/hived/oci")),
-        oci_max_mib=_int(f"{source}: box.oci_max_mib", box.get("oci_max_mib", 20480), 64),
-        oci_insecure=_strings(f"{source}: box.oci_insecure", box.get("oci_insecure", [])),
-        repos_dir=Path(box.get("repos_dir", "/var/lib/hived/repos")),
-        repos_max_mib=_int(f"{source}: box.repos_max_mib", box.get("repos_max_mib", 20480), 64),
-        repo_protocols=_strings(f"{source}: box.repo_protocols", box.get("repo_protocols", ["https", "ssh", "git"])),
-        source_slot_mib=_int(f"{source}: box.source_slot_mib", box.get("source_slot_mib", 1024), 0),
-        image_pool_target=_int(f"{source}: box.image_pool_target", box.get("image_pool_target", 1), 0),
         extra=extra,
     )
 

@@ -45,9 +45,21 @@ import re
 from pathlib import Path
 
 from hived import tomlfile
+from hived.configspec import (
+    REQUIRED,
+    Key,
+    address,
+    boolean,
+    choice,
+    integer,
+    number,
+    read_table,
+    sha256s,
+    string,
+    strings,
+)
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ConfigError(Exception):
@@ -114,42 +126,20 @@ class ControlConfig:
         return self.state_dir / f"{self.hive}.db"
 
 
-def _addr(where: str, value) -> tuple[str, int]:
-    if not isinstance(value, str) or ":" not in value:
-        raise ConfigError(f"{where}: expected \"HOST:PORT\", got {value!r}")
-    host, _, port = value.rpartition(":")
-    if not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{where}: port {port!r} is not a number 0..65535")
-    return host.strip("[]"), int(port)
-
-
-def _num(where: str, value, lo: float, kind=float):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (kind is int and not isinstance(value, int)) or value < lo:
-        raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'} >= {lo}, "
-                          f"got {value!r}")
-    return kind(value)
+def _num(where: str, value, lo: float) -> float:
+    return number(lo)(where, value, ConfigError)
 
 
 def _str(where: str, value) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
+    return string()(where, value, ConfigError)
 
 
 def _strs(where: str, value) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-    return tuple(value)
+    return strings()(where, value, ConfigError)
 
 
 def _hashes(where: str, value) -> tuple[str, ...]:
-    out = _strs(where, value)
-    for h in out:
-        if not HEX64_RE.match(h):
-            raise ConfigError(f"{where}: {h[:12]!r}... is not a SHA-256 in lower-case hex "
-                              "(64 characters; `hived control token` prints one)")
-    return out
+    return sha256s()(where, value, ConfigError)
 
 
 def _known(where: str, table: dict, keys: set) -> None:
@@ -158,21 +148,28 @@ def _known(where: str, table: dict, keys: set) -> None:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(keys))})")
 
 
+# The [hive] table, key by key: default and check (hived/configspec.py).
+HIVE_KEYS = {
+    "name": Key(REQUIRED, string(NAME_RE, "lower-case letters, digits and '-' (at most 32)"),
+                "the hive's name, e.g. name = \"eu1\""),
+    "state_dir": Key("", string(), "default: /var/lib/hived/control/<name>"),
+    "api_listen": Key(("127.0.0.1", 8080), address()),
+    "box_listen": Key(("127.0.0.1", 7070), address()),
+    "heartbeat_s": Key(1.0, number(0.01)),
+    "box_lost_s": Key(10.0, number(0.05)),
+    "max_body_bytes": Key(1 << 20, integer(1024)),
+    "log_max_bytes": Key(8 << 20, integer(1024)),
+    "synchronous": Key("full", choice("full", "normal")),
+    "tls_dir": Key("", string()),
+    "require_box_certs": Key(False, boolean()),
+}
+
+
 def parse(data: dict, source: str = "<config>", base: Path | None = None) -> ControlConfig:
     _known(source, data, {"hive", "shapes", "customers", "admin", "boxes", "repos", "networks"})
-    hive = data.get("hive", {})
-    _known(f"{source}: hive", hive, {"name", "state_dir", "api_listen", "box_listen", "heartbeat_s",
-                                     "box_lost_s", "max_body_bytes", "log_max_bytes", "synchronous",
-                                     "tls_dir", "require_box_certs"})
-    name = hive.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ConfigError(f"{source}: hive.name: expected lower-case letters, digits and '-' (at most 32), "
-                          f"got {name!r}")
-    api_host, api_port = _addr(f"{source}: hive.api_listen", hive.get("api_listen", "127.0.0.1:8080"))
-    box_host, box_port = _addr(f"{source}: hive.box_listen", hive.get("box_listen", "127.0.0.1:7070"))
-    sync = hive.get("synchronous", "full")
-    if sync not in ("full", "normal"):
-        raise ConfigError(f"{source}: hive.synchronous: expected \"full\" or \"normal\", got {sync!r}")
+    hive = read_table(data.get("hive", {}), HIVE_KEYS, f"{source}: hive", ConfigError)
+    name = hive["name"]
+    (api_host, api_port), (box_host, box_port) = hive["api_listen"], hive["box_listen"]
 
     shapes = data.get("shapes", {})
     if not shapes or not isinstance(shapes, dict):
@@ -258,31 +255,27 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
             raise ConfigError(f"{where}.secure_compute: {net!r} is not a [networks.NAME] of customer "
                               f"{raw['customer']!r}")
 
-    heartbeat = _num(f"{source}: hive.heartbeat_s", hive.get("heartbeat_s", 1.0), 0.01)
-    lost = _num(f"{source}: hive.box_lost_s", hive.get("box_lost_s", 10.0), 0.05)
+    heartbeat, lost = hive["heartbeat_s"], hive["box_lost_s"]
     if lost <= heartbeat * 2:
         raise ConfigError(f"{source}: hive.box_lost_s ({lost:g}) must be more than twice heartbeat_s "
                           f"({heartbeat:g}), or one late heartbeat loses a box")
-    tls_dir = hive.get("tls_dir", "")
+    tls_dir = hive["tls_dir"]
     tls_path = None
     if tls_dir:
         tls_path = Path(tls_dir)
         if base is not None and not tls_path.is_absolute():
             tls_path = base / tls_path
-    require_certs = hive.get("require_box_certs", False)
-    if not isinstance(require_certs, bool):
-        raise ConfigError(f"{source}: hive.require_box_certs: expected true or false")
+    require_certs = hive["require_box_certs"]
     if require_certs and tls_path is None:
         raise ConfigError(f"{source}: hive.require_box_certs needs hive.tls_dir (box certificates are TLS)")
-    state_dir = Path(hive.get("state_dir", f"/var/lib/hived/control/{name}"))
+    state_dir = Path(hive["state_dir"] or f"/var/lib/hived/control/{name}")
     if base is not None and not state_dir.is_absolute():
         state_dir = base / state_dir
     return ControlConfig(
         hive=name, state_dir=state_dir, api_host=api_host, api_port=api_port, box_host=box_host,
         box_port=box_port, heartbeat_s=heartbeat, box_lost_s=lost,
-        max_body_bytes=_num(f"{source}: hive.max_body_bytes", hive.get("max_body_bytes", 1 << 20), 1024, int),
-        log_max_bytes=_num(f"{source}: hive.log_max_bytes", hive.get("log_max_bytes", 8 << 20), 1024, int),
-        synchronous=sync, tls_dir=tls_path, require_box_certs=require_certs,
+        max_body_bytes=hive["max_body_bytes"], log_max_bytes=hive["log_max_bytes"],
+        synchronous=hive["synchronous"], tls_dir=tls_path, require_box_certs=require_certs,
         shapes={k: dict(v) for k, v in shapes.items()},
         customers=customers, admin_tokens_sha256=admin_tokens, box_tokens_sha256=boxes, repos=repos,
         networks=networks,
