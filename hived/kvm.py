@@ -87,16 +87,10 @@ def native_compiled() -> bool:
     return _native() is not None
 
 
-def _not_compiled(device: str, started: float) -> KvmProbe:
-    return KvmProbe(
-        present=os.path.exists(device),
-        device=device,
-        api_version=None,
-        extensions={},
-        guest_runs=False,
-        reason=NOT_COMPILED_REASON,
-        elapsed_ms=_ms_since(started),
-    )
+def _no_guest(device: str, started: float, reason: str, timed_out: bool = False) -> KvmProbe:
+    """The probe's answer when no guest ran, and why."""
+    return KvmProbe(present=os.path.exists(device), device=device, api_version=None, extensions={},
+                    guest_runs=False, reason=reason, elapsed_ms=_ms_since(started), timed_out=timed_out)
 
 
 def _ms_since(started: float) -> float:
@@ -114,7 +108,7 @@ def native_probe(device: str = DEFAULT_DEVICE, timeout_ms: int = 1000) -> dict:
     started = time.monotonic()
     mod = _native()
     if mod is None:
-        return _not_compiled(device, started).to_dict()
+        return _no_guest(device, started, NOT_COMPILED_REASON).to_dict()
     ffi, lib = mod.ffi, mod.lib
     res = ffi.new("struct hived_kvm_result *")
     lib.hived_kvm_probe(os.fsencode(device), int(timeout_ms), res)
@@ -167,19 +161,10 @@ def probe(device: str = DEFAULT_DEVICE, timeout: float = DEFAULT_TIMEOUT) -> Kvm
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     started = time.monotonic()
     if not native_compiled():
-        return _not_compiled(device, started)
+        return _no_guest(device, started, NOT_COMPILED_REASON)
 
     def failed(reason: str, timed_out: bool = False) -> KvmProbe:
-        return KvmProbe(
-            present=os.path.exists(device),
-            device=device,
-            api_version=None,
-            extensions={},
-            guest_runs=False,
-            reason=reason,
-            elapsed_ms=_ms_since(started),
-            timed_out=timed_out,
-        )
+        return _no_guest(device, started, reason, timed_out)
 
     cmd = _child_command(device, _native_timeout_ms(timeout))
     try:

@@ -114,6 +114,12 @@ CELL_ID_RE = re.compile(r"^c[0-9a-f]{8}$")
 ROUTER_TABLE = "hived"
 CELL_TABLE = "hived_cell"  # nftables table in a Secure Compute cell's namespace
 
+# The router and every cell namespace forward IPv4 only, drop spoofed sources, send no redirects.
+FORWARDER_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1,
+                     "net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 1,
+                     "net.ipv4.conf.default.rp_filter": 1, "net.ipv4.conf.all.send_redirects": 0,
+                     "net.ipv4.conf.default.send_redirects": 0}
+
 # Destinations a cell may never reach through the uplink.
 DEFAULT_DENY = (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
@@ -451,13 +457,7 @@ class CellNetwork:
             raise self._fail(f"create router namespace {name}", exc) from None
         try:
             with entered(name):
-                write_sysctls({"net.ipv6.conf.all.disable_ipv6": 1,
-                               "net.ipv6.conf.default.disable_ipv6": 1,
-                               "net.ipv4.ip_forward": 1,
-                               "net.ipv4.conf.all.rp_filter": 1,
-                               "net.ipv4.conf.default.rp_filter": 1,
-                               "net.ipv4.conf.all.send_redirects": 0,
-                               "net.ipv4.conf.default.send_redirects": 0})
+                write_sysctls(FORWARDER_SYSCTLS)
                 ipr = self._iproute()
                 nft = self._nft()
             try:
@@ -593,13 +593,7 @@ class CellNetwork:
             undo.append(lambda: delete_netns(ns))
             step = "configure namespace"
             with entered(ns):
-                write_sysctls({"net.ipv6.conf.all.disable_ipv6": 1,
-                               "net.ipv6.conf.default.disable_ipv6": 1,
-                               "net.ipv4.ip_forward": 1,
-                               "net.ipv4.conf.all.rp_filter": 1,
-                               "net.ipv4.conf.default.rp_filter": 1,
-                               "net.ipv4.conf.all.send_redirects": 0,
-                               "net.ipv4.conf.default.send_redirects": 0})
+                write_sysctls(FORWARDER_SYSCTLS)
                 cell_ipr = self._iproute()
                 step = f"create {TAP}"
                 try:
