@@ -3,7 +3,7 @@
 
 PYTHON ?= python3
 HIVED  := $(PYTHON) -m hived
-APT_PACKAGES := qemu-system-x86 debootstrap erofs-utils busybox-static e2fsprogs cpio \
+APT_PACKAGES := qemu-system-x86 postgresql debootstrap erofs-utils busybox-static e2fsprogs cpio \
 	iproute2 crun wireguard-go wireguard-tools zstd xz-utils \
 	docker-registry apache2-utils openssl
 PYTEST_ARGS ?=

@@ -1,5 +1,5 @@
-"""Group commit: everything one turn of the control plane's loop writes is one SQLite
-transaction, and nothing is said to anyone (submitter, box, log follower) before it is
+"""Group commit: everything one turn of the control plane's loop writes is one store
+transaction (SQLite and PostgreSQL), and nothing is said to anyone (submitter, box, log follower) before it is
 committed. A failed commit stops the control plane; a failed write poisons its batch."""
 
 import asyncio
@@ -19,8 +19,8 @@ def build(i, **kw):
 
 
 # -- the store's batches ----------------------------------------------------------------------
-def test_a_batch_is_invisible_to_readers_until_committed(tmp_path):
-    s = SQLiteStore(tmp_path / "h.db", "h")
+def test_a_batch_is_invisible_to_readers_until_committed(opener):
+    s = opener()
     try:
         s.begin()
         s.create_build(build(1))
@@ -39,12 +39,12 @@ def test_a_batch_is_invisible_to_readers_until_committed(tmp_path):
         s.close()
 
 
-def test_a_failed_write_poisons_the_whole_batch(tmp_path):
-    s = SQLiteStore(tmp_path / "h.db", "h")
+def test_a_failed_write_poisons_the_whole_batch(opener):
+    s = opener()
     try:
         s.begin()
         s.create_build(build(1))
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(sqlite3.IntegrityError if opener.kind == "sqlite" else StoreError):
             s.create_build(build(1))                           # same id
         with pytest.raises(StoreError, match="rolled back"):
             s.commit()

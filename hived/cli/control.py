@@ -22,17 +22,17 @@ def _load(path: str):
 
 
 def add_box(config_path: str, name: str) -> str:
-    from hived.control.config import NAME_RE
+    from hived.control.config import NAME_RE, ConfigError
     from hived.control.server import new_token, token_hash
-    from hived.control.store import SQLiteStore, StoreError
+    from hived.control.store import StoreError, open_store
 
     if not NAME_RE.match(name):
         raise UserError(f"box name {name!r}: use lower-case letters, digits and '-' (at most 32)")
     cfg = _load(config_path)
     token = new_token()
     try:
-        store = SQLiteStore(cfg.db_path, cfg.hive, synchronous=cfg.synchronous)
-    except StoreError as exc:
+        store = open_store(cfg)
+    except (StoreError, ConfigError) as exc:
         raise UserError(str(exc)) from None
     try:
         store.set_box_token(name, token_hash(token))

@@ -10,6 +10,9 @@
     max_body_bytes = 1048576           # larger request bodies get 413
     log_max_bytes = 8388608            # output kept per build; beyond, a truncation marker
     synchronous = "full"               # SQLite: full (durable across power loss) or normal
+    database = ""                      # "": SQLite in state_dir; or "postgresql://USER@HOST[:PORT]/DB"
+                                       # (no password in the URL; several control planes may share it)
+    database_password_file = ""        # its password; else $HIVED_DATABASE_PASSWORD, $PGPASSWORD, ~/.pgpass
     tls_dir = ""                       # "": plain TCP; else the dir `hived control init` made
     require_box_certs = false          # with TLS: boxes must also show their certificate (CN = box id)
 
@@ -41,8 +44,10 @@ Every error names the key and what was expected.
 
 import dataclasses
 import ipaddress
+import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hived import tomlfile
 from hived.configspec import (
@@ -120,6 +125,18 @@ class ControlConfig:
     box_tokens_sha256: dict = dataclasses.field(default_factory=dict)
     repos: dict = dataclasses.field(default_factory=dict)
     networks: dict = dataclasses.field(default_factory=dict)   # name -> SecureNetwork
+    database: str = ""                        # "": SQLite at db_path; else a PostgreSQL URL
+    database_password_file: Path | None = None
+
+    def database_password(self) -> str | None:
+        """The PostgreSQL password: from its file, else $HIVED_DATABASE_PASSWORD; None lets the
+        driver look ($PGPASSWORD, ~/.pgpass). Never in the URL, argv or a log."""
+        if self.database_password_file is not None:
+            try:
+                return self.database_password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"hive.database_password_file: {exc}") from None
+        return os.environ.get("HIVED_DATABASE_PASSWORD") or None
 
     @property
     def db_path(self) -> Path:
@@ -162,6 +179,8 @@ HIVE_KEYS = {
     "synchronous": Key("full", choice("full", "normal")),
     "tls_dir": Key("", string()),
     "require_box_certs": Key(False, boolean()),
+    "database": Key("", lambda where, value, error: check_database_url(where, value)),
+    "database_password_file": Key("", string()),
 }
 
 
@@ -271,6 +290,14 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
     state_dir = Path(hive["state_dir"] or f"/var/lib/hived/control/{name}")
     if base is not None and not state_dir.is_absolute():
         state_dir = base / state_dir
+    database, pw_file = hive["database"], hive["database_password_file"]
+    pw_path = None
+    if pw_file:
+        if not database:
+            raise ConfigError(f"{source}: hive.database_password_file needs hive.database (a PostgreSQL URL)")
+        pw_path = Path(pw_file)
+        if base is not None and not pw_path.is_absolute():
+            pw_path = base / pw_path
     return ControlConfig(
         hive=name, state_dir=state_dir, api_host=api_host, api_port=api_port, box_host=box_host,
         box_port=box_port, heartbeat_s=heartbeat, box_lost_s=lost,
@@ -278,8 +305,23 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
         synchronous=hive["synchronous"], tls_dir=tls_path, require_box_certs=require_certs,
         shapes={k: dict(v) for k, v in shapes.items()},
         customers=customers, admin_tokens_sha256=admin_tokens, box_tokens_sha256=boxes, repos=repos,
-        networks=networks,
+        networks=networks, database=database, database_password_file=pw_path,
     )
+
+
+def check_database_url(where: str, url) -> str:
+    """"" or a PostgreSQL URL without a password (URLs end up in logs and process lists)."""
+    url = _str(where, url)
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{where}: expected \"postgresql://USER@HOST[:PORT]/DATABASE\" (or \"\" for SQLite), "
+                          f"got a {parts.scheme or 'schemeless'} URL")
+    if parts.password is not None:
+        raise ConfigError(f"{where}: the URL holds a password: put it in hive.database_password_file or "
+                          "$HIVED_DATABASE_PASSWORD instead (URLs end up in logs and process lists)")
+    return url
 
 
 def _network(where: str, name: str, raw, customers: dict) -> SecureNetwork:

@@ -38,7 +38,7 @@ from hived.control import scheduler as sch
 from hived.control.config import ControlConfig
 from hived.control.keyexchange import ConnectorLink, KeyExchange
 from hived.control.metrics import ControlMetrics
-from hived.control.store import Build, SQLiteStore, Store
+from hived.control.store import Build, Store, open_store
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.errors import ProtocolError
 from hived.protocol.session import Session
@@ -129,8 +129,7 @@ class ControlPlane:
         self._loop = asyncio.get_running_loop()
         self.failed = self._loop.create_future()
         if self.store is None:
-            self.store = SQLiteStore(cfg.db_path, cfg.hive, synchronous=cfg.synchronous,
-                                     log_max_bytes=cfg.log_max_bytes, background_checkpoint=True)
+            self.store = open_store(cfg, background_checkpoint=True)
         self.store.sync_config({k: {"shapes": v.shapes, "secure_networks": v.secure_networks}
                                 for k, v in cfg.customers.items()}, cfg.shapes)
         for box_id, digest in cfg.box_tokens_sha256.items():
@@ -659,7 +658,7 @@ def main(config_path: str) -> int:
         raise UserError(str(exc)) from None
     try:
         return uvloop.run(serve(config))
-    except StoreError as exc:
+    except (StoreError, ConfigError) as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"hive {config.hive} cannot start: {exc}") from None

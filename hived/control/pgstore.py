@@ -1,0 +1,525 @@
+r"""The hive's store on PostgreSQL (asyncpg): the same `Store` interface and the same build
+semantics as `SQLiteStore`, for hives that outgrow one machine's file.
+
+    [hive]
+    database = "postgresql://hived@db.example/eu1"    # no password in the URL
+    database_password_file = "/etc/hived/eu1-db.password"   # or $HIVED_DATABASE_PASSWORD, $PGPASSWORD
+
+Shape:
+* asyncpg runs on an event loop of its own, on a thread of its own; the Store methods are
+  plain calls that wait for it (like SQLite's, which wait for the disk).
+* Writes are written behind. The store keeps a copy of every live build (queued, assigned,
+  running: what a restart loads anyway); each write method decides on that copy with the
+  same conditions as the SQLite store's conditional UPDATEs (state, lease, box_seq, the log
+  cap) and returns at once, and `commit()` sends the whole batch in one transaction: new
+  builds in one INSERT, changed builds in one UPDATE, log chunks in one INSERT (arrays
+  through `unnest`), a few statements instead of one round trip per write.
+* The database stays the judge: the UPDATE of a changed build is compare-and-set on the
+  row as this store last knew it (state, lease, next log seq, cancel flag). If anything
+  else changed that row, the commit fails and is rolled back whole, the copy goes back to
+  the last commit, and the control plane stops (as on any failed commit); a restart
+  reloads from the database.
+* Reads (`get_build`, `read_log`, ...) go to the database on a connection of their own:
+  committed state only, as with SQLite.
+* Schema migrations are numbered and applied at open, under an advisory lock; a database
+  whose schema is newer than this code is refused.
+"""
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import json
+import threading
+from urllib.parse import urlsplit
+
+from hived.control.store import (
+    ASSIGNED,
+    LIVE,
+    QUEUED,
+    RUNNING,
+    STATES,
+    STREAM_MARKER,
+    TERMINAL,
+    BoxRecord,
+    Build,
+    LogChunk,
+    Store,
+    StoreError,
+    _dumps,
+)
+
+# Each migration is applied once, in order, in one transaction; never edit one that shipped.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the SQLite store's tables
+    """
+    CREATE TABLE config (kind TEXT NOT NULL, name TEXT NOT NULL, body JSONB NOT NULL, PRIMARY KEY (kind, name));
+    CREATE TABLE boxes (
+        id TEXT PRIMARY KEY, token_hash TEXT NOT NULL DEFAULT '', capacity INTEGER NOT NULL DEFAULT 0,
+        shapes JSONB NOT NULL DEFAULT '[]', warm JSONB NOT NULL DEFAULT '{}',
+        last_heartbeat DOUBLE PRECISION, registered_at DOUBLE PRECISION);
+    CREATE TABLE builds (
+        id TEXT PRIMARY KEY, customer TEXT NOT NULL, shape TEXT NOT NULL, argv JSONB NOT NULL,
+        env JSONB NOT NULL, cwd TEXT NOT NULL, timeout_s DOUBLE PRECISION NOT NULL, options JSONB NOT NULL,
+        state TEXT NOT NULL, box TEXT NOT NULL DEFAULT '', cell TEXT NOT NULL DEFAULT '',
+        lease BIGINT NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+        exit_code INTEGER, signal INTEGER, reason TEXT NOT NULL DEFAULT '',
+        message TEXT NOT NULL DEFAULT '', usage JSONB NOT NULL DEFAULT '{}',
+        submitted_at DOUBLE PRECISION NOT NULL, assigned_at DOUBLE PRECISION, started_at DOUBLE PRECISION,
+        finished_at DOUBLE PRECISION, idem_key TEXT, source TEXT NOT NULL DEFAULT 'api',
+        log_bytes BIGINT NOT NULL DEFAULT 0, log_truncated BOOLEAN NOT NULL DEFAULT false,
+        log_next_seq BIGINT NOT NULL DEFAULT 0, log_box_seq BIGINT NOT NULL DEFAULT -1,
+        cancel_requested BOOLEAN NOT NULL DEFAULT false);
+    CREATE UNIQUE INDEX builds_idem ON builds (customer, idem_key) WHERE idem_key IS NOT NULL;
+    CREATE INDEX builds_live ON builds (state) WHERE state IN ('queued', 'assigned', 'running');
+    CREATE TABLE build_logs (
+        build_id TEXT NOT NULL, seq BIGINT NOT NULL, stream INTEGER NOT NULL, data BYTEA NOT NULL,
+        PRIMARY KEY (build_id, seq));
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+_MIGRATE_LOCK = 0x68697665_64000001  # pg_advisory_xact_lock key: "hived" + 1
+
+_COLS = ("id", "customer", "shape", "argv", "env", "cwd", "timeout_s", "options", "state", "box",
+         "cell", "lease", "attempts", "exit_code", "signal", "reason", "message", "usage",
+         "submitted_at", "assigned_at", "started_at", "finished_at", "idem_key", "source",
+         "log_bytes", "log_truncated", "cancel_requested")
+_TYPES = {"argv": "text", "env": "text", "options": "text", "usage": "text", "timeout_s": "float8",
+          "submitted_at": "float8", "assigned_at": "float8", "started_at": "float8", "finished_at": "float8",
+          "lease": "int8", "attempts": "int4", "exit_code": "int4", "signal": "int4", "log_bytes": "int8",
+          "log_truncated": "bool", "cancel_requested": "bool", "log_next_seq": "int8", "log_box_seq": "int8"}
+_JSON = {"argv", "env", "options", "usage"}
+_SELECT = f"SELECT {', '.join(_COLS)} FROM builds"
+_LIVE_SQL = f"{_SELECT} WHERE state IN ('queued', 'assigned', 'running') ORDER BY submitted_at, id"
+_LOG_COUNTERS = ("log_next_seq", "log_box_seq")
+
+# What a write changes on a build that exists: written by one compare-and-set UPDATE per commit.
+_MUTABLE = ("state", "box", "cell", "lease", "attempts", "exit_code", "signal", "reason", "message", "usage",
+            "assigned_at", "started_at", "finished_at", "log_bytes", "log_truncated", "cancel_requested")
+_EXPECT = (("old_state", "text"), ("old_lease", "int8"), ("old_next_seq", "int8"), ("old_cancel", "bool"))
+
+
+def _unnest(names: list[tuple[str, str]]) -> str:
+    arrays = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(names, 1))
+    return f"unnest({arrays}) AS u({', '.join(n for n, _ in names)})"
+
+
+def _val(col: str) -> str:
+    return f"u.{col}::jsonb" if col in _JSON else f"u.{col}"
+
+
+_INSERT_COLS = [(c, _TYPES.get(c, "text")) for c in _COLS + _LOG_COUNTERS]
+_INSERT_SQL = (f"INSERT INTO builds ({', '.join(c for c, _ in _INSERT_COLS)}) "
+               f"SELECT {', '.join(_val(c) for c, _ in _INSERT_COLS)} FROM {_unnest(_INSERT_COLS)}")
+_UPDATE_COLS = [("id", "text"), *_EXPECT, *((c, _TYPES.get(c, "text")) for c in _MUTABLE + _LOG_COUNTERS)]
+_UPDATE_SQL = (
+    "WITH changed AS (UPDATE builds AS b SET "
+    + ", ".join(f"{c} = {_val(c)}" for c in _MUTABLE + _LOG_COUNTERS)
+    + f" FROM {_unnest(_UPDATE_COLS)} WHERE b.id = u.id AND b.state = u.old_state AND b.lease = u.old_lease "
+      "AND b.log_next_seq = u.old_next_seq AND b.cancel_requested = u.old_cancel RETURNING 1) "
+      "SELECT count(*) FROM changed")
+_LOGS_SQL = ("INSERT INTO build_logs (build_id, seq, stream, data) SELECT * FROM "
+             + _unnest([("build_id", "text"), ("seq", "int8"), ("stream", "int4"), ("data", "bytea")]))
+_BOX_SEEN_SQL = (
+    "INSERT INTO boxes (id, capacity, shapes, warm, last_heartbeat, registered_at) "
+    "VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6) ON CONFLICT (id) DO UPDATE SET capacity = excluded.capacity, "
+    "shapes = excluded.shapes, warm = excluded.warm, last_heartbeat = excluded.last_heartbeat, "
+    "registered_at = COALESCE(excluded.registered_at, boxes.registered_at)")
+_BOX_COLS = "id, token_hash, capacity, shapes, warm, last_heartbeat, registered_at"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced (for messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+@dataclasses.dataclass
+class _Live:
+    """This store's copy of one live build, and its log counters (not in `Build`)."""
+    build: Build
+    next_seq: int = 0
+    box_seq: int = -1
+
+    def snapshot(self) -> "_Live":
+        return _Live(copy.copy(self.build), self.next_seq, self.box_seq)
+
+    def same(self, other: "_Live") -> bool:
+        a, b = self.build, other.build
+        return (self.next_seq, self.box_seq) == (other.next_seq, other.box_seq) and \
+            all(getattr(a, c) == getattr(b, c) for c in _MUTABLE)
+
+
+class _DbLoop:
+    """An event loop on a thread of its own for asyncpg; `call` runs a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="hived-pgstore", daemon=True)
+        self.thread.start()
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+async def _init_connection(conn) -> None:
+    await conn.set_type_codec("jsonb", encoder=str, decoder=json.loads, schema="pg_catalog")
+
+
+class PostgresStore(Store):
+    """One hive's state in one PostgreSQL database. Safe to call from several threads (one lock
+    for the writer, one for the reader)."""
+
+    def __init__(self, url: str, hive: str, *, password: str | None = None, log_max_bytes: int = 8 << 20,
+                 timeout_s: float = 30.0) -> None:
+        import asyncpg
+
+        self.asyncpg = asyncpg
+        self.url = url
+        self.hive = hive
+        self.log_max_bytes = log_max_bytes
+        self.timeout_s = timeout_s
+        self.lock = threading.RLock()   # the writer and the live copy; held from begin() to commit()
+        self.rlock = threading.Lock()   # the reader connection
+        self.in_batch = False
+        self.poisoned = ""
+        self._live: dict[str, _Live] = {}
+        self._reset_batch()
+        self._db = _DbLoop()
+        self.w = self.r = None
+        try:
+            self.w = self._db.call(self._connect(password))
+            self.r = self._db.call(self._connect(password))
+            self._db.call(self._migrate())
+            for build, next_seq, box_seq in self._db.call(self._load_live()):
+                self._live[build.id] = _Live(build, next_seq, box_seq)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing -----------------------------------------------------------------------------
+    async def _connect(self, password):
+        asyncpg = self.asyncpg
+        try:
+            conn = await asyncpg.connect(self.url, password=password, timeout=self.timeout_s,
+                                         command_timeout=self.timeout_s,
+                                         server_settings={"application_name": f"hived-control-{self.hive}"})
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+            raise StoreError(f"cannot connect to the hive's database {redact(self.url)}: "
+                             f"{type(exc).__name__}: {exc}") from None
+        await _init_connection(conn)
+        return conn
+
+    async def _migrate(self) -> None:
+        w = self.w
+        async with w.transaction():
+            await w.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)  # one replica migrates
+            await w.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            rows = dict(await w.fetch("SELECT key, value FROM meta"))
+            if not rows:
+                await w.execute("INSERT INTO meta VALUES ('hive', $1), ('schema', '0')", self.hive)
+                rows = {"hive": self.hive, "schema": "0"}
+            if rows.get("hive") != self.hive:
+                raise StoreError(f"database {redact(self.url)} holds hive {rows.get('hive')!r}, not "
+                                 f"{self.hive!r}: each hive needs its own database")
+            have = int(rows.get("schema", 0))
+            if have > SCHEMA_VERSION:
+                raise StoreError(f"database {redact(self.url)} has schema {have}, newer than this hived "
+                                 f"({SCHEMA_VERSION}): upgrade hived (every control plane of the hive)")
+            for version in range(have + 1, SCHEMA_VERSION + 1):
+                await w.execute(MIGRATIONS[version - 1])
+                await w.execute("UPDATE meta SET value = $1 WHERE key = 'schema'", str(version))
+
+    async def _load_live(self) -> list:
+        rows = await self.w.fetch(f"{_SELECT.replace(' FROM', ', log_next_seq, log_box_seq FROM')} "
+                                  "WHERE state IN ('queued', 'assigned', 'running')")
+        return [(_build(r), r["log_next_seq"], r["log_box_seq"]) for r in rows]
+
+    def schema_version(self) -> int:
+        return int(self._read("fetchval", "SELECT value FROM meta WHERE key = 'schema'"))
+
+    def _read(self, how: str, sql: str, *args):
+        with self.rlock:
+            return self._db.call(getattr(self.r, how)(sql, *args))
+
+    def _reset_batch(self) -> None:
+        self._before: dict[str, _Live] = {}    # live copies as they were at the last commit
+        self._created: dict[str, None] = {}    # ids inserted by this batch (in order)
+        self._idem: dict[tuple, Build] = {}    # (customer, key) -> build, for this batch's inserts
+        self._logs: list[tuple] = []
+        self._plain: list[tuple] = []          # (sql, args) in order: boxes, config
+
+    @contextlib.contextmanager
+    def _tx(self):
+        """One method's writes: part of the open batch, or a batch of their own."""
+        with self.lock:
+            own = not self.in_batch
+            if own:
+                self.begin()
+            try:
+                yield
+            except BaseException as exc:
+                if own:
+                    self.rollback()
+                else:
+                    self.poisoned = self.poisoned or f"{type(exc).__name__}: {exc}"
+                raise
+            if own:
+                self.commit()
+
+    def _touch(self, build_id: str) -> _Live | None:
+        """The live copy of a build, remembered as it was before this batch changed it."""
+        live = self._live.get(build_id)
+        if live is None:
+            row = self._db.call(self.w.fetchrow(f"{_SELECT.replace(' FROM', ', log_next_seq, log_box_seq FROM')} "
+                                                "WHERE id = $1", build_id))
+            if row is None or row["state"] not in LIVE:
+                return None  # unknown or over: every write below needs a live build
+            live = self._live[build_id] = _Live(_build(row), row["log_next_seq"], row["log_box_seq"])
+        if build_id not in self._before and build_id not in self._created:
+            self._before[build_id] = live.snapshot()
+        return live
+
+    # -- group commit ---------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.lock.acquire()
+        if self.in_batch:
+            self.lock.release()
+            raise RuntimeError("a batch is already open")
+        self.in_batch = True
+
+    def commit(self) -> None:
+        if not self.in_batch:
+            return
+        try:
+            if self.poisoned:
+                raise StoreError(f"a write in this batch failed ({self.poisoned}): the batch is rolled back")
+            creates = [self._live[i] for i in self._created]
+            updates = [(self._before[i], self._live[i]) for i in self._before
+                       if not self._live[i].same(self._before[i])]
+            if creates or updates or self._logs or self._plain:
+                self._db.call(self._write(creates, updates, self._logs, self._plain))
+        except BaseException:
+            self._undo()
+            raise
+        else:
+            for i in list(self._created) + list(self._before):
+                live = self._live.get(i)
+                if live is not None and live.build.state in TERMINAL:
+                    del self._live[i]
+        finally:
+            self._reset_batch()
+            self.in_batch = False
+            self.poisoned = ""
+            self.lock.release()
+
+    async def _write(self, creates: list[_Live], updates: list[tuple[_Live, _Live]], logs: list, plain: list):
+        w = self.w
+        async with w.transaction():
+            if creates:
+                rows = [_row(live) for live in creates]
+                await w.execute(_INSERT_SQL, *[list(col) for col in zip(*rows, strict=True)])
+            if updates:
+                rows = [(new.build.id, old.build.state, old.build.lease, old.next_seq, old.build.cancel_requested,
+                         *_row(new, _MUTABLE)) for old, new in updates]
+                n = await w.fetchval(_UPDATE_SQL, *[list(col) for col in zip(*rows, strict=True)])
+                if n != len(rows):
+                    raise StoreError(f"{len(rows) - n} of {len(rows)} build(s) changed in the database behind "
+                                     "this control plane's back (another writer?): the batch is rolled back")
+            if logs:
+                await w.execute(_LOGS_SQL, *[list(col) for col in zip(*logs, strict=True)])
+            for sql, args in plain:
+                await w.execute(sql, *args)
+
+    def _undo(self) -> None:
+        for i in self._created:
+            self._live.pop(i, None)
+        self._live.update(self._before)
+
+    def rollback(self) -> None:
+        if not self.in_batch:
+            return
+        try:
+            self._undo()
+        finally:
+            self._reset_batch()
+            self.in_batch = False
+            self.poisoned = ""
+            self.lock.release()
+
+    def close(self) -> None:
+        if self.in_batch:
+            self.rollback()
+        for conn in (self.w, self.r):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    self._db.call(conn.close(timeout=5))
+        self.w = self.r = None
+        self._db.close()
+
+    # -- hive -----------------------------------------------------------------------------------
+    def sync_config(self, customers: dict, shapes: dict) -> None:
+        with self._tx():
+            self._plain.append(("DELETE FROM config", ()))
+            for kind, table in (("customer", customers), ("shape", shapes)):
+                for name, body in table.items():
+                    self._plain.append(("INSERT INTO config VALUES ($1, $2, $3::jsonb)",
+                                        (kind, name, json.dumps(body, sort_keys=True, default=str))))
+
+    def config(self, kind: str) -> dict:
+        return dict(self._read("fetch", "SELECT name, body FROM config WHERE kind = $1", kind))
+
+    # -- boxes ----------------------------------------------------------------------------------
+    def set_box_token(self, box_id: str, token_hash: str) -> None:
+        with self._tx():
+            self._plain.append(("INSERT INTO boxes (id, token_hash) VALUES ($1, $2) ON CONFLICT (id) "
+                                "DO UPDATE SET token_hash = excluded.token_hash", (box_id, token_hash)))
+
+    def get_box(self, box_id: str) -> BoxRecord | None:
+        row = self._read("fetchrow", f"SELECT {_BOX_COLS} FROM boxes WHERE id = $1", box_id)
+        return BoxRecord(*row) if row else None
+
+    def box_seen(self, box_id: str, *, capacity: int, shapes: list[str], warm: dict, now: float,
+                 registered: bool = False) -> None:
+        with self._tx():
+            self._plain.append((_BOX_SEEN_SQL, (box_id, capacity, json.dumps(shapes), json.dumps(warm), now,
+                                                now if registered else None)))
+
+    def boxes(self) -> list[BoxRecord]:
+        return [BoxRecord(*r) for r in self._read("fetch", f"SELECT {_BOX_COLS} FROM boxes ORDER BY id")]
+
+    # -- builds ---------------------------------------------------------------------------------
+    def create_build(self, build: Build) -> tuple[Build, bool]:
+        with self._tx():
+            if build.idem_key is not None:
+                key = (build.customer, build.idem_key)
+                if key in self._idem:
+                    return copy.copy(self._idem[key]), False
+                row = self._read("fetchrow", f"{_SELECT} WHERE customer = $1 AND idem_key = $2", *key)
+                if row is not None:
+                    return _build(row), False
+            if build.id in self._live:
+                raise StoreError(f"build id {build.id!r} is already taken")
+            mine = copy.copy(build)
+            self._live[build.id] = _Live(mine)
+            self._created[build.id] = None
+            if build.idem_key is not None:
+                self._idem[(build.customer, build.idem_key)] = mine
+        return build, True
+
+    def get_build(self, build_id: str) -> Build | None:
+        row = self._read("fetchrow", f"{_SELECT} WHERE id = $1", build_id)
+        return _build(row) if row else None
+
+    def live_builds(self) -> list[Build]:
+        return [_build(r) for r in self._read("fetch", _LIVE_SQL)]
+
+    def assign(self, build_id: str, box: str, old_lease: int, new_lease: int, now: float) -> bool:
+        with self._tx():
+            live = self._touch(build_id)
+            b = live.build if live else None
+            if b is None or b.state != QUEUED or b.lease != old_lease or b.cancel_requested:
+                return False
+            b.state, b.box, b.lease, b.attempts, b.assigned_at = ASSIGNED, box, new_lease, b.attempts + 1, now
+            return True
+
+    def mark_started(self, build_id: str, lease: int, cell: str, now: float) -> bool:
+        with self._tx():
+            live = self._touch(build_id)
+            b = live.build if live else None
+            if b is None or b.state != ASSIGNED or b.lease != lease:
+                return False
+            b.state, b.cell, b.started_at = RUNNING, cell, now
+            return True
+
+    def requeue(self, build_id: str, lease: int, reason: str) -> bool:
+        with self._tx():
+            live = self._touch(build_id)
+            b = live.build if live else None
+            if b is None or b.state != ASSIGNED or b.lease != lease:
+                return False
+            b.state, b.box, b.cell, b.message = QUEUED, "", "", reason
+            return True
+
+    def finish(self, build_id: str, lease: int | None, state: str, *, code: int | None, signal: int | None,
+               reason: str, message: str, usage: dict | None, now: float) -> bool:
+        if state not in TERMINAL:
+            raise ValueError(f"finish() needs a terminal state, not {state!r}")
+        with self._tx():
+            live = self._touch(build_id)
+            b = live.build if live else None
+            if b is None or b.state not in LIVE or (lease is not None and b.lease != lease):
+                return False
+            b.state, b.exit_code, b.signal, b.reason, b.message = state, code, signal, reason, message
+            b.usage, b.finished_at = dict(usage or {}), now
+            return True
+
+    def request_cancel(self, build_id: str) -> bool:
+        with self._tx():
+            live = self._touch(build_id)
+            if live is None or live.build.state not in LIVE:
+                return False
+            live.build.cancel_requested = True
+            return True
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        counts.update(self._read("fetch", "SELECT state, count(*) FROM builds GROUP BY state"))
+        return counts
+
+    # -- logs -----------------------------------------------------------------------------------
+    def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes) -> int | None:
+        """SQLiteStore.append_log's rules, decided on the live copy: a chunk from the box holding
+        `lease`, after the last box_seq stored, under the cap; the cap truncates with a marker."""
+        with self._tx():
+            live = self._touch(build_id)
+            if live is None:
+                return None
+            b = live.build
+            if b.lease != lease or b.state not in LIVE or box_seq <= live.box_seq:
+                return None
+            if b.log_truncated:
+                live.box_seq = box_seq
+                return None
+            seq = live.next_seq
+            if b.log_bytes + len(data) > self.log_max_bytes:
+                room = self.log_max_bytes - b.log_bytes
+                if room > 0:
+                    self._logs.append((build_id, seq, stream, bytes(data[:room])))
+                    seq += 1
+                marker = (f"\n[hived: log truncated: the control plane keeps {self.log_max_bytes} bytes "
+                          "per build]\n").encode()
+                self._logs.append((build_id, seq, STREAM_MARKER, marker))
+                b.log_bytes, b.log_truncated = self.log_max_bytes, True
+            else:
+                self._logs.append((build_id, seq, stream, bytes(data)))
+                b.log_bytes += len(data)
+            live.next_seq, live.box_seq = seq + 1, box_seq
+            return seq
+
+    def read_log(self, build_id: str, after: int = -1, limit: int = 256) -> list[LogChunk]:
+        return [LogChunk(r[0], r[1], bytes(r[2])) for r in self._read(
+            "fetch", "SELECT seq, stream, data FROM build_logs WHERE build_id = $1 AND seq > $2 ORDER BY seq "
+            "LIMIT $3", build_id, after, limit)]
+
+
+def _build(row) -> Build:
+    return Build(**{c: row[c] for c in _COLS})
+
+
+def _row(live: _Live, cols=_COLS) -> tuple:
+    b = live.build
+    values = tuple(_dumps(getattr(b, c)) if c in _JSON else getattr(b, c) for c in cols)
+    return (*values, live.next_seq, live.box_seq)
