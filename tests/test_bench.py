@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,32 @@ def test_control_json_tiny_run_and_nothing_left():
     assert boxes["pid"] != report["processes"]["control_plane"]["pid"]
     assert not Path(f"/proc/{boxes['pid']}").exists(), "the simulated boxes' process was left behind"
     assert report["machine"]["nproc"] >= 1
+
+
+def test_control_on_postgresql_tiny_run_and_its_server_is_gone():
+    from hived.control.pgserver import PostgresUnavailable, find_bindir
+
+    try:
+        find_bindir()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    before = set(Path(tempfile.gettempdir()).glob("hived-pg-*"))
+    r = _run([sys.executable, "-m", "hived", "bench", "control", "--json", "--store", "postgresql", "--boxes", "10",
+              "--builds", "200", "--latency-builds", "100", "--http", "50"], 300)
+    assert r.returncode == 0, r.stderr
+    report = _one_json_object(r.stdout)
+    assert report["store"] == "postgresql" and "throwaway" in report["database"]
+    assert report["saturation"]["builds"] == 200 and report["builds_per_s"] > 0
+    assert report["schedule_ms"]["n"] == 100 and report["http"]["builds"] == 50
+    assert report["processes"]["simulated_boxes"]["builds_done"] == report["builds_total"] >= 350
+    assert set(Path(tempfile.gettempdir()).glob("hived-pg-*")) <= before, "the throwaway server's files were left"
+
+
+def test_control_database_url_with_a_password_is_refused_in_one_line():
+    r = _run([sys.executable, "-m", "hived", "bench", "control", "--store", "postgresql", "--database",
+              "postgresql://u:hunter2@127.0.0.1/x"], 60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and "holds a password" in r.stderr and "hunter2" not in r.stderr
 
 
 def test_control_bad_arguments_are_one_line():

@@ -1,6 +1,6 @@
 """The hive's HTTP API against a real control plane (real aiohttp server on 127.0.0.1, real
-SQLite store): good paths, every refusal with its status and message and no state change,
-signed GitHub webhooks, metrics."""
+store: every test on SQLite and on PostgreSQL): good paths, every refusal with its status and
+message and no state change, signed GitHub webhooks, metrics."""
 
 import asyncio
 import hashlib
@@ -22,11 +22,25 @@ def sha(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
 
 
+STORE: dict = {}  # [hive] keys that select the store under test (this module's tests: both)
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
+def store_kind(request, monkeypatch):
+    extra = {}
+    if request.param == "postgresql":
+        db = request.getfixturevalue("pg_database")
+        monkeypatch.setenv("HIVED_DATABASE_PASSWORD", db.password)
+        extra = {"database": db.url}
+    monkeypatch.setattr(__import__(__name__), "STORE", extra)
+    return request.param
+
+
 def hive_config(tmp_path, name="t1", **hive):
     return parse({
         "hive": {"name": name, "state_dir": str(tmp_path / name), "api_listen": "127.0.0.1:0",
                  "box_listen": "127.0.0.1:0", "heartbeat_s": 0.1, "box_lost_s": 1.0, "max_body_bytes": 4096,
-                 **hive},
+                 **STORE, **hive},
         "shapes": {"small": {}, "large": {}},
         "customers": {"acme": {"shapes": ["small"], "api_tokens_sha256": [sha(TOKENS["acme"])]},
                       "other": {"api_tokens_sha256": [sha(TOKENS["other"])]}},

@@ -2,17 +2,37 @@
 with simulated boxes (hived.control.simbox) that speak the real msgpack protocol but run
 no cells. These tests are about the control plane's logic only: registration and tokens,
 queueing when builds outnumber warm cells, pool growth, leases, a box lost mid-build,
-reconnects, log followers. Builds in real cells: test_control_e2e.py."""
+reconnects, log followers. Builds in real cells: test_control_e2e.py. Every test runs on
+both stores: SQLite and PostgreSQL (a real server, see conftest)."""
 
 import asyncio
 import time
 
 import aiohttp
-from test_control_api import GOOD, TOKENS, Hive, hive_config, run
+import pytest
+import test_control_api
+from test_control_api import GOOD, TOKENS, Hive, run
 
 from hived.control.simbox import SimBox
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.session import Session
+
+STORE: dict = {}  # [hive] keys that select the store under test
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
+def store_kind(request, monkeypatch):
+    extra = {}
+    if request.param == "postgresql":
+        db = request.getfixturevalue("pg_database")
+        monkeypatch.setenv("HIVED_DATABASE_PASSWORD", db.password)
+        extra = {"database": db.url}
+    monkeypatch.setattr(__import__(__name__), "STORE", extra)
+    return request.param
+
+
+def hive_config(tmp_path, **hive):
+    return test_control_api.hive_config(tmp_path, **{**STORE, **hive})
 
 
 def sim(h, name, **kw) -> SimBox:
@@ -28,6 +48,7 @@ async def until(cond, timeout=10.0, what="condition"):
 
 
 async def wait_state(h, build_id, states, timeout=10.0):
+    assert type(h.cp.store).__name__ == ("PostgresStore" if STORE else "SQLiteStore")
     await until(lambda: h.cp.store.get_build(build_id).state in states, timeout, f"{build_id} in {states}")
     return h.cp.store.get_build(build_id)
 

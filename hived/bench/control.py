@@ -2,6 +2,11 @@
 store, scheduler, msgpack box links on TCP) with many boxes connected.
 
     hived bench control [--json] [--boxes 100] [--builds 20000] [--rate R] [--latency-builds N]
+                        [--store sqlite|postgresql] [--database URL]
+
+`--store postgresql` starts a throwaway PostgreSQL server (hived.control.pgserver: fsync on,
+Unix socket) unless `--database URL` names an empty database of one's own (its password from
+$HIVED_DATABASE_PASSWORD or $PGPASSWORD, never on the command line).
 
 The boxes are simulated (hived.control.simbox, `simulated_boxes: true` in the output): they
 speak the real protocol over real sockets and finish every build at once. They run in a
@@ -89,10 +94,10 @@ class _Fleet:
             self.proc.wait()
 
 
-def _config(tmp: str, boxes: int, seed: str, synchronous: str):
+def _config(tmp: str, boxes: int, seed: str, synchronous: str, database: dict | None = None):
     return parse({
         "hive": {"name": "bench", "state_dir": tmp, "api_listen": "127.0.0.1:0", "box_listen": "127.0.0.1:0",
-                 "synchronous": synchronous, "heartbeat_s": 1.0, "box_lost_s": 30.0},
+                 "synchronous": synchronous, "heartbeat_s": 1.0, "box_lost_s": 30.0, **(database or {})},
         "shapes": {"small": {}},
         "customers": {"bench": {"api_tokens_sha256": [hashlib.sha256(f"api-{seed}".encode()).hexdigest()]}},
         "boxes": {f"b{i}": {"token_sha256": hashlib.sha256(bench_token(seed, i).encode()).hexdigest()}
@@ -230,7 +235,7 @@ async def _http_client(url: str, token: str, n: int, concurrency: int) -> dict:
 
 async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, latency_builds: int = 0,
                   warm: int = 4, synchronous: str = "full", window: int = 0, pin: bool = True,
-                  http: int = 0) -> dict:
+                  http: int = 0, store: str = "sqlite", database: str = "") -> dict:
     import logging
 
     logging.getLogger("hived").setLevel(logging.ERROR)  # 100 boxes saying goodbye is not news
@@ -240,8 +245,15 @@ async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, l
     old_affinity = set(cpus)
     seed = secrets.token_hex(8)
     fleet = None
-    with tempfile.TemporaryDirectory(prefix="hived-bench-") as tmp:
-        cp = ControlPlane(_config(tmp, boxes, seed, synchronous))
+    with tempfile.TemporaryDirectory(prefix="hived-bench-") as tmp, contextlib.ExitStack() as servers:
+        db = {}
+        if store == "postgresql":
+            from hived.control.pgserver import ThrowawayPostgres
+
+            pg = None if database else servers.enter_context(ThrowawayPostgres())
+            db = {"database": database} if database else {"database": pg.url,
+                                                          "database_password_file": str(pg.password_file)}
+        cp = ControlPlane(_config(tmp, boxes, seed, synchronous, db))
         try:
             if pinned:
                 os.sched_setaffinity(0, {cpus[0]})
@@ -283,6 +295,9 @@ async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, l
     busy = (machine["loadavg_at_start"] or [0.0])[0] > 0.5 * machine["nproc"]
     return {
         "benchmark": "control",
+        "store": store,
+        **({"database": "throwaway server (fsync on, Unix socket)" if not database else "given"}
+           if store == "postgresql" else {}),
         "simulated_boxes": True,
         "boxes": boxes,
         "warm_per_box": warm,
@@ -303,7 +318,7 @@ async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, l
         "machine": machine,
         **({"warning": "the machine was busy with other work during the run (load average above half the "
                        "CPUs): numbers are lower and tails longer than on an idle machine"} if busy else {}),
-        "note": "real control plane (SQLite store, scheduler, msgpack box links on TCP); simulated boxes in "
+        "note": f"real control plane ({store} store, scheduler, msgpack box links on TCP); simulated boxes in "
                 "another process that finish every build at once and report refilled warm cells at once; "
                 "schedule_ms: due-to-submit -> build.assign written to the box, at latency_rate_per_s",
     }
@@ -312,8 +327,8 @@ async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, l
 def render(r: dict) -> str:
     s, lat = r["saturation"], r["latency"]["schedule_ms"]
     return "\n".join([
-        f"control plane, {r['boxes']} simulated boxes ({r['warm_per_box']} warm cells each), "
-        f"synchronous={r['synchronous']}",
+        f"control plane on {r['store']}, {r['boxes']} simulated boxes ({r['warm_per_box']} warm cells each)"
+        + (f", synchronous={r['synchronous']}" if r["store"] == "sqlite" else ""),
         f"  saturation: {s['builds']} builds in {s['seconds']} s = {s['builds_per_s']} builds/s "
         f"(control plane CPU {s['control_cpu_util'] * 100:.0f}%)",
         f"  latency at {r['latency_rate_per_s']} builds/s: schedule p50 {lat['p50']} ms, p90 {lat['p90']} ms, "
@@ -335,6 +350,10 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
                    help="builds/s of the latency run (default: half the saturation throughput)")
     p.add_argument("--latency-builds", type=int, default=0, help="builds in the latency run (default: 5 s worth)")
     p.add_argument("--synchronous", choices=["full", "normal"], default="full", help="SQLite durability")
+    p.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite", help="the hive's store")
+    p.add_argument("--database", default="", metavar="URL",
+                   help="with --store postgresql: an empty database to use (no password in the URL) instead "
+                        "of a throwaway server")
     p.add_argument("--no-pin", action="store_true", help="do not pin the two processes to CPUs")
     p.add_argument("--http", type=int, default=0, metavar="N",
                    help="also submit N builds over the HTTP API (64 at a time) from a client process")
@@ -344,10 +363,21 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
 def run(args) -> dict:
     import uvloop
 
+    from hived.control.config import ConfigError, check_database_url
+    from hived.control.pgserver import PostgresUnavailable
+    from hived.control.store import StoreError
+
     if args.boxes < 1 or args.builds < 1:
         raise BenchError("--boxes and --builds must be at least 1")
-    return uvloop.run(measure(args.boxes, args.builds, rate=args.rate, latency_builds=args.latency_builds,
-                              warm=args.warm, synchronous=args.synchronous, pin=not args.no_pin, http=args.http))
+    if args.database and args.store != "postgresql":
+        raise BenchError("--database is for --store postgresql")
+    try:
+        check_database_url("--database", args.database)
+        return uvloop.run(measure(args.boxes, args.builds, rate=args.rate, latency_builds=args.latency_builds,
+                                  warm=args.warm, synchronous=args.synchronous, pin=not args.no_pin,
+                                  http=args.http, store=args.store, database=args.database))
+    except (ConfigError, StoreError, PostgresUnavailable) as exc:
+        raise BenchError(str(exc)) from None
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ Shape:
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -75,6 +76,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE build_logs (
         build_id TEXT NOT NULL, seq BIGINT NOT NULL, stream INTEGER NOT NULL, data BYTEA NOT NULL,
         PRIMARY KEY (build_id, seq));
+    CREATE FUNCTION hived_conflict(missed BIGINT) RETURNS BIGINT LANGUAGE plpgsql AS $$
+    BEGIN
+        IF missed <> 0 THEN
+            RAISE EXCEPTION 'hived: % build(s) changed in the database behind this control plane''s back '
+                            '(another writer?): the batch is rolled back', missed
+                USING ERRCODE = 'serialization_failure';
+        END IF;
+        RETURN 0;
+    END $$;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -99,8 +109,8 @@ _MUTABLE = ("state", "box", "cell", "lease", "attempts", "exit_code", "signal", 
 _EXPECT = (("old_state", "text"), ("old_lease", "int8"), ("old_next_seq", "int8"), ("old_cancel", "bool"))
 
 
-def _unnest(names: list[tuple[str, str]]) -> str:
-    arrays = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(names, 1))
+def _unnest(names: list[tuple[str, str]], first: int) -> str:
+    arrays = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(names, first))
     return f"unnest({arrays}) AS u({', '.join(n for n, _ in names)})"
 
 
@@ -108,23 +118,32 @@ def _val(col: str) -> str:
     return f"u.{col}::jsonb" if col in _JSON else f"u.{col}"
 
 
+# One commit is one statement (one round trip, its own transaction): new builds, changed builds
+# (compare-and-set; a miss raises and the whole statement is undone), log chunks, box rows. Every
+# part takes arrays, empty when it has nothing to do.
 _INSERT_COLS = [(c, _TYPES.get(c, "text")) for c in _COLS + _LOG_COUNTERS]
-_INSERT_SQL = (f"INSERT INTO builds ({', '.join(c for c, _ in _INSERT_COLS)}) "
-               f"SELECT {', '.join(_val(c) for c, _ in _INSERT_COLS)} FROM {_unnest(_INSERT_COLS)}")
 _UPDATE_COLS = [("id", "text"), *_EXPECT, *((c, _TYPES.get(c, "text")) for c in _MUTABLE + _LOG_COUNTERS)]
-_UPDATE_SQL = (
-    "WITH changed AS (UPDATE builds AS b SET "
-    + ", ".join(f"{c} = {_val(c)}" for c in _MUTABLE + _LOG_COUNTERS)
-    + f" FROM {_unnest(_UPDATE_COLS)} WHERE b.id = u.id AND b.state = u.old_state AND b.lease = u.old_lease "
-      "AND b.log_next_seq = u.old_next_seq AND b.cancel_requested = u.old_cancel RETURNING 1) "
-      "SELECT count(*) FROM changed")
-_LOGS_SQL = ("INSERT INTO build_logs (build_id, seq, stream, data) SELECT * FROM "
-             + _unnest([("build_id", "text"), ("seq", "int8"), ("stream", "int4"), ("data", "bytea")]))
-_BOX_SEEN_SQL = (
-    "INSERT INTO boxes (id, capacity, shapes, warm, last_heartbeat, registered_at) "
-    "VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6) ON CONFLICT (id) DO UPDATE SET capacity = excluded.capacity, "
+_LOG_COLS = [("build_id", "text"), ("seq", "int8"), ("stream", "int4"), ("data", "bytea")]
+_BOXES_COLS = [("id", "text"), ("capacity", "int4"), ("shapes", "text"), ("warm", "text"),
+               ("last_heartbeat", "float8"), ("registered_at", "float8")]
+_P_UPDATE = 1 + len(_INSERT_COLS)
+_P_LOGS = _P_UPDATE + len(_UPDATE_COLS)
+_P_BOXES = _P_LOGS + len(_LOG_COLS)
+_P_EXPECTED = _P_BOXES + len(_BOXES_COLS)
+_COMMIT_SQL = (
+    f"WITH ins AS (INSERT INTO builds ({', '.join(c for c, _ in _INSERT_COLS)}) "
+    f"SELECT {', '.join(_val(c) for c, _ in _INSERT_COLS)} FROM {_unnest(_INSERT_COLS, 1)}), "
+    "upd AS (UPDATE builds AS b SET " + ", ".join(f"{c} = {_val(c)}" for c in _MUTABLE + _LOG_COUNTERS)
+    + f" FROM {_unnest(_UPDATE_COLS, _P_UPDATE)} WHERE b.id = u.id AND b.state = u.old_state "
+      "AND b.lease = u.old_lease AND b.log_next_seq = u.old_next_seq AND b.cancel_requested = u.old_cancel "
+      "RETURNING 1), "
+    f"logs AS (INSERT INTO build_logs (build_id, seq, stream, data) SELECT * FROM {_unnest(_LOG_COLS, _P_LOGS)}), "
+    "bx AS (INSERT INTO boxes (id, capacity, shapes, warm, last_heartbeat, registered_at) "
+    f"SELECT u.id, u.capacity, u.shapes::jsonb, u.warm::jsonb, u.last_heartbeat, u.registered_at "
+    f"FROM {_unnest(_BOXES_COLS, _P_BOXES)} ON CONFLICT (id) DO UPDATE SET capacity = excluded.capacity, "
     "shapes = excluded.shapes, warm = excluded.warm, last_heartbeat = excluded.last_heartbeat, "
-    "registered_at = COALESCE(excluded.registered_at, boxes.registered_at)")
+    "registered_at = COALESCE(excluded.registered_at, boxes.registered_at)) "
+    f"SELECT hived_conflict(${_P_EXPECTED} - (SELECT count(*) FROM upd))")
 _BOX_COLS = "id, token_hash, capacity, shapes, warm, last_heartbeat, registered_at"
 
 
@@ -174,6 +193,10 @@ class _DbLoop:
         self.loop.close()
 
 
+async def _make_lock() -> asyncio.Lock:
+    return asyncio.Lock()  # made on the database's loop: batches are written one after another
+
+
 async def _init_connection(conn) -> None:
     await conn.set_type_codec("jsonb", encoder=str, decoder=json.loads, schema="pg_catalog")
 
@@ -196,6 +219,9 @@ class PostgresStore(Store):
         self.in_batch = False
         self.poisoned = ""
         self._live: dict[str, _Live] = {}
+        self._idem_live: dict[tuple, str] = {}   # (customer, idem_key) -> id, for builds in _live
+        self._in_flight: list[tuple] = []        # (future, ids the batch ended), oldest first
+        self.broken = ""                         # why commits stopped (a pipelined commit failed)
         self._reset_batch()
         self._db = _DbLoop()
         self.w = self.r = None
@@ -203,8 +229,9 @@ class PostgresStore(Store):
             self.w = self._db.call(self._connect(password))
             self.r = self._db.call(self._connect(password))
             self._db.call(self._migrate())
+            self._wlock = self._db.call(_make_lock())
             for build, next_seq, box_seq in self._db.call(self._load_live()):
-                self._live[build.id] = _Live(build, next_seq, box_seq)
+                self._remember(_Live(build, next_seq, box_seq))
         except BaseException:
             self.close()
             raise
@@ -254,12 +281,23 @@ class PostgresStore(Store):
         with self.rlock:
             return self._db.call(getattr(self.r, how)(sql, *args))
 
+    def _remember(self, live: _Live) -> None:
+        b = live.build
+        self._live[b.id] = live
+        if b.idem_key is not None:
+            self._idem_live[(b.customer, b.idem_key)] = b.id
+
+    def _forget(self, build_id: str) -> None:
+        live = self._live.pop(build_id, None)
+        if live is not None and live.build.idem_key is not None:
+            self._idem_live.pop((live.build.customer, live.build.idem_key), None)
+
     def _reset_batch(self) -> None:
         self._before: dict[str, _Live] = {}    # live copies as they were at the last commit
         self._created: dict[str, None] = {}    # ids inserted by this batch (in order)
-        self._idem: dict[tuple, Build] = {}    # (customer, key) -> build, for this batch's inserts
         self._logs: list[tuple] = []
-        self._plain: list[tuple] = []          # (sql, args) in order: boxes, config
+        self._boxes: dict[str, tuple] = {}     # box rows seen in this batch (the last word of each)
+        self._plain: list[tuple] = []          # (sql, args) in order: box tokens, config
 
     @contextlib.contextmanager
     def _tx(self):
@@ -283,11 +321,14 @@ class PostgresStore(Store):
         """The live copy of a build, remembered as it was before this batch changed it."""
         live = self._live.get(build_id)
         if live is None:
-            row = self._db.call(self.w.fetchrow(f"{_SELECT.replace(' FROM', ', log_next_seq, log_box_seq FROM')} "
-                                                "WHERE id = $1", build_id))
+            # Not live here: no commit in flight touches it (ended builds stay until theirs
+            # landed), so the committed row is the whole truth.
+            row = self._read("fetchrow", f"{_SELECT.replace(' FROM', ', log_next_seq, log_box_seq FROM')} "
+                             "WHERE id = $1", build_id)
             if row is None or row["state"] not in LIVE:
                 return None  # unknown or over: every write below needs a live build
-            live = self._live[build_id] = _Live(_build(row), row["log_next_seq"], row["log_box_seq"])
+            live = _Live(_build(row), row["log_next_seq"], row["log_box_seq"])
+            self._remember(live)
         if build_id not in self._before and build_id not in self._created:
             self._before[build_id] = live.snapshot()
         return live
@@ -299,54 +340,108 @@ class PostgresStore(Store):
             self.lock.release()
             raise RuntimeError("a batch is already open")
         self.in_batch = True
+        self._landed()
+
+    def _landed(self) -> None:
+        """Builds that ended in commits that have landed leave the live copy."""
+        while self._in_flight and self._in_flight[0][0].done():
+            fut, ended = self._in_flight.pop(0)
+            if fut.exception() is None:
+                for i in ended:
+                    self._forget(i)
+
+    def _close_batch(self):
+        """The batch's writes, taken out of it; the batch is closed (the lock released) after."""
+        if self.broken:
+            raise StoreError(f"an earlier commit of this store failed ({self.broken}): restart the control plane")
+        if self.poisoned:
+            raise StoreError(f"a write in this batch failed ({self.poisoned}): the batch is rolled back")
+        creates = [_row(self._live[i]) for i in self._created]
+        updates = [(i, old.build.state, old.build.lease, old.next_seq, old.build.cancel_requested,
+                    *_row(self._live[i], _MUTABLE))
+                   for i, old in self._before.items() if not self._live[i].same(old)]
+        ended = [i for i in (*self._created, *self._before) if self._live[i].build.state in TERMINAL]
+        boxes = [(box_id, *row) for box_id, row in self._boxes.items()]
+        return (creates, updates, self._logs, boxes, self._plain), ended
+
+    def commit_start(self) -> "concurrent.futures.Future":
+        """Close the batch and send it without waiting: the future is done once it is durable
+        (or failed). For a caller that says nothing before then (the control plane's pipelined
+        group commit). Batches land in order; once one fails every later one fails too."""
+        if not self.in_batch:
+            raise RuntimeError("no batch is open")
+        try:
+            payload, ended = self._close_batch()
+        except BaseException:
+            self._undo()
+            raise
+        finally:
+            self._end_batch()
+        fut = asyncio.run_coroutine_threadsafe(self._write_in_order(*payload, pipelined=True),
+                                               self._db.loop)
+        self._in_flight.append((fut, ended))
+        return fut
 
     def commit(self) -> None:
         if not self.in_batch:
             return
         try:
-            if self.poisoned:
-                raise StoreError(f"a write in this batch failed ({self.poisoned}): the batch is rolled back")
-            creates = [self._live[i] for i in self._created]
-            updates = [(self._before[i], self._live[i]) for i in self._before
-                       if not self._live[i].same(self._before[i])]
-            if creates or updates or self._logs or self._plain:
-                self._db.call(self._write(creates, updates, self._logs, self._plain))
+            for fut, _ in self._in_flight:  # pipelined batches land first
+                concurrent.futures.wait([fut])
+            self._landed()
+            payload, ended = self._close_batch()
+            if any(payload):
+                self._db.call(self._write_in_order(*payload))
         except BaseException:
             self._undo()
             raise
         else:
-            for i in list(self._created) + list(self._before):
-                live = self._live.get(i)
-                if live is not None and live.build.state in TERMINAL:
-                    del self._live[i]
+            for i in ended:
+                self._forget(i)
         finally:
-            self._reset_batch()
-            self.in_batch = False
-            self.poisoned = ""
-            self.lock.release()
+            self._end_batch()
 
-    async def _write(self, creates: list[_Live], updates: list[tuple[_Live, _Live]], logs: list, plain: list):
+    def _end_batch(self) -> None:
+        self._reset_batch()
+        self.in_batch = False
+        self.poisoned = ""
+        self.lock.release()
+
+    async def _write_in_order(self, creates: list, updates: list, logs: list, boxes: list, plain: list, *,
+                              pipelined: bool = False) -> None:
+        async with self._wlock:
+            if self.broken:
+                raise StoreError(f"an earlier commit of this store failed ({self.broken})")
+            try:
+                await self._write(creates, updates, logs, boxes, plain)
+            except BaseException as exc:
+                if pipelined:  # later batches were decided on top of this one: they must not land
+                    self.broken = f"{type(exc).__name__}: {exc}"
+                raise
+
+    async def _write(self, creates: list, updates: list, logs: list, boxes: list, plain: list) -> None:
+        args = []
+        for rows, cols in ((creates, _INSERT_COLS), (updates, _UPDATE_COLS), (logs, _LOG_COLS),
+                           (boxes, _BOXES_COLS)):
+            args += [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in cols]
+        args.append(len(updates))
         w = self.w
-        async with w.transaction():
-            if creates:
-                rows = [_row(live) for live in creates]
-                await w.execute(_INSERT_SQL, *[list(col) for col in zip(*rows, strict=True)])
-            if updates:
-                rows = [(new.build.id, old.build.state, old.build.lease, old.next_seq, old.build.cancel_requested,
-                         *_row(new, _MUTABLE)) for old, new in updates]
-                n = await w.fetchval(_UPDATE_SQL, *[list(col) for col in zip(*rows, strict=True)])
-                if n != len(rows):
-                    raise StoreError(f"{len(rows) - n} of {len(rows)} build(s) changed in the database behind "
-                                     "this control plane's back (another writer?): the batch is rolled back")
-            if logs:
-                await w.execute(_LOGS_SQL, *[list(col) for col in zip(*logs, strict=True)])
-            for sql, args in plain:
-                await w.execute(sql, *args)
+        try:
+            if not plain:
+                await w.fetchval(_COMMIT_SQL, *args)
+                return
+            async with w.transaction():
+                await w.fetchval(_COMMIT_SQL, *args)
+                for sql, sql_args in plain:
+                    await w.execute(sql, *sql_args)
+        except self.asyncpg.SerializationError as exc:
+            raise StoreError(str(exc).removeprefix("hived: ")) from None
 
     def _undo(self) -> None:
         for i in self._created:
-            self._live.pop(i, None)
-        self._live.update(self._before)
+            self._forget(i)
+        for old in self._before.values():
+            self._remember(old)
 
     def rollback(self) -> None:
         if not self.in_batch:
@@ -354,14 +449,13 @@ class PostgresStore(Store):
         try:
             self._undo()
         finally:
-            self._reset_batch()
-            self.in_batch = False
-            self.poisoned = ""
-            self.lock.release()
+            self._end_batch()
 
     def close(self) -> None:
         if self.in_batch:
             self.rollback()
+        concurrent.futures.wait([fut for fut, _ in self._in_flight], timeout=self.timeout_s)
+        self._in_flight.clear()
         for conn in (self.w, self.r):
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -394,8 +488,9 @@ class PostgresStore(Store):
     def box_seen(self, box_id: str, *, capacity: int, shapes: list[str], warm: dict, now: float,
                  registered: bool = False) -> None:
         with self._tx():
-            self._plain.append((_BOX_SEEN_SQL, (box_id, capacity, json.dumps(shapes), json.dumps(warm), now,
-                                                now if registered else None)))
+            earlier = self._boxes.get(box_id)
+            registered_at = now if registered else (earlier[4] if earlier else None)
+            self._boxes[box_id] = (capacity, json.dumps(shapes), json.dumps(warm), now, registered_at)
 
     def boxes(self) -> list[BoxRecord]:
         return [BoxRecord(*r) for r in self._read("fetch", f"SELECT {_BOX_COLS} FROM boxes ORDER BY id")]
@@ -405,18 +500,15 @@ class PostgresStore(Store):
         with self._tx():
             if build.idem_key is not None:
                 key = (build.customer, build.idem_key)
-                if key in self._idem:
-                    return copy.copy(self._idem[key]), False
+                if key in self._idem_live:
+                    return copy.copy(self._live[self._idem_live[key]].build), False
                 row = self._read("fetchrow", f"{_SELECT} WHERE customer = $1 AND idem_key = $2", *key)
                 if row is not None:
                     return _build(row), False
             if build.id in self._live:
                 raise StoreError(f"build id {build.id!r} is already taken")
-            mine = copy.copy(build)
-            self._live[build.id] = _Live(mine)
+            self._remember(_Live(copy.copy(build)))
             self._created[build.id] = None
-            if build.idem_key is not None:
-                self._idem[(build.customer, build.idem_key)] = mine
         return build, True
 
     def get_build(self, build_id: str) -> Build | None:

@@ -23,6 +23,7 @@ and a restart rebuilds memory from the store.
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import hmac
@@ -81,8 +82,11 @@ class BoxLink:
             self.control._dirty(self)
         self.out.append(frame)
 
-    def write_out(self) -> None:
+    def take_out(self) -> list[bytes]:
         frames, self.out = self.out, []
+        return frames
+
+    def write_frames(self, frames: list[bytes]) -> None:
         channel = self.channel
         if channel.closed_reason is None and channel.transport is not None and not channel.transport.is_closing():
             channel.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
@@ -119,6 +123,8 @@ class ControlPlane:
         self._acks: list[tuple[asyncio.Future, object]] = []
         self._assigned: list[float] = []  # submitted_at of builds whose build.assign is queued
         self._wake_ids: set[str] = set()  # builds whose followers are woken after the commit
+        self._pipelined = False           # the store commits off the loop (commit_start)
+        self._in_flight: collections.deque = collections.deque()  # (future, _Turn): the commit in flight
         self.failed: asyncio.Future | None = None  # set (with the exception) if a commit fails
         self.commits = 0
         self.commit_seconds: collections.deque = collections.deque(maxlen=10_000)
@@ -135,6 +141,7 @@ class ControlPlane:
         for box_id, digest in cfg.box_tokens_sha256.items():
             self.store.set_box_token(box_id, digest)
         self.started_at = self.clock()
+        self._pipelined = callable(getattr(self.store, "commit_start", None))
         self.scheduler.load(self.store.live_builds(), self.started_at)
         self._apply(self.scheduler.dispatch(self.started_at))
         loop = asyncio.get_running_loop()
@@ -157,6 +164,7 @@ class ControlPlane:
         if self._ticker:
             self._ticker.cancel()
         self._flush()  # whatever the last turn wrote is committed and said
+        await self._drain()
         if self._box_server:
             self._box_server.close()
         for link in list(self.links.values()):
@@ -173,6 +181,7 @@ class ControlPlane:
         for event in self._log_events.values():
             event.set()
         self._flush()
+        await self._drain()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -223,51 +232,96 @@ class ControlPlane:
         self._schedule_flush()
 
     def _flush(self) -> None:
-        """Commit the turn's batch, then say everything that waited for it."""
+        """Commit the turn's batch, then say everything that waited for it. A store that commits
+        off this loop (`commit_start`: PostgreSQL) is not waited for: while its commit is in
+        flight the loop goes on, and the next turns' writes and words gather in the next batch,
+        committed when this one has landed (one commit in flight; its size follows the load)."""
         self._flush_handle = None
-        if self.store is not None and self.store.in_batch:
+        store = self.store
+        if self._pipelined:
+            if self._in_flight:
+                return  # its landing flushes again
+            if store.in_batch:
+                t0 = time.perf_counter()
+                try:
+                    fut = store.commit_start()
+                except Exception as exc:
+                    self._commit_failed(exc)
+                    return
+                self._in_flight.append((fut, self._take_turn(t0)))
+                fut.add_done_callback(self._commit_landed)
+                return
+        elif store is not None and store.in_batch:
             t0 = time.perf_counter()
             try:
-                self.store.commit()
+                store.commit()
             except Exception as exc:
                 self._commit_failed(exc)
                 return
             self.commits += 1
             self.commit_seconds.append(time.perf_counter() - t0)
-        acks, self._acks = self._acks, []
-        for fut, result in acks:
+        self._say(self._take_turn(0.0))
+
+    def _take_turn(self, t0: float) -> "_Turn":
+        links, self._dirty_links = self._dirty_links, []
+        turn = _Turn(self._acks, [(link, link.take_out()) for link in links], self._assigned, self._after,
+                     self._wake_ids, t0)
+        self._acks, self._assigned, self._after, self._wake_ids = [], [], [], set()
+        return turn
+
+    def _commit_landed(self, _fut) -> None:
+        """(any thread) A pipelined commit ended: go on in the loop."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._commits_done)
+
+    def _commits_done(self) -> None:
+        if not self._in_flight or not self._in_flight[0][0].done():
+            return
+        fut, turn = self._in_flight.popleft()
+        exc = fut.exception()
+        if exc is not None:
+            self._commit_failed(exc)
+            return
+        self.commits += 1
+        self.commit_seconds.append(time.perf_counter() - turn.t0)
+        self._say(turn)
+        self._flush()  # what gathered meanwhile
+
+    async def _drain(self, timeout: float = 30.0) -> None:
+        """Wait for pipelined commits in flight (stopping)."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    def _say(self, turn: "_Turn") -> None:
+        for fut, result in turn.acks:
             if not fut.done():
                 fut.set_result(result)
-        links, self._dirty_links = self._dirty_links, []
-        for link in links:
-            link.write_out()
-        if self._assigned:  # build.assign is on its way: the scheduling latency ends here
+        for link, frames in turn.frames:
+            link.write_frames(frames)
+        if turn.assigned:  # build.assign is on its way: the scheduling latency ends here
             now = self.clock()
             observe = self.metrics.schedule_seconds.observe
             samples = self.schedule_samples
-            for submitted in self._assigned:
+            for submitted in turn.assigned:
                 waited = max(0.0, now - submitted)
                 observe(waited)
                 samples.append(waited)
-            self._assigned.clear()
-        after, self._after = self._after, []
-        for fn, args in after:
+        for fn, args in turn.after:
             fn(*args)
+        if turn.wake:
+            self._wake(turn.wake)
 
     def _commit_failed(self, exc: Exception) -> None:
         log.critical("hive %s: the store could not commit (%s): stopping; a restart recovers from the "
                      "last commit", self.config.hive, exc)
         err = StoreFailed(f"the hive's store could not commit: {exc}")
-        for fut, _ in self._acks:
-            if not fut.done():
-                fut.set_exception(err)
-        self._acks.clear()
-        for link in self._dirty_links:
-            link.out.clear()
-        self._dirty_links.clear()
-        self._assigned.clear()
-        self._after.clear()
-        self._wake_ids.clear()
+        turns = [turn for _, turn in self._in_flight] + [self._take_turn(0.0)]
+        self._in_flight.clear()
+        for turn in turns:  # nothing of these turns is said: their frames, wake-ups, callbacks go
+            for fut, _ in turn.acks:
+                if not fut.done():
+                    fut.set_exception(err)
         for link in list(self.links.values()):
             link.channel.close("control plane store failure")
         if self.failed is not None and not self.failed.done():
@@ -332,11 +386,10 @@ class ControlPlane:
         follows is looked at then, not now: a follower that starts reading between this
         change and its commit does not see the change, and must still be woken."""
         if not self._wake_ids:
-            self._after_commit(self._wake)
+            self._schedule_flush()
         self._wake_ids.add(build_id)
 
-    def _wake(self) -> None:
-        ids, self._wake_ids = self._wake_ids, set()
+    def _wake(self, ids: set[str]) -> None:
         if self._log_events:
             for build_id in ids:
                 event = self._log_events.pop(build_id, None)
@@ -588,6 +641,17 @@ class ControlPlane:
             log.warning("box %s: %s for %s with stale lease %d: telling it to cancel", link.box_id, what,
                         build_id, lease)
             link.send("cancel", build_id=build_id, reason="this box no longer holds the build's lease")
+
+
+@dataclasses.dataclass
+class _Turn:
+    """What one turn of the loop says once its batch is durable."""
+    acks: list            # (future, result) for submitters
+    frames: list          # (BoxLink, [frame, ...])
+    assigned: list        # submitted_at of the builds whose build.assign goes out
+    after: list           # (fn, args)
+    wake: set             # builds whose log followers are woken
+    t0: float             # when the commit started (perf_counter)
 
 
 class StoreFailed(Exception):
