@@ -361,7 +361,7 @@ class Api:
 
     async def healthz(self, request: web.Request) -> web.Response:
         cfg = self.cp.config
-        return _json({"ok": True, "hive": cfg.hive, "shapes": sorted(cfg.shapes),
+        return _json({"ok": True, "hive": cfg.hive, "leader": self.cp.leading, "shapes": sorted(cfg.shapes),
                       "boxes_connected": self.cp.scheduler.boxes_connected(),
                       "queue": self.cp.scheduler.queue_lengths()})
 

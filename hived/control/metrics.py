@@ -27,6 +27,8 @@ class _Live:
         yield queue
         yield GaugeMetricFamily("hived_control_boxes_connected", "Boxes registered and heartbeating",
                                 value=cp.scheduler.boxes_connected())
+        yield GaugeMetricFamily("hived_control_is_leader", "1 if this control plane leads its hive (schedules), "
+                                "0 if it stands by", value=1 if cp.leading else 0)
 
 
 class ControlMetrics:
@@ -42,6 +44,9 @@ class ControlMetrics:
                                 ["state"], registry=r)
         self.refused = Counter("hived_control_stale_messages_total",
                                "Messages from boxes refused for a stale lease", registry=r)
+        self.leader_changes = Counter(
+            "hived_control_leader_changes", "Times this control plane took the lead of its hive (summed over "
+            "a hive's replicas: its leader changes)", registry=r)
         r.register(_Live(control))
 
     def render(self) -> bytes:

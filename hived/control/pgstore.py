@@ -86,6 +86,22 @@ MIGRATIONS: tuple[str, ...] = (
         RETURN 0;
     END $$;
     """,
+    # 2: several control planes on one database (hived/control/replicas.py): who leads, with which
+    # epoch (the fencing token every commit of the leader checks), and cancels taken by a replica
+    # that does not lead, kept until the leader has carried them out
+    """
+    CREATE TABLE leader (id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, holder TEXT NOT NULL,
+                         box_endpoint TEXT NOT NULL, api_endpoint TEXT NOT NULL, since DOUBLE PRECISION NOT NULL);
+    CREATE TABLE build_cancels (build_id TEXT PRIMARY KEY, requested_at DOUBLE PRECISION NOT NULL);
+    CREATE FUNCTION hived_fenced(expected BIGINT, current BIGINT) RETURNS BIGINT LANGUAGE plpgsql AS $$
+    BEGIN
+        IF current IS DISTINCT FROM expected THEN
+            RAISE EXCEPTION 'hived: this control plane no longer leads the hive (epoch % is now %)',
+                expected, current USING ERRCODE = 'lock_not_available';
+        END IF;
+        RETURN 0;
+    END $$;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _MIGRATE_LOCK = 0x68697665_64000001  # pg_advisory_xact_lock key: "hived" + 1
@@ -144,6 +160,19 @@ _COMMIT_SQL = (
     "shapes = excluded.shapes, warm = excluded.warm, last_heartbeat = excluded.last_heartbeat, "
     "registered_at = COALESCE(excluded.registered_at, boxes.registered_at)) "
     f"SELECT hived_conflict(${_P_EXPECTED} - (SELECT count(*) FROM upd))")
+_INSERT_SQL_ONE = (f"INSERT INTO builds ({', '.join(c for c, _ in _INSERT_COLS)}) "
+                   f"SELECT {', '.join(_val(c) for c, _ in _INSERT_COLS)} FROM {_unnest(_INSERT_COLS, 1)} "
+                   "ON CONFLICT (customer, idem_key) WHERE idem_key IS NOT NULL DO NOTHING RETURNING id")
+# The leader of several replicas: its epoch must still be the one in `leader` (the row is share-locked
+# to the end of the commit, so a takeover waits for it, or the commit fails), and the builds it
+# changed are announced (NOTIFY is sent at commit: log followers on every replica wake).
+NOTIFY_CHANNEL = "hived_builds"
+_P_EPOCH, _P_NOTIFY = _P_EXPECTED + 1, _P_EXPECTED + 2
+_COMMIT_FENCED_SQL = (
+    _COMMIT_SQL.replace("WITH ins AS", "WITH fence AS (SELECT epoch FROM leader WHERE id = 1 FOR SHARE), ins AS", 1)
+    + f", hived_fenced(${_P_EPOCH}, (SELECT epoch FROM fence)), "
+      f"(SELECT count(pg_notify('{NOTIFY_CHANNEL}', n)) FROM unnest(${_P_NOTIFY}::text[]) AS n)")
+NOTIFY_MAX = 7000  # bytes of ids per notification (PostgreSQL's limit is 8000)
 _BOX_COLS = "id, token_hash, capacity, shapes, warm, last_heartbeat, registered_at"
 
 
@@ -222,14 +251,17 @@ class PostgresStore(Store):
         self._idem_live: dict[tuple, str] = {}   # (customer, idem_key) -> id, for builds in _live
         self._in_flight: list[tuple] = []        # (future, ids the batch ended), oldest first
         self.broken = ""                         # why commits stopped (a pipelined commit failed)
+        self.epoch: int | None = None            # leading several replicas: the fencing token
         self._reset_batch()
         self._db = _DbLoop()
-        self.w = self.r = None
+        self._password = password
+        self.w = self.r = self.side = None
         try:
             self.w = self._db.call(self._connect(password))
             self.r = self._db.call(self._connect(password))
             self._db.call(self._migrate())
             self._wlock = self._db.call(_make_lock())
+            self._side_lock = self._db.call(_make_lock())
             for build, next_seq, box_seq in self._db.call(self._load_live()):
                 self._remember(_Live(build, next_seq, box_seq))
         except BaseException:
@@ -362,7 +394,10 @@ class PostgresStore(Store):
                    for i, old in self._before.items() if not self._live[i].same(old)]
         ended = [i for i in (*self._created, *self._before) if self._live[i].build.state in TERMINAL]
         boxes = [(box_id, *row) for box_id, row in self._boxes.items()]
-        return (creates, updates, self._logs, boxes, self._plain), ended
+        fence = None
+        if self.epoch is not None:
+            fence = (self.epoch, _notices(list(self._created) + list(self._before)))
+        return (creates, updates, self._logs, boxes, self._plain, fence), ended
 
     def commit_start(self) -> "concurrent.futures.Future":
         """Close the batch and send it without waiting: the future is done once it is durable
@@ -407,35 +442,42 @@ class PostgresStore(Store):
         self.poisoned = ""
         self.lock.release()
 
-    async def _write_in_order(self, creates: list, updates: list, logs: list, boxes: list, plain: list, *,
-                              pipelined: bool = False) -> None:
+    async def _write_in_order(self, creates: list, updates: list, logs: list, boxes: list, plain: list,
+                              fence: tuple | None, *, pipelined: bool = False) -> None:
         async with self._wlock:
             if self.broken:
                 raise StoreError(f"an earlier commit of this store failed ({self.broken})")
             try:
-                await self._write(creates, updates, logs, boxes, plain)
+                await self._write(creates, updates, logs, boxes, plain, fence)
             except BaseException as exc:
                 if pipelined:  # later batches were decided on top of this one: they must not land
                     self.broken = f"{type(exc).__name__}: {exc}"
                 raise
 
-    async def _write(self, creates: list, updates: list, logs: list, boxes: list, plain: list) -> None:
+    async def _write(self, creates: list, updates: list, logs: list, boxes: list, plain: list,
+                     fence: tuple | None) -> None:
         args = []
         for rows, cols in ((creates, _INSERT_COLS), (updates, _UPDATE_COLS), (logs, _LOG_COLS),
                            (boxes, _BOXES_COLS)):
             args += [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in cols]
         args.append(len(updates))
+        sql = _COMMIT_SQL
+        if fence is not None:
+            sql = _COMMIT_FENCED_SQL
+            args += fence
         w = self.w
         try:
             if not plain:
-                await w.fetchval(_COMMIT_SQL, *args)
+                await w.fetchval(sql, *args)
                 return
             async with w.transaction():
-                await w.fetchval(_COMMIT_SQL, *args)
-                for sql, sql_args in plain:
-                    await w.execute(sql, *sql_args)
+                await w.fetchval(sql, *args)
+                for stmt, stmt_args in plain:
+                    await w.execute(stmt, *stmt_args)
         except self.asyncpg.SerializationError as exc:
             raise StoreError(str(exc).removeprefix("hived: ")) from None
+        except self.asyncpg.LockNotAvailableError as exc:
+            raise NotLeader(str(exc).removeprefix("hived: ")) from None
 
     def _undo(self) -> None:
         for i in self._created:
@@ -451,16 +493,103 @@ class PostgresStore(Store):
         finally:
             self._end_batch()
 
+    # -- several control planes (hived/control/replicas.py) -------------------------------------
+    # Awaitables for the caller's loop; they run on a connection of their own ("side"), never
+    # in a batch: a replica that does not lead only adds builds and cancel requests.
+    def _side(self, fn, *args) -> asyncio.Future:
+        async def run():
+            async with self._side_lock:
+                if self.side is None:
+                    self.side = await self._connect(self._password)
+                return await fn(self.side, *args)
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self._db.loop))
+
+    def insert_now(self, build: Build) -> asyncio.Future:
+        """Store a queued build in a transaction of its own and tell the leader (NOTIFY
+        hived_submitted). Gives (build, created); an idempotency key already used gives that build."""
+        live = _Live(build)
+
+        async def go(conn):
+            async with conn.transaction():
+                if await conn.fetchval(_INSERT_SQL_ONE, *[[v] for v in _row(live)]):
+                    await conn.execute("SELECT pg_notify('hived_submitted', $1)", build.id)
+                    return build, True
+                row = await conn.fetchrow(f"{_SELECT} WHERE customer = $1 AND idem_key = $2", build.customer,
+                                          build.idem_key)
+                if row is None:
+                    raise StoreError(f"build id {build.id!r} is already taken")
+                return _build(row), False
+        return self._side(go)
+
+    def cancel_now(self, build_id: str, now: float) -> asyncio.Future:
+        """Ask the leader to cancel a live build (kept in build_cancels until it has); False if
+        the build is over."""
+        async def go(conn):
+            async with conn.transaction():
+                if await conn.fetchval("SELECT state FROM builds WHERE id = $1", build_id) not in LIVE:
+                    return False
+                await conn.execute("INSERT INTO build_cancels VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                                   build_id, now)
+                await conn.execute("SELECT pg_notify('hived_cancels', $1)", build_id)
+                return True
+        return self._side(go)
+
+    def take_lead(self, holder: str, box_endpoint: str, api_endpoint: str, now: float) -> asyncio.Future:
+        """Bump the hive's epoch for this control plane (its caller holds the leader lock)."""
+        async def go(conn):
+            return await conn.fetchval(
+                "INSERT INTO leader VALUES (1, 1, $1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET "
+                "epoch = leader.epoch + 1, holder = $1, box_endpoint = $2, api_endpoint = $3, since = $4 "
+                "RETURNING epoch", holder, box_endpoint, api_endpoint, now)
+        return self._side(go)
+
+    def leader(self) -> asyncio.Future:
+        """The leader row: epoch, holder, box_endpoint, api_endpoint, since (or None)."""
+        async def go(conn):
+            row = await conn.fetchrow("SELECT epoch, holder, box_endpoint, api_endpoint, since FROM leader")
+            return dict(row) if row else None
+        return self._side(go)
+
+    def lead(self, epoch: int) -> None:
+        """From now on every commit is fenced by `epoch`; the live copy is read again (the last
+        leader changed the builds)."""
+        with self.lock:
+            if self.in_batch:
+                raise RuntimeError("lead() inside a batch")
+            for fut, _ in self._in_flight:
+                concurrent.futures.wait([fut])
+            self._in_flight.clear()
+            self._live.clear()
+            self._idem_live.clear()
+            for build, next_seq, box_seq in self._db.call(self._load_live()):
+                self._remember(_Live(build, next_seq, box_seq))
+            self.epoch = epoch
+
+    def queued_ids(self) -> list[str]:
+        return [r[0] for r in self._read("fetch", "SELECT id FROM builds WHERE state = 'queued' ORDER BY submitted_at")]
+
+    def pending_cancels(self) -> list[str]:
+        return [r[0] for r in self._read("fetch", "SELECT build_id FROM build_cancels ORDER BY requested_at")]
+
+    def cancel_done(self, build_id: str) -> None:
+        """The leader carried out a replica's cancel request (in its batch)."""
+        with self._tx():
+            self._plain.append(("DELETE FROM build_cancels WHERE build_id = $1", (build_id,)))
+
+    def writer_pid(self) -> int:
+        """The writer connection's backend: notifications it sent are this store's own."""
+        return self.w.get_server_pid()
+
     def close(self) -> None:
         if self.in_batch:
             self.rollback()
         concurrent.futures.wait([fut for fut, _ in self._in_flight], timeout=self.timeout_s)
         self._in_flight.clear()
-        for conn in (self.w, self.r):
+        for conn in (self.w, self.r, self.side):
             if conn is not None:
                 with contextlib.suppress(Exception):
                     self._db.call(conn.close(timeout=5))
-        self.w = self.r = None
+        self.w = self.r = self.side = None
         self._db.close()
 
     # -- hive -----------------------------------------------------------------------------------
@@ -469,7 +598,8 @@ class PostgresStore(Store):
             self._plain.append(("DELETE FROM config", ()))
             for kind, table in (("customer", customers), ("shape", shapes)):
                 for name, body in table.items():
-                    self._plain.append(("INSERT INTO config VALUES ($1, $2, $3::jsonb)",
+                    self._plain.append(("INSERT INTO config VALUES ($1, $2, $3::jsonb) ON CONFLICT (kind, name) "
+                                        "DO UPDATE SET body = excluded.body",
                                         (kind, name, json.dumps(body, sort_keys=True, default=str))))
 
     def config(self, kind: str) -> dict:
@@ -605,6 +735,24 @@ class PostgresStore(Store):
         return [LogChunk(r[0], r[1], bytes(r[2])) for r in self._read(
             "fetch", "SELECT seq, stream, data FROM build_logs WHERE build_id = $1 AND seq > $2 ORDER BY seq "
             "LIMIT $3", build_id, after, limit)]
+
+
+class NotLeader(StoreError):
+    """Another control plane took the lead (a newer epoch): this one must stop writing."""
+
+
+def _notices(ids: list[str]) -> list[str]:
+    """Build ids, comma-joined into payloads that fit one notification each."""
+    out, cur, size = [], [], 0
+    for i in ids:
+        if cur and size + len(i) + 1 > NOTIFY_MAX:
+            out.append(",".join(cur))
+            cur, size = [], 0
+        cur.append(i)
+        size += len(i) + 1
+    if cur:
+        out.append(",".join(cur))
+    return out
 
 
 def _build(row) -> Build:

@@ -126,6 +126,8 @@ class ControlPlane:
         self._pipelined = False           # the store commits off the loop (commit_start)
         self._in_flight: collections.deque = collections.deque()  # (future, _Turn): the commit in flight
         self.failed: asyncio.Future | None = None  # set (with the exception) if a commit fails
+        self.leading = True               # False: a standby replica (hived/control/replicas.py)
+        self.replica = None
         self.commits = 0
         self.commit_seconds: collections.deque = collections.deque(maxlen=10_000)
 
@@ -142,8 +144,15 @@ class ControlPlane:
             self.store.set_box_token(box_id, digest)
         self.started_at = self.clock()
         self._pipelined = callable(getattr(self.store, "commit_start", None))
-        self.scheduler.load(self.store.live_builds(), self.started_at)
-        self._apply(self.scheduler.dispatch(self.started_at))
+        if callable(getattr(self.store, "take_lead", None)):  # PostgreSQL: maybe one replica of several
+            from hived.control.replicas import Replica
+
+            self.leading = False
+            self.replica = Replica(self, self.store, cfg.database, cfg.database_password())
+        else:
+            self.scheduler.load(self.store.live_builds(), self.started_at)
+            self._apply(self.scheduler.dispatch(self.started_at))
+            self.metrics.leader_changes.inc()
         loop = asyncio.get_running_loop()
         ssl_ctx = None
         if cfg.tls_dir is not None:
@@ -156,6 +165,8 @@ class ControlPlane:
         from hived.control.api import start_api
 
         self._api_runner, self.api_port = await start_api(self, cfg.api_host, cfg.api_port)
+        if self.replica is not None:
+            await self.replica.start()  # leads at once if nobody else does
         self._ticker = loop.create_task(self._tick_loop())
         if getattr(self.store, "background_checkpoint", False):
             self.spawn(self._checkpoint_loop())
@@ -185,6 +196,8 @@ class ControlPlane:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self.replica is not None:
+            await self.replica.stop()
         if self.store is not None:
             self.store.close()
 
@@ -355,6 +368,8 @@ class ControlPlane:
     def submit_nowait(self, build: Build) -> asyncio.Future:
         """Store and schedule the build in this turn's batch; the future gives (build, created)
         once that is durable."""
+        if not self.leading:
+            return asyncio.ensure_future(self.submit(build))
         self._begin()
         build, created = self.store.create_build(build)
         if created:
@@ -362,15 +377,78 @@ class ControlPlane:
         return self._durable((build, created))
 
     async def submit(self, build: Build) -> tuple[Build, bool]:
-        """Store the build durably, then schedule it. Returns (build, created) once durable."""
+        """Store the build durably, then schedule it. Returns (build, created) once durable.
+        Among replicas, a standby (and the leader, for a build with an idempotency key, which
+        another replica may take at the same time) stores it in a transaction of its own."""
+        if self.replica is not None and (not self.leading or build.idem_key is not None):
+            if self.failed is not None and self.failed.done():
+                raise StoreFailed("the control plane is stopping")
+            build, created = await self.store.insert_now(build)
+            if created and self.leading and build.id not in self.scheduler.builds:
+                self._apply(self.scheduler.submit(build, self.clock()))
+            return build, created
         return await self.submit_nowait(build)
 
     async def cancel(self, build_id: str) -> bool:
+        if not self.leading:
+            return await self.store.cancel_now(build_id, self.clock())
         self._begin()
         if not self.store.request_cancel(build_id):
             return await self._durable(False)
         self._apply(self.scheduler.cancel(build_id, self.clock()))
         return await self._durable(True)
+
+    # -- replicas (hived/control/replicas.py) ---------------------------------------------------
+    def become_leader(self, epoch: int) -> None:
+        """This replica leads from now on: every commit is fenced by `epoch`; memory is loaded
+        from the store as after a restart (boxes reconnect and claim what they hold)."""
+        self.store.lead(epoch)
+        self.leading = True
+        self.metrics.leader_changes.inc()
+        now = self.clock()
+        self.scheduler.load(self.store.live_builds(), now)
+        self._apply(self.scheduler.dispatch(now))
+        self.carry_out_cancels()
+        log.warning("hive %s: this control plane leads now (epoch %d, %d live builds)", self.config.hive,
+                    epoch, len(self.scheduler.builds))
+
+    def lost_lead(self, reason: str) -> None:
+        """Fail-stop: whoever leads now owns the builds; a restart makes this one a standby."""
+        if not self.leading or self.failed is None or self.failed.done():
+            return
+        self.leading = False
+        log.critical("hive %s: this control plane no longer leads (%s): stopping", self.config.hive, reason)
+        self._commit_failed(StoreFailed(f"this control plane no longer leads hive {self.config.hive}: {reason}"))
+
+    def adopt(self, build_id: str) -> None:
+        """A build a standby stored: schedule it (once)."""
+        if not self.leading or build_id in self.scheduler.builds:
+            return
+        build = self.store.get_build(build_id)
+        if build is not None and build.state == "queued" and build.id not in self.scheduler.builds:
+            self._apply(self.scheduler.submit(build, self.clock()))
+
+    def carry_out_cancels(self) -> None:
+        """Cancels taken by standbys (build_cancels): done here, and forgotten in the same batch."""
+        for build_id in self.store.pending_cancels():
+            self.adopt(build_id)
+            self._begin()
+            self.store.cancel_done(build_id)
+            if self.store.request_cancel(build_id):
+                self._apply(self.scheduler.cancel(build_id, self.clock()))
+            self._notify(build_id)
+
+    def sweep(self) -> None:
+        """What announcements may have missed: queued builds not scheduled, cancels not done."""
+        if not self.leading:
+            return
+        for build_id in self.store.queued_ids():
+            self.adopt(build_id)
+        self.carry_out_cancels()
+
+    def wake_remote(self, build_ids) -> None:
+        """Another replica committed changes to these builds: wake their followers here."""
+        self._wake(set(build_ids))
 
     # -- log followers -------------------------------------------------------------------------
     def log_event(self, build_id: str) -> asyncio.Event:
@@ -453,7 +531,11 @@ class ControlPlane:
             fn(state)
 
     # -- box links ------------------------------------------------------------------------------
-    def _box_factory(self) -> Channel:
+    def _box_factory(self):
+        if not self.leading:  # a standby forwards boxes to the leader
+            from hived.control.replicas import BoxForwarder
+
+            return BoxForwarder(self.replica)
         channel = Channel(Session("control", self.config.hive, {"box", "connector"}),
                           hello_timeout=REGISTER_TIMEOUT_S)
         self.spawn(self._serve_box(channel))
