@@ -55,6 +55,7 @@ class Replica:
         self.leader_box: tuple[str, int] | None = None  # where a standby forwards boxes to
         self.own_pid = store.writer_pid()
         self._tasks: list[asyncio.Task] = []
+        self.stopping = False
 
     async def _connect(self):
         import asyncpg
@@ -73,6 +74,7 @@ class Replica:
             self._tasks.append(asyncio.get_running_loop().create_task(self._campaign()))
 
     async def stop(self) -> None:
+        self.stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -89,11 +91,15 @@ class Replica:
         ends = self.cp.endpoints()
         box = f"{_url_host(self.cp.config.box_host)}:{self.cp.box_port}"  # where standbys forward boxes to
         epoch = await self.store.take_lead(f"{_hostname()}:{ends['pid']}", box, ends["api"], time.time())
-        self.lock_conn.add_termination_listener(lambda _conn: self.cp.lost_lead("its leader lock connection ended"))
+        self.lock_conn.add_termination_listener(self._lock_lost)
         await self.lock_conn.execute("SELECT pg_notify('hived_leader', $1)", str(epoch))
         self.cp.become_leader(epoch)
         self._tasks.append(asyncio.get_running_loop().create_task(self._hold()))
         return True
+
+    def _lock_lost(self, _conn) -> None:
+        if not self.stopping:
+            self.cp.lost_lead("its leader lock connection ended")
 
     async def _campaign(self) -> None:
         while True:

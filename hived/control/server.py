@@ -769,6 +769,7 @@ async def serve(config: ControlConfig, *, ready_file=None) -> int:
     gc.freeze()  # what start-up made lives as long as we do: keep it out of every full collection
     endpoints = config.state_dir / "endpoints.json"
     try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)  # (a PostgreSQL hive keeps nothing else there)
         tmp = endpoints.with_suffix(".tmp")
         tmp.write_text(json.dumps(cp.endpoints(), indent=2) + "\n")
         tmp.rename(endpoints)

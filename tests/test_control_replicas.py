@@ -1,0 +1,200 @@
+"""Several control planes on one PostgreSQL database (a real server, see conftest): one leads,
+the others stand by and serve the API; boxes may dial any of them; when the leader dies
+(SIGKILL) another takes over and nothing acknowledged is lost, nothing runs twice.
+
+The boxes are simulated (hived.control.simbox: the real protocol over real sockets, no
+cells): these tests are about the control planes. Real boxes: test_multibox.py."""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+from test_control_api import GOOD, TOKENS, Hive, hive_config, run, sha
+
+from hived.control.simbox import SimBox
+
+
+async def until(cond, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not await cond() if asyncio.iscoroutinefunction(cond) else not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+@pytest.fixture
+def db_config(pg_database, monkeypatch):
+    monkeypatch.setenv("HIVED_DATABASE_PASSWORD", pg_database.password)
+    return {"database": pg_database.url}
+
+
+def test_standby_serves_the_api_and_forwards_boxes_to_the_leader(tmp_path, db_config):
+    async def main():
+        async with Hive(hive_config(tmp_path / "a", **db_config)) as a, \
+                Hive(hive_config(tmp_path / "b", **db_config)) as b:
+            assert a.cp.leading and not b.cp.leading
+            _, ma = await a.call("GET", "/metrics", token=None)
+            _, mb = await b.call("GET", "/metrics", token=None)
+            assert metric(ma, "hived_control_is_leader") == 1 and metric(mb, "hived_control_is_leader") == 0
+            assert metric(ma, "hived_control_leader_changes_total") == 1
+            assert metric(mb, "hived_control_leader_changes_total") == 0
+            # a box dialing the standby is linked to the leader (forwarded)
+            box = await SimBox("127.0.0.1", b.cp.box_port, "box-a", "box-a-token", warm={"small": 1}).connect()
+            await until(lambda: a.cp.scheduler.boxes_connected() == 1, what="box registered on the leader")
+            assert b.cp.scheduler.boxes_connected() == 0
+            # submitted on the standby, scheduled by the leader, followed on the standby
+            status, build = await b.call("POST", "/v1/builds", body=GOOD)
+            assert status == 201 and build["state"] == "queued"
+            follow = asyncio.ensure_future(b.call("GET", f"/v1/builds/{build['id']}/logs?follow=1"))
+            got = await asyncio.wait_for(box.assigned.get(), 10)
+            assert got.build_id == build["id"]
+            await box.start(got.build_id)
+            await box.output(got.build_id, b"hello from the box\n")
+            await asyncio.sleep(0.3)
+            await box.finish(got.build_id, 0)
+            status, text = await asyncio.wait_for(follow, 10)
+            assert status == 200 and text == "hello from the box\n"
+            status, done = await b.call("GET", f"/v1/builds/{build['id']}")
+            assert done["state"] == "succeeded" and done["attempts"] == 1
+            # an idempotency key is one build whichever replica gets it
+            s1, x = await b.call("POST", "/v1/builds", body=GOOD, headers={"Idempotency-Key": "once"})
+            s2, y = await a.call("POST", "/v1/builds", body=GOOD, headers={"Idempotency-Key": "once"})
+            assert (s1, s2, x["id"]) == (201, 200, y["id"])
+            # a cancel taken by the standby is carried out by the leader (the box has no warm
+            # cell left: the build waits in the leader's queue)
+            await until(lambda: x["id"] in a.cp.scheduler.builds, what="the leader to adopt the build")
+            status, _ = await b.call("POST", f"/v1/builds/{x['id']}/cancel")
+            assert status == 202
+            await until(lambda: a.cp.store.get_build(x["id"]).state == "cancelled", what="cancelled")
+            assert a.cp.store.pending_cancels() == []
+            await box.close()
+    run(main)
+
+
+# -- processes --------------------------------------------------------------------------------
+def write_config(tmp_path, name: str, db_url: str, pw_file) -> str:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f"""
+[hive]
+name = "r1"
+state_dir = "{tmp_path / name}"
+api_listen = "127.0.0.1:0"
+box_listen = "127.0.0.1:0"
+heartbeat_s = 0.2
+box_lost_s = 10.0
+database = "{db_url}"
+database_password_file = "{pw_file}"
+
+[shapes.small]
+
+[customers.acme]
+api_tokens_sha256 = ["{sha(TOKENS['acme'])}"]
+
+[boxes.box-a]
+token_sha256 = "{sha('box-a-token')}"
+""")
+    return str(path)
+
+
+class Replica:
+    def __init__(self, config: str, log_path) -> None:
+        self.log = open(log_path, "ab")  # noqa: SIM115 (closed in kill())
+        self.proc = subprocess.Popen([sys.executable, "-m", "hived.control", "--config", config],
+                                     stdout=subprocess.PIPE, stderr=self.log, env=dict(os.environ, HIVED_LOG="INFO"))
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("ready "):
+            self.proc.kill()
+            raise AssertionError(f"control plane did not start: {line!r} {log_path.read_text()[-3000:]}")
+        ends = json.loads(line[len("ready "):])
+        self.api = ends["api"]
+        self.box_port = int(ends["box"].rpartition(":")[2])
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(30)
+        self.log.close()
+
+
+def test_leader_sigkilled_mid_build_a_standby_takes_over_and_nothing_is_lost_or_run_twice(tmp_path, pg_database):
+    pw = tmp_path / "db.password"
+    pw.write_text(pg_database.password)
+    a = Replica(write_config(tmp_path, "a", pg_database.url, pw), tmp_path / "a.log")
+    b = Replica(write_config(tmp_path, "b", pg_database.url, pw), tmp_path / "b.log")
+    auth = {"Authorization": f"Bearer {TOKENS['acme']}"}
+
+    async def main():
+        async with aiohttp.ClientSession(headers=auth) as http:
+            async def health(r):
+                async with http.get(f"{r.api}/healthz") as resp:
+                    return await resp.json()
+            assert (await health(a))["leader"] and not (await health(b))["leader"]
+            # the box dials the standby (forwarded to the leader, a)
+            box = await SimBox("127.0.0.1", b.box_port, "box-a", "box-a-token", warm={"small": 2}).connect()
+            async with http.post(f"{b.api}/v1/builds", json=GOOD) as r:
+                assert r.status == 201
+                running = await r.json()
+            got = await asyncio.wait_for(box.assigned.get(), 10)
+            await box.start(got.build_id)
+            await box.output(got.build_id, b"before the kill\n")
+            await asyncio.sleep(0.5)
+            a.kill()                                    # the leader dies mid-build
+            t_kill = time.monotonic()
+            # a submit right after the kill, on the standby: acknowledged, so it must run
+            async with http.post(f"{b.api}/v1/builds", json=dict(GOOD, argv=["echo", "after"])) as r:
+                assert r.status == 201
+                after = await r.json()
+            await until(lambda: box.channel.closed_reason is not None, what="the forwarded link to drop")
+            await until(health_is_leader(health, b), what="b to lead")
+            failover_s = time.monotonic() - t_kill
+            await box.connect()                         # the box reconnects (to b, now the leader)
+            await box.output(got.build_id, b"after the takeover\n")
+            await box.finish(got.build_id, 0)
+            second = await asyncio.wait_for(box.assigned.get(), 15)
+            assert second.build_id == after["id"]
+            await box.start(second.build_id)
+            await box.finish(second.build_id, 0)
+            for build_id in (running["id"], after["id"]):
+                async def done(i=build_id):
+                    async with http.get(f"{b.api}/v1/builds/{i}") as r:
+                        return (await r.json())["state"] == "succeeded"
+                await until(done, what=f"{build_id} succeeded")
+            async with http.get(f"{b.api}/v1/builds/{running['id']}") as r:
+                first = await r.json()
+            assert first["attempts"] == 1                # it ran once: the box kept it across the failover
+            async with http.get(f"{b.api}/v1/builds/{running['id']}/logs") as r:
+                log = await r.text()
+            assert "before the kill\n" in log and "after the takeover\n" in log
+            async with http.get(f"{b.api}/metrics") as r:
+                m = await r.text()
+            assert metric(m, "hived_control_is_leader") == 1 and metric(m, "hived_control_leader_changes_total") == 1
+            assert failover_s < 10
+            await box.close()
+
+    try:
+        run(main, timeout=120)
+    finally:
+        a.kill()
+        b.kill(signal.SIGTERM)
+
+
+def health_is_leader(health, r):
+    async def check():
+        try:
+            return (await health(r))["leader"]
+        except aiohttp.ClientError:
+            return False
+    return check
