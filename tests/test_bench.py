@@ -144,6 +144,27 @@ def test_control_database_url_with_a_password_is_refused_in_one_line():
     assert r.stderr.strip().count("\n") == 0 and "holds a password" in r.stderr and "hunter2" not in r.stderr
 
 
+def test_failover_json_two_kills_nothing_lost_or_twice_and_nothing_left():
+    from hived.control.pgserver import PostgresUnavailable, find_bindir
+
+    try:
+        find_bindir()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    before = set(Path(tempfile.gettempdir()).glob("hived-pg-*"))
+    r = _run([sys.executable, "-m", "hived", "bench", "failover", "--json", "--kills", "2", "--every", "2",
+              "--rate", "20", "--boxes", "4"], 300)
+    assert r.returncode == 0, r.stderr
+    report = _one_json_object(r.stdout)
+    assert report["benchmark"] == "failover" and report["replicas"] == 2 and report["kills"] == 2
+    assert report["builds"] > 0 and report["builds_lost"] == 0 and report["builds_duplicated"] == 0
+    f = report["failover_s"]
+    assert len(f["each"]) == 2 and 0 < f["p50"] <= f["p95"] <= f["max"]
+    assert set(Path(tempfile.gettempdir()).glob("hived-pg-*")) <= before, "the throwaway server's files were left"
+    left = subprocess.run(["pgrep", "-f", "hived-failover-"], capture_output=True, text=True).stdout.split()
+    assert not left, f"replica processes left: {left}"
+
+
 def test_control_bad_arguments_are_one_line():
     r = _run([sys.executable, "-m", "hived", "bench", "control", "--boxes", "0"], 60)
     assert r.returncode == 1 and r.stdout == ""

@@ -3,6 +3,7 @@
     hived bench codec    frame encode/decode, compiled vs pure-Python framing (codec.py)
     hived bench boot     cold boot vs bare QEMU, warm start through a box daemon (boot.py)
     hived bench control  control plane throughput and latency, simulated boxes (control.py)
+    hived bench failover control plane replicas on PostgreSQL, the leader SIGKILLed (failover.py)
     hived bench repos    repository cache, cold vs warm (repos.py)
     hived bench cache    time to build start with an image and a repository, cold vs cached (cache.py)
     hived bench secure   Secure Compute provisioning beside plain builds (secure.py)
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "codec": "frame encode/decode: compiled vs pure-Python framing",
     "boot": "cold boot vs bare QEMU, and warm start through a box daemon",
     "control": "control plane scheduling throughput and latency, simulated boxes",
+    "failover": "control plane replicas on PostgreSQL: the leader SIGKILLed while builds flow",
     "repos": "repository cache: clone cold vs warm (checkout image), and bundles",
     "secure": "Secure Compute: tunnel provisioning per cell, beside the same build without it",
     "cache": "time to build start with a build image and a repository, cold vs cached (real box)",
