@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 10.0
 REFUSED_BACKOFF_S = 30.0   # the control plane said no: it will not change its mind soon
+NEXT_ADDRESS_S = 0.05     # another replica of the control plane may lead (or forward to the leader)
 REGISTER_TIMEOUT_S = 10.0
 
 
@@ -109,6 +110,11 @@ class ReconnectLoop:
     def _disconnected(self, channel: Channel):
         raise NotImplementedError
 
+    def _rotate(self) -> bool:
+        """After a failure or a lost link: move to the next address, if the subclass has several
+        (control plane replicas); True to try it at once rather than back off."""
+        return False
+
     async def _run(self) -> None:
         attempt = 0
         while not self._stopping:
@@ -133,6 +139,8 @@ class ReconnectLoop:
                 log.warning("%s to %s: %s", self.link_kind, self.peer_name(), self.last_error)
             if self._stopping:
                 return
+            if self._rotate() and delay is None:
+                delay = NEXT_ADDRESS_S
             if delay is None:
                 delay = backoff(attempt)
                 attempt += 1

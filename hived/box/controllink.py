@@ -21,7 +21,8 @@ plane may give it to another box, and it must not run twice.
 Config (the box's TOML):
 
     [control]
-    address = "10.0.0.1:7070"
+    address = "10.0.0.1:7070"               # or a list: replicas of the control plane (on PostgreSQL),
+                                            # tried in turn; any of them links the box to the leader
     token_file = "/etc/hived/box.token"     # or token = "..." (`hived control add-box NAME`)
     box_id = "box-a"                        # default: [box] name
     capacity = 4                            # cells at once; default: the box's cell cores, at least the pools
@@ -69,6 +70,11 @@ class LinkConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     server_name: str = ""
+    others: tuple[tuple[str, int], ...] = ()   # more control plane replicas, tried in turn
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return ((self.host, self.port), *self.others)
 
     @classmethod
     def from_table(cls, table: dict, *, box_name: str, source: str = "[control]") -> "LinkConfig":
@@ -78,12 +84,17 @@ class LinkConfig:
             if key not in known:
                 raise LinkConfigError(f"{source}.{key}: unknown key (known: {', '.join(sorted(known))})")
         address = table.get("address")
-        if not isinstance(address, str) or ":" not in address:
-            raise LinkConfigError(f"{source}.address: expected \"HOST:PORT\" of the control plane, "
-                                  f"got {address!r}")
-        host, _, port = address.rpartition(":")
-        if not port.isdigit():
-            raise LinkConfigError(f"{source}.address: port {port!r} is not a number")
+        listed = address if isinstance(address, list) and address else [address]
+        addresses = []
+        for one in listed:
+            if not isinstance(one, str) or ":" not in one:
+                raise LinkConfigError(f"{source}.address: expected \"HOST:PORT\" of the control plane (or a "
+                                      f"list of them), got {one!r}")
+            h, _, p = one.rpartition(":")
+            if not p.isdigit():
+                raise LinkConfigError(f"{source}.address: port {p!r} is not a number")
+            addresses.append((h.strip("[]"), int(p)))
+        (host, port), others = addresses[0], tuple(addresses[1:])
         if "token_file" in table:
             try:
                 token = Path(table["token_file"]).read_text().strip()
@@ -101,8 +112,8 @@ class LinkConfig:
         def path(key):
             return Path(table[key]) if table.get(key) else None
 
-        return cls(host.strip("[]"), int(port), token, str(table.get("box_id", box_name)), capacity,
-                   path("ca_file"), path("cert_file"), path("key_file"), str(table.get("server_name", "")))
+        return cls(host, port, token, str(table.get("box_id", box_name)), capacity,
+                   path("ca_file"), path("cert_file"), path("key_file"), str(table.get("server_name", "")), others)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         return tls_context(self.ca_file, self.cert_file, self.key_file)
@@ -187,6 +198,7 @@ class ControlLink(ReconnectLoop):
         self._opening: dict[str, asyncio.Future] = {}   # build id -> secure.opened
         self._lost: dict[str, asyncio.Future] = {}      # build id -> reason of secure.lost
         self.epoch = ""                                 # the control plane's run (box.registered)
+        self._turn = 0                                  # which of config.addresses is dialled
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -204,7 +216,8 @@ class ControlLink(ReconnectLoop):
             self._fence.cancel()
 
     def describe(self) -> dict:
-        return {"control": f"{self.config.host}:{self.config.port}", "box_id": self.config.box_id,
+        host, port = self._address()
+        return {"control": f"{host}:{port}", "box_id": self.config.box_id,
                 "connected": self.ready, "connects": self.connects, "last_error": self.last_error,
                 "held_builds": {b.build_id: {"lease": b.lease, "started": b.started,
                                              "finished": b.exit is not None,
@@ -215,11 +228,22 @@ class ControlLink(ReconnectLoop):
     refused_errors = (LinkRefused,)
 
     def peer_name(self) -> str:
-        return f"control plane {self.config.host}:{self.config.port} (box {self.config.box_id})"
+        host, port = self._address()
+        return f"control plane {host}:{port} (box {self.config.box_id})"
+
+    def _rotate(self) -> bool:
+        """Dial the next replica; True while some of the list were not tried since the last link."""
+        self._turn += 1
+        return self._turn % len(self.config.addresses) != 0
+
+    def _address(self) -> tuple[str, int]:
+        addresses = self.config.addresses
+        return addresses[self._turn % len(addresses)]
 
     async def _connect(self) -> Channel:
         cfg = self.config
-        return await dial("box", cfg.box_id, cfg.host, cfg.port, cfg.ssl_context(), cfg.server_name)
+        host, port = self._address()
+        return await dial("box", cfg.box_id, host, port, cfg.ssl_context(), cfg.server_name)
 
     async def _register(self, channel: Channel) -> None:
         cfg = self.config
