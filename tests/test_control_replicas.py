@@ -198,3 +198,14 @@ def health_is_leader(health, r):
         except aiohttp.ClientError:
             return False
     return check
+
+
+def test_a_box_config_may_list_several_replicas():
+    from hived.box.controllink import LinkConfig, LinkConfigError
+
+    one = LinkConfig.from_table({"address": "10.0.0.1:7070", "token": "t"}, box_name="b")
+    assert one.addresses == (("10.0.0.1", 7070),)
+    many = LinkConfig.from_table({"address": ["10.0.0.1:7070", "[::1]:7071"], "token": "t"}, box_name="b")
+    assert many.addresses == (("10.0.0.1", 7070), ("::1", 7071)) and (many.host, many.port) == ("10.0.0.1", 7070)
+    with pytest.raises(LinkConfigError, match=r"\[control\]\.address: expected \"HOST:PORT\""):
+        LinkConfig.from_table({"address": ["10.0.0.1:7070", "nope"], "token": "t"}, box_name="b")

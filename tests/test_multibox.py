@@ -1,7 +1,8 @@
 """Several real box daemons in one hive, on this machine: each `hived box` process has its own
 name, state dir and cell subnet, boots real microVM cells (TCG) and links to one control
 plane. Builds spread over the boxes; a box SIGKILLed mid-build fails its build with reason
-"infrastructure" and the other box's build runs to the end, untouched. Kept small (two
+"infrastructure" and the other box's build runs to the end, untouched. A box given several
+control plane addresses (replicas) goes on to the next when one does not answer. Kept small (two
 boxes, one warm cell each): the machine is shared."""
 
 import asyncio
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from test_control_api import TOKENS, Hive, run, sha
+from test_control_restart import free_port
 
 from hived.box.leftovers import vmm_pids
 from hived.control.config import parse
@@ -29,7 +31,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.root]
 class BoxProcess:
     """`hived box --config` with a [control] section: a real box daemon, killable."""
 
-    def __init__(self, d: Path, name: str, subnet: str, control_port: int, token: str) -> None:
+    def __init__(self, d: Path, name: str, subnet: str, addresses: list[str], token: str) -> None:
         self.name, self.dir = name, d
         self.config = d / f"{name}.toml"
         self.config.write_text(f"""
@@ -48,7 +50,7 @@ scratch_mib = 128
 pool_target = 1
 
 [control]
-address = "127.0.0.1:{control_port}"
+address = [{", ".join(f'"{a}"' for a in addresses)}]
 token = "{token}"
 capacity = 1
 """)
@@ -93,8 +95,10 @@ def test_builds_spread_over_real_boxes_and_a_killed_box_fails_only_its_own(tmp_p
 
     async def main():
         async with Hive(config) as h:
+            nobody = free_port()  # the second box lists a dead replica first: it goes on to the next
+            addresses = [[f"127.0.0.1:{h.cp.box_port}"], [f"127.0.0.1:{nobody}", f"127.0.0.1:{h.cp.box_port}"]]
             for i, name in enumerate(names):
-                boxes.append(BoxProcess(d, name, f"10.{octet}.{16 * i}.0/28", h.cp.box_port, tokens[name]).start())
+                boxes.append(BoxProcess(d, name, f"10.{octet}.{16 * i}.0/28", addresses[i], tokens[name]).start())
 
             async def until(cond, timeout, what):
                 deadline = time.monotonic() + timeout
