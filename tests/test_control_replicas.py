@@ -112,7 +112,7 @@ token_sha256 = "{sha('box-a-token')}"
 class Replica:
     def __init__(self, config: str, log_path) -> None:
         self.log = open(log_path, "ab")  # noqa: SIM115 (closed in kill())
-        self.proc = subprocess.Popen([sys.executable, "-m", "hived.control", "--config", config],
+        self.proc = subprocess.Popen([sys.executable, "-m", "hived", "control", "--config", config],
                                      stdout=subprocess.PIPE, stderr=self.log, env=dict(os.environ, HIVED_LOG="INFO"))
         line = self.proc.stdout.readline().decode()
         if not line.startswith("ready "):

@@ -84,7 +84,7 @@ api_tokens_sha256 = ["{_sha(f"api-{seed}")}"]
 
     async def start(self) -> None:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hived.control", "--config", str(self.config)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "hived", "control", "--config", str(self.config)],
                                          stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         loop = asyncio.get_running_loop()
         try:

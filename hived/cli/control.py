@@ -24,7 +24,8 @@ def _load(path: str):
 def add_box(config_path: str, name: str) -> str:
     from hived.control.config import NAME_RE, ConfigError
     from hived.control.server import new_token, token_hash
-    from hived.control.store import StoreError, open_store
+    from hived.control.store import StoreError
+    from hived.control.stores import open_store
 
     if not NAME_RE.match(name):
         raise UserError(f"box name {name!r}: use lower-case letters, digits and '-' (at most 32)")

@@ -86,11 +86,9 @@ class Replica:
     async def _try_lead(self) -> bool:
         if not await self.lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
             return False
-        from hived.control.server import _url_host
-
         ends = self.cp.endpoints()
-        box = f"{_url_host(self.cp.config.box_host)}:{self.cp.box_port}"  # where standbys forward boxes to
-        epoch = await self.store.take_lead(f"{_hostname()}:{ends['pid']}", box, ends["api"], time.time())
+        epoch = await self.store.take_lead(f"{_hostname()}:{ends['pid']}", self.cp.box_endpoint(), ends["api"],
+                                           time.time())
         self.lock_conn.add_termination_listener(self._lock_lost)
         await self.lock_conn.execute("SELECT pg_notify('hived_leader', $1)", str(epoch))
         self.cp.become_leader(epoch)

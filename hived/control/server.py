@@ -39,7 +39,8 @@ from hived.control import scheduler as sch
 from hived.control.config import ControlConfig
 from hived.control.keyexchange import ConnectorLink, KeyExchange
 from hived.control.metrics import ControlMetrics
-from hived.control.store import Build, Store, open_store
+from hived.control.store import Build, Store
+from hived.control.stores import open_store
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.errors import ProtocolError
 from hived.protocol.session import Session
@@ -206,6 +207,10 @@ class ControlPlane:
         return {"hive": self.config.hive, "api": f"http://{_url_host(host)}:{self.api_port}",
                 "box": f"{self.config.box_host}:{self.box_port}", "tls": self.config.tls_dir is not None,
                 "pid": os.getpid()}
+
+    def box_endpoint(self) -> str:
+        """HOST:PORT where the other replicas forward boxes to (box_listen; 0.0.0.0 is loopback)."""
+        return f"{_url_host(self.config.box_host)}:{self.box_port}"
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

@@ -592,14 +592,3 @@ class SQLiteStore(Store):
             "SELECT seq, stream, data FROM build_logs WHERE build_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (build_id, after, limit))]
 
-
-def open_store(config, *, background_checkpoint: bool = False) -> Store:
-    """The store a hive's config names: PostgreSQL when `hive.database` is set, else SQLite in
-    its state_dir. Raises StoreError (the database cannot be used) or ConfigError."""
-    if config.database:
-        from hived.control.pgstore import PostgresStore
-
-        return PostgresStore(config.database, config.hive, password=config.database_password(),
-                             log_max_bytes=config.log_max_bytes)
-    return SQLiteStore(config.db_path, config.hive, synchronous=config.synchronous,
-                       log_max_bytes=config.log_max_bytes, background_checkpoint=background_checkpoint)
