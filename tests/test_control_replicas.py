@@ -84,6 +84,22 @@ def test_standby_serves_the_api_and_forwards_boxes_to_the_leader(tmp_path, db_co
     run(main)
 
 
+def test_a_leader_fenced_off_by_a_newer_epoch_writes_nothing_and_stops(tmp_path, db_config, pg_database):
+    """The lock says who may try to lead; the epoch is what keeps a stale leader harmless."""
+    async def main():
+        async with Hive(hive_config(tmp_path, **db_config)) as a:
+            assert a.cp.leading
+            status, first = await a.call("POST", "/v1/builds", body=GOOD)
+            assert status == 201
+            await asyncio.to_thread(pg_database.sql, "UPDATE leader SET epoch = epoch + 1")  # another leads
+            status, body = await a.call("POST", "/v1/builds", body=dict(GOOD, argv=["echo", "late"]))
+            assert status == 500 and body["error"]["code"] == "internal"
+            assert a.cp.failed.done() and "no longer leads" in str(a.cp.failed.exception())
+            rows = await asyncio.to_thread(pg_database.sql, "SELECT id, argv FROM builds")
+            assert [r["id"] for r in rows] == [first["id"]]            # the fenced batch left nothing
+    run(main)
+
+
 # -- processes --------------------------------------------------------------------------------
 def write_config(tmp_path, name: str, db_url: str, pw_file) -> str:
     path = tmp_path / f"{name}.toml"

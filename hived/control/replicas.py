@@ -111,6 +111,7 @@ class Replica:
     async def _hold(self) -> None:
         """While leading: notice a dead lock connection (a broken network does not always say
         so), and sweep for what announcements may have missed."""
+        swept = time.monotonic()
         while True:
             await asyncio.sleep(CHECK_EVERY_S)
             try:
@@ -119,7 +120,9 @@ class Replica:
             except Exception as exc:
                 self.cp.lost_lead(f"its leader lock connection failed: {exc}")
                 return
-            self.cp.sweep()
+            if time.monotonic() - swept >= SWEEP_EVERY_S:
+                swept = time.monotonic()
+                self.cp.sweep()
 
     async def _learn_leader(self) -> None:
         try:

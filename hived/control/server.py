@@ -295,11 +295,12 @@ class ControlPlane:
     def _commits_done(self) -> None:
         if not self._in_flight or not self._in_flight[0][0].done():
             return
-        fut, turn = self._in_flight.popleft()
+        fut, turn = self._in_flight[0]
         exc = fut.exception()
         if exc is not None:
-            self._commit_failed(exc)
+            self._commit_failed(exc)  # (fails the waiting turns' submitters too, this one's first)
             return
+        self._in_flight.popleft()
         self.commits += 1
         self.commit_seconds.append(time.perf_counter() - turn.t0)
         self._say(turn)
