@@ -203,6 +203,13 @@ class BoxForwarder(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.close()
 
+    # flow control: a side that cannot take more stops the other side's reading
+    def pause_writing(self) -> None:
+        _flow(self.upstream, "pause_reading")
+
+    def resume_writing(self) -> None:
+        _flow(self.upstream, "resume_reading")
+
 
 class _Upstream(asyncio.Protocol):
     def __init__(self, down: BoxForwarder) -> None:
@@ -213,3 +220,15 @@ class _Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.down.transport.close()
+
+    def pause_writing(self) -> None:
+        _flow(self.down.transport, "pause_reading")
+
+    def resume_writing(self) -> None:
+        _flow(self.down.transport, "resume_reading")
+
+
+def _flow(transport, what: str) -> None:
+    if transport is not None and not transport.is_closing():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            getattr(transport, what)()
