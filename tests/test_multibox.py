@@ -147,3 +147,68 @@ def test_builds_spread_over_real_boxes_and_a_killed_box_fails_only_its_own(tmp_p
         left = [b.name for b in boxes if b.cells()]
         shutil.rmtree(d, ignore_errors=True)
     assert not left, f"cells left running by {left}"
+
+
+def test_a_real_build_keeps_running_with_complete_output_when_the_leader_is_sigkilled(tmp_path, pg_database):
+    """Two `hived control` replicas on PostgreSQL and a real box listing both: the leader dies
+    mid-build, the box relinks (through the standby, now the leader) and hands over the output
+    it held; the build ends once, with every line."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: cgroups, namespaces")
+    from test_control_replicas import Replica, write_config
+
+    pw = tmp_path / "db.password"
+    pw.write_text(pg_database.password)
+    d = Path(tempfile.mkdtemp(prefix="hvfo", dir="/tmp"))
+    name = f"fo-{secrets.token_hex(2)}"
+    token = "box-a-token"  # write_config's [boxes.box-a]
+    replicas = [Replica(write_config(tmp_path, n, pg_database.url, pw), tmp_path / f"{n}.log") for n in "ab"]
+    box = None
+
+    async def main():
+        nonlocal box
+        import aiohttp
+
+        a, b = replicas
+        box = BoxProcess(d, name, f"10.{100 + secrets.randbelow(100)}.{16 * secrets.randbelow(16)}.0/28",
+                         [f"127.0.0.1:{a.box_port}", f"127.0.0.1:{b.box_port}"], token)
+        box.config.write_text(box.config.read_text().replace("[control]\n", '[control]\nbox_id = "box-a"\n'))
+        box.start()
+        auth = {"Authorization": f"Bearer {TOKENS['acme']}"}
+        async with aiohttp.ClientSession(headers=auth) as http:
+            async def get(r, path):
+                async with http.get(f"{r.api}{path}") as resp:
+                    return await (resp.json() if "logs" not in path else resp.text())
+
+            deadline = time.monotonic() + 300
+            while (await get(a, "/healthz"))["boxes_connected"] < 1:
+                assert time.monotonic() < deadline, "the box did not link"
+                await asyncio.sleep(0.5)
+            body = {"argv": ["sh", "-c", "echo one; sleep 8; echo two; sleep 2; echo three"], "timeout_s": 300}
+            async with http.post(f"{b.api}/v1/builds", json=body) as resp:
+                assert resp.status == 201
+                build = await resp.json()
+            while "one" not in await get(b, f"/v1/builds/{build['id']}/logs"):
+                assert time.monotonic() < deadline, "the build did not start"
+                await asyncio.sleep(0.2)
+            a.kill()                                          # the leader, mid-build
+            while True:
+                got = await get(b, f"/v1/builds/{build['id']}")
+                if got["state"] in ("succeeded", "failed", "cancelled"):
+                    break
+                assert time.monotonic() < deadline + 120, got
+                await asyncio.sleep(0.5)
+            assert (got["state"], got["exit_code"], got["attempts"]) == ("succeeded", 0, 1), got
+            assert await get(b, f"/v1/builds/{build['id']}/logs") == "one\ntwo\nthree\n"
+            assert (await get(b, "/healthz"))["leader"]
+
+    try:
+        run(main, timeout=600)
+    finally:
+        if box is not None:
+            box.stop()
+        for r in replicas:
+            r.kill()
+        left = box.cells() if box is not None else []
+        shutil.rmtree(d, ignore_errors=True)
+    assert not left, "cells left running"
