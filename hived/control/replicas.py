@@ -90,6 +90,8 @@ class Replica:
         epoch = await self.store.take_lead(f"{_hostname()}:{ends['pid']}", self.cp.box_endpoint(), ends["api"],
                                            time.time())
         self.lock_conn.add_termination_listener(self._lock_lost)
+        # the leader's own commits are the only ones that announce build changes: nothing to hear
+        await self.listen_conn.remove_listener("hived_builds", self._notified)
         await self.lock_conn.execute("SELECT pg_notify('hived_leader', $1)", str(epoch))
         self.cp.become_leader(epoch)
         self._tasks.append(asyncio.get_running_loop().create_task(self._hold()))
