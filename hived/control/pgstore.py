@@ -11,9 +11,10 @@ Shape:
 * Writes are written behind. The store keeps a copy of every live build (queued, assigned,
   running: what a restart loads anyway); each write method decides on that copy with the
   same conditions as the SQLite store's conditional UPDATEs (state, lease, box_seq, the log
-  cap) and returns at once, and `commit()` sends the whole batch in one transaction: new
-  builds in one INSERT, changed builds in one UPDATE, log chunks in one INSERT (arrays
-  through `unnest`), a few statements instead of one round trip per write.
+  cap) and returns at once, and `commit()` sends the whole batch as one statement (its own
+  transaction, one round trip): new builds, changed builds, log chunks and box rows, each
+  as arrays through `unnest`. `commit_start()` does the same without waiting (the control
+  plane's pipelined group commit); batches land in order.
 * The database stays the judge: the UPDATE of a changed build is compare-and-set on the
   row as this store last knew it (state, lease, next log seq, cancel flag). If anything
   else changed that row, the commit fails and is rolled back whole, the copy goes back to
@@ -23,6 +24,10 @@ Shape:
   committed state only, as with SQLite.
 * Schema migrations are numbered and applied at open, under an advisory lock; a database
   whose schema is newer than this code is refused.
+* Leading several replicas (hived/control/replicas.py), every commit is also fenced by the
+  leader's epoch and announces the builds it changed (NOTIFY hived_builds).
+* Issue 11's changes to how output is ordered (box_seq) in SQLiteStore.append_log must be
+  ported to `append_log` here (the store tests run on both stores).
 """
 
 import asyncio
