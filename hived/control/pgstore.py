@@ -26,8 +26,8 @@ Shape:
   whose schema is newer than this code is refused.
 * Leading several replicas (hived/control/replicas.py), every commit is also fenced by the
   leader's epoch and announces the builds it changed (NOTIFY hived_builds).
-* Issue 11's changes to how output is ordered (box_seq) in SQLiteStore.append_log must be
-  ported to `append_log` here (the store tests run on both stores).
+* `append_log` is SQLiteStore.append_log's rules in Python: a change to those (how output
+  is ordered by box_seq, the cap) is made in both (the store tests run on both stores).
 """
 
 import asyncio
