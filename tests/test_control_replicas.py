@@ -6,6 +6,7 @@ The boxes are simulated (hived.control.simbox: the real protocol over real socke
 cells): these tests are about the control planes. Real boxes: test_multibox.py."""
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -225,3 +226,46 @@ def test_a_box_config_may_list_several_replicas():
     assert many.addresses == (("10.0.0.1", 7070), ("::1", 7071)) and (many.host, many.port) == ("10.0.0.1", 7070)
     with pytest.raises(LinkConfigError, match=r"\[control\]\.address: expected \"HOST:PORT\""):
         LinkConfig.from_table({"address": ["10.0.0.1:7070", "nope"], "token": "t"}, box_name="b")
+
+
+def test_a_hung_leader_is_ended_after_its_lease_and_stops_when_it_wakes(tmp_path, pg_database):
+    """SIGSTOP keeps the leader's connections (and its lock) open: the standby waits out the
+    lease, ends the leader's session and leads; the old leader, continued, finds itself fenced
+    off and stops (exit 1), writing nothing."""
+    pw = tmp_path / "db.password"
+    pw.write_text(pg_database.password)
+    a = Replica(write_config(tmp_path, "a", pg_database.url, pw), tmp_path / "a.log")
+    b = Replica(write_config(tmp_path, "b", pg_database.url, pw), tmp_path / "b.log")
+    auth = {"Authorization": f"Bearer {TOKENS['acme']}"}
+
+    async def main():
+        async with aiohttp.ClientSession(headers=auth) as http:
+            async def health(r):
+                async with http.get(f"{r.api}/healthz") as resp:
+                    return await resp.json()
+            assert (await health(a))["leader"]
+            a.proc.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            await until(health_is_leader(health, b), timeout=30, what="b to lead")
+            took = time.monotonic() - t0
+            assert 4.0 <= took <= 20.0, took                 # the lease (5 s), not at once, not never
+            async with http.post(f"{b.api}/v1/builds", json=GOOD) as r:
+                assert r.status == 201
+                queued = await r.json()
+            assert queued["state"] == "queued"
+            a.proc.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 20
+            while a.proc.poll() is None:
+                assert time.monotonic() < deadline, "the old leader went on after waking"
+                await asyncio.sleep(0.1)
+            assert a.proc.returncode == 1
+            assert "no longer leads" in (tmp_path / "a.log").read_text()
+            assert (await health(b))["leader"]
+
+    try:
+        run(main, timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            a.proc.send_signal(signal.SIGCONT)
+        a.kill()
+        b.kill(signal.SIGTERM)

@@ -96,7 +96,8 @@ MIGRATIONS: tuple[str, ...] = (
     # that does not lead, kept until the leader has carried them out
     """
     CREATE TABLE leader (id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, holder TEXT NOT NULL,
-                         box_endpoint TEXT NOT NULL, api_endpoint TEXT NOT NULL, since DOUBLE PRECISION NOT NULL);
+                         box_endpoint TEXT NOT NULL, api_endpoint TEXT NOT NULL, since DOUBLE PRECISION NOT NULL,
+                         renewed_at DOUBLE PRECISION NOT NULL DEFAULT 0);  -- the database's clock
     CREATE TABLE build_cancels (build_id TEXT PRIMARY KEY, requested_at DOUBLE PRECISION NOT NULL);
     CREATE FUNCTION hived_fenced(expected BIGINT, current BIGINT) RETURNS BIGINT LANGUAGE plpgsql AS $$
     BEGIN
@@ -543,9 +544,10 @@ class PostgresStore(Store):
         """Bump the hive's epoch for this control plane (its caller holds the leader lock)."""
         async def go(conn):
             return await conn.fetchval(
-                "INSERT INTO leader VALUES (1, 1, $1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET "
-                "epoch = leader.epoch + 1, holder = $1, box_endpoint = $2, api_endpoint = $3, since = $4 "
-                "RETURNING epoch", holder, box_endpoint, api_endpoint, now)
+                "INSERT INTO leader VALUES (1, 1, $1, $2, $3, $4, extract(epoch FROM clock_timestamp())) "
+                "ON CONFLICT (id) DO UPDATE SET epoch = leader.epoch + 1, holder = $1, box_endpoint = $2, "
+                "api_endpoint = $3, since = $4, renewed_at = excluded.renewed_at RETURNING epoch",
+                holder, box_endpoint, api_endpoint, now)
         return self._side(go)
 
     def leader(self) -> asyncio.Future:

@@ -9,7 +9,9 @@ r"""Several `hived control` processes on one PostgreSQL database: one leads, the
 
 * Election: a session advisory lock on a connection of the leader's own. PostgreSQL drops it
   when that connection ends, which a SIGKILLed process's does at once; a standby takes it at
-  its next try, bumps the epoch in `leader` and loads the live builds. The lock is only who
+  its next try, bumps the epoch in `leader` and loads the live builds. The leader renews
+  `leader.renewed_at` every second; a standby ends the session of a leader silent for
+  LEASE_S (stopped or stuck, its connection still open), and takes the lock. The lock is only who
   may try: what makes a stale leader harmless is the epoch. Every commit of the leader
   share-locks the `leader` row and fails if the epoch moved (a takeover waits for a commit in
   progress), so a leader that lost the lock writes nothing more.
@@ -38,8 +40,17 @@ log = logging.getLogger(__name__)
 
 LEADER_LOCK = 0x68697665_64000002  # pg advisory lock key: "hived" + 2
 TRY_EVERY_S = 0.2
-CHECK_EVERY_S = 1.0
+CHECK_EVERY_S = 1.0     # the leader renews `leader.renewed_at` this often
+LEASE_S = 5.0           # a leader that has not renewed for this long (hung, not dead) is ended
 SWEEP_EVERY_S = 2.0
+_RENEW = ("UPDATE leader SET renewed_at = extract(epoch FROM clock_timestamp()) WHERE id = 1 AND epoch = $1 "
+          "RETURNING epoch")
+# The session holding the leader lock, if the leader has not renewed within the lease (pg_locks shows
+# a bigint advisory key as two 32-bit halves).
+_STALE_HOLDER = ("SELECT l.pid, extract(epoch FROM clock_timestamp()) - leader.renewed_at AS silent "
+                 "FROM leader, pg_locks AS l WHERE leader.id = 1 "
+                 "AND extract(epoch FROM clock_timestamp()) - leader.renewed_at > $1 AND l.locktype = 'advisory' "
+                 "AND l.classid = $2 AND l.objid = $3 AND l.objsubid = 1 AND l.granted")
 
 
 class Replica:
@@ -56,6 +67,7 @@ class Replica:
         self.own_pid = store.writer_pid()
         self._tasks: list[asyncio.Task] = []
         self.stopping = False
+        self.epoch: int | None = None
 
     async def _connect(self):
         import asyncpg
@@ -89,6 +101,7 @@ class Replica:
         ends = self.cp.endpoints()
         epoch = await self.store.take_lead(f"{_hostname()}:{ends['pid']}", self.cp.box_endpoint(), ends["api"],
                                            time.time())
+        self.epoch = epoch
         self.lock_conn.add_termination_listener(self._lock_lost)
         # the leader's own commits are the only ones that announce build changes: nothing to hear
         await self.listen_conn.remove_listener("hived_builds", self._notified)
@@ -107,8 +120,18 @@ class Replica:
             try:
                 if await self._try_lead():
                     return
+                await self._end_hung_leader()
             except Exception as exc:  # the database away: keep trying (the API answers 5xx meanwhile)
                 log.warning("hive %s: cannot try to lead: %s", self.cp.config.hive, exc)
+
+    async def _end_hung_leader(self) -> None:
+        """A leader alive enough to hold its lock but not renewing (stopped, stuck) is ended:
+        its lock goes with its session, its writes are fenced off by the next epoch."""
+        row = await self.lock_conn.fetchrow(_STALE_HOLDER, LEASE_S, LEADER_LOCK >> 32, LEADER_LOCK & 0xFFFFFFFF)
+        if row is not None:
+            log.warning("hive %s: the leader has not renewed its lease for %.1f s: ending its session (pid %d)",
+                        self.cp.config.hive, row["silent"], row["pid"])
+            await self.lock_conn.execute("SELECT pg_terminate_backend($1)", row["pid"])
 
     async def _hold(self) -> None:
         """While leading: notice a dead lock connection (a broken network does not always say
@@ -117,10 +140,13 @@ class Replica:
         while True:
             await asyncio.sleep(CHECK_EVERY_S)
             try:
-                async with asyncio.timeout(CHECK_EVERY_S * 5):
-                    await self.lock_conn.fetchval("SELECT 1")
+                async with asyncio.timeout(LEASE_S):
+                    renewed = await self.lock_conn.fetchval(_RENEW, self.epoch)
             except Exception as exc:
                 self.cp.lost_lead(f"its leader lock connection failed: {exc}")
+                return
+            if renewed is None:
+                self.cp.lost_lead("another control plane took the lead (a newer epoch)")
                 return
             if time.monotonic() - swept >= SWEEP_EVERY_S:
                 swept = time.monotonic()
