@@ -1,6 +1,7 @@
 """Generate the protocol's derived files from protocol/messages.toml.
 
     python protocol/generate.py           # write hived/protocol/messages.py and protocol/MESSAGES.md
+                                          # (and, from peer.toml, peer_messages.py and PEER.md)
     python protocol/generate.py --check   # exit 1 if either is out of date (run by the tests)
 
 The golden vectors (protocol/vectors.json) are not generated here: they were built
@@ -19,18 +20,22 @@ ROOT = HERE.parent
 SCHEMA = HERE / "messages.toml"
 PY_OUT = ROOT / "hived" / "protocol" / "messages.py"
 MD_OUT = HERE / "MESSAGES.md"
+# The peer link (box <-> box) is its own table with its own version: hived/box/peers.
+PEER_SCHEMA = HERE / "peer.toml"
+PEER_PY_OUT = ROOT / "hived" / "protocol" / "peer_messages.py"
+PEER_MD_OUT = HERE / "PEER.md"
 
 HEADER = "# Generated from protocol/messages.toml by protocol/generate.py. Do not edit.\n"
 FIELD_KEYS = ("name", "type", "min", "max", "item_max", "choices", "optional", "default", "since")
 
 
-def load() -> dict:
-    with SCHEMA.open("rb") as f:
+def load(path: Path = SCHEMA) -> dict:
+    with path.open("rb") as f:
         schema = tomllib.load(f)
     seen_ids, seen_names = set(), set()
     for msg in schema["message"]:
         if msg["id"] in seen_ids or msg["name"] in seen_names:
-            raise SystemExit(f"{SCHEMA}: duplicate message {msg['name']!r} / id {msg['id']}")
+            raise SystemExit(f"{path}: duplicate message {msg['name']!r} / id {msg['id']}")
         seen_ids.add(msg["id"])
         seen_names.add(msg["name"])
         optional_seen = False
@@ -39,11 +44,11 @@ def load() -> dict:
             if field.get("optional"):
                 optional_seen = True
             elif optional_seen:
-                raise SystemExit(f"{SCHEMA}: {msg['name']}.{field['name']}: required after optional")
+                raise SystemExit(f"{path}: {msg['name']}.{field['name']}: required after optional")
     return schema
 
 
-def render_py(schema: dict) -> str:
+def render_py(schema: dict, source: str = "messages.toml") -> str:
     messages = []
     for msg in schema["message"]:
         fields = tuple(
@@ -61,7 +66,7 @@ def render_py(schema: dict) -> str:
         )
     body = pprint.pformat(tuple(messages), width=100, sort_dicts=False)
     return (
-        HEADER
+        HEADER.replace("messages.toml", source)
         + '"""The message table the codec is built from (see protocol/SPEC.md)."""\n\n'
         + f"VERSION = {schema['version']}\n"
         + f"MIN_VERSION = {schema['min_version']}\n"
@@ -88,10 +93,10 @@ def _bounds(field: dict) -> str:
     return "; ".join(parts)
 
 
-def render_md(schema: dict) -> str:
+def render_md(schema: dict, source: str = "messages.toml", title: str = "Messages") -> str:
     out = [
-        "<!-- Generated from protocol/messages.toml by protocol/generate.py. Do not edit. -->",
-        "# Messages",
+        f"<!-- Generated from protocol/{source} by protocol/generate.py. Do not edit. -->",
+        f"# {title}",
         "",
         f"Protocol version {schema['version']} (peers may speak down to {schema['min_version']}); "
         f"frame body at most {schema['max_frame']} bytes. Framing and rules: SPEC.md.",
@@ -124,7 +129,10 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if generated files are stale")
     args = parser.parse_args()
     schema = load()
-    wanted = {PY_OUT: render_py(schema), MD_OUT: render_md(schema)}
+    peer = load(PEER_SCHEMA)
+    wanted = {PY_OUT: render_py(schema), MD_OUT: render_md(schema),
+              PEER_PY_OUT: render_py(peer, "peer.toml"),
+              PEER_MD_OUT: render_md(peer, "peer.toml", "Peer link messages (box <-> box)")}
     stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for path in stale:

@@ -142,9 +142,9 @@ def _check_plain(v: Any, depth: int) -> None:
         raise ValueError(f"{type(v).__name__} cannot be sent")
 
 
-def _build() -> tuple[dict[int, MessageSpec], dict[str, MessageSpec]]:
+def _build(messages=table.MESSAGES) -> tuple[dict[int, MessageSpec], dict[str, MessageSpec]]:
     by_id, by_name = {}, {}
-    for m in table.MESSAGES:
+    for m in messages:
         fields = tuple(
             FieldSpec(
                 name=f["name"],
@@ -174,6 +174,29 @@ _UNPACK_LIMITS = dict(
 )
 
 
+class Schema:
+    """One message table with its own versions: the main one (messages.toml) or the peer
+    link's (peer.toml). A Session speaks one schema."""
+
+    def __init__(self, module) -> None:
+        self.version = module.VERSION
+        self.min_version = module.MIN_VERSION
+        self.max_frame = module.MAX_FRAME
+        self.by_id, self.by_name = (BY_ID, BY_NAME) if module is table else _build(module.MESSAGES)
+
+    def spec(self, name: str) -> MessageSpec:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise ProtocolError("unknown_type", f"no message named {name!r}") from None
+
+    def encode(self, name: str, version: int, /, **fields: Any) -> bytes:
+        return _encode(self.spec(name), version, fields)
+
+    def decode(self, body: bytes, version: int) -> Message:
+        return _decode(self.by_id, body, version)
+
+
 def spec(name: str) -> MessageSpec:
     try:
         return BY_NAME[name]
@@ -183,7 +206,11 @@ def spec(name: str) -> MessageSpec:
 
 def encode(name: str, version: int = VERSION, /, **fields: Any) -> bytes:
     """Validate `fields` against message `name` and return the msgpack body."""
-    ms = spec(name)
+    return _encode(spec(name), version, fields)
+
+
+def _encode(ms: MessageSpec, version: int, fields: dict) -> bytes:
+    name = ms.name
     if ms.since > version:
         raise ProtocolError("version", f"{name} needs protocol v{ms.since}, link speaks v{version}")
     unknown = fields.keys() - {f.name for f in ms.fields}
@@ -212,6 +239,10 @@ def encode_frame(name: str, version: int = VERSION, max_frame: int = MAX_FRAME, 
 
 def decode(body: bytes, version: int = VERSION) -> Message:
     """Parse and validate one body. Every failure is a ProtocolError naming what was wrong."""
+    return _decode(BY_ID, body, version)
+
+
+def _decode(by_id: dict[int, MessageSpec], body: bytes, version: int) -> Message:
     try:
         raw = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -221,7 +252,7 @@ def decode(body: bytes, version: int = VERSION) -> Message:
     mid = raw[0]
     if not isinstance(mid, int) or isinstance(mid, bool):
         raise ProtocolError("bad_message", f"message id must be an int, got {type(mid).__name__}")
-    ms = BY_ID.get(mid)
+    ms = by_id.get(mid)
     if ms is None or ms.since > version:
         raise ProtocolError("unknown_type", f"unknown message id {mid} for protocol v{version}",
                             fatal=False)
@@ -238,3 +269,6 @@ def decode(body: bytes, version: int = VERSION) -> Message:
         else:
             raise ProtocolError("bad_message", f"{ms.name}.{f.name} is missing")
     return Message(ms.name, out)
+
+
+MAIN = Schema(table)

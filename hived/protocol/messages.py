@@ -1,7 +1,7 @@
 # Generated from protocol/messages.toml by protocol/generate.py. Do not edit.
 """The message table the codec is built from (see protocol/SPEC.md)."""
 
-VERSION = 2
+VERSION = 3
 MIN_VERSION = 1
 MAX_FRAME = 1048576
 
@@ -338,4 +338,35 @@ MESSAGES = ({'name': 'hello',
   'from': ('control',),
   'fields': ({'name': 'build_id', 'type': 'str', 'max': 64, 'since': 2},
              {'name': 'lease', 'type': 'int', 'min': 1, 'max': 9223372036854775807, 'since': 2},
-             {'name': 'reason', 'type': 'str', 'max': 4096, 'since': 2})})
+             {'name': 'reason', 'type': 'str', 'max': 4096, 'since': 2})},
+ {'name': 'holds.report',
+  'id': 104,
+  'since': 3,
+  'from': ('box',),
+  'fields': ({'name': 'full', 'type': 'bool', 'since': 3},
+             {'name': 'added', 'type': 'map<str,str>', 'max': 256, 'item_max': 71, 'since': 3},
+             {'name': 'removed', 'type': 'list<str>', 'max': 256, 'item_max': 300, 'since': 3},
+             {'name': 'peer_addr', 'type': 'str', 'max': 262, 'since': 3})},
+ {'name': 'holds.find',
+  'id': 105,
+  'since': 3,
+  'from': ('box',),
+  'fields': ({'name': 'request_id', 'type': 'str', 'max': 64, 'since': 3},
+             {'name': 'key', 'type': 'str', 'max': 300, 'since': 3})},
+ {'name': 'holds.found',
+  'id': 106,
+  'since': 3,
+  'from': ('control',),
+  'fields': ({'name': 'request_id', 'type': 'str', 'max': 64, 'since': 3},
+             {'name': 'key', 'type': 'str', 'max': 300, 'since': 3},
+             {'name': 'holders',
+              'type': 'list<map<str,any>>',
+              'max': 16,
+              'item_max': 8,
+              'since': 3})},
+ {'name': 'peering.config',
+  'id': 107,
+  'since': 3,
+  'from': ('control',),
+  'fields': ({'name': 'hive', 'type': 'str', 'max': 64, 'since': 3},
+             {'name': 'token', 'type': 'str', 'max': 256, 'since': 3})})

@@ -8,7 +8,7 @@ The one gatekeeper is `_set_state`; any other transition is a bug and raises.
 
 import enum
 
-from hived.protocol.codec import MAX_FRAME, MIN_VERSION, VERSION, Message, decode, encode
+from hived.protocol.codec import MAIN, MAX_FRAME, Message, Schema
 from hived.protocol.errors import ProtocolError
 from hived.protocol.framing import pack_frame
 
@@ -36,9 +36,13 @@ class Session:
         peer_roles: frozenset[str] | set[str],
         *,
         max_frame: int = MAX_FRAME,
-        min_version: int = MIN_VERSION,
-        max_version: int = VERSION,
+        min_version: int | None = None,
+        max_version: int | None = None,
+        schema: Schema = MAIN,
     ) -> None:
+        self.schema = schema  # the message table this link speaks (main, or the peer link's)
+        min_version = schema.min_version if min_version is None else min_version
+        max_version = schema.version if max_version is None else max_version
         self.role = role
         self.name = name
         self.peer_roles = frozenset(peer_roles)
@@ -57,7 +61,7 @@ class Session:
         self.state = new
 
     def hello_frame(self) -> bytes:
-        body = encode(
+        body = self.schema.encode(
             "hello",
             1,
             min_version=self.min_version,
@@ -73,17 +77,17 @@ class Session:
         if self.state is LinkState.CLOSED:
             raise ProtocolError("bad_frame", "link is closed")
         if self.state is LinkState.AWAIT_HELLO:
-            msg = self._fail_closed(decode, body, 1)
+            msg = self._fail_closed(self.schema.decode, body, 1)
             if msg.name != "hello":
                 self._set_state(LinkState.CLOSED)
                 raise ProtocolError("no_hello", f"first message must be hello, got {msg.name}")
             self._accept_hello(msg)
             return msg
-        msg = self._fail_closed(decode, body, self.version)
+        msg = self._fail_closed(self.schema.decode, body, self.version)
         if msg.name == "hello":
             self._set_state(LinkState.CLOSED)
             raise ProtocolError("bad_message", "hello sent twice")
-        if self.peer_role not in _senders(msg.name):
+        if self.peer_role not in self.schema.by_name[msg.name].senders:
             raise ProtocolError(
                 "not_allowed", f"a {self.peer_role} may not send {msg.name}", fatal=False
             )
@@ -124,19 +128,14 @@ class Session:
         if self.state is not LinkState.OPEN and name != "error":
             raise ProtocolError("no_hello", f"cannot send {name} before the hello exchange")
         version = self.version if self.state is LinkState.OPEN else 1
-        return pack_frame(encode(name, version, **fields), self.peer_max_frame)
+        return pack_frame(self.schema.encode(name, version, **fields), self.peer_max_frame)
 
     def error_frame(self, exc: ProtocolError, ref: str = "") -> bytes:
         message = exc.message if len(exc.message) <= 4096 else exc.message[:4093] + "..."
-        body = encode("error", 1, code=exc.code, message=message, fatal=exc.fatal, ref=ref)
+        body = self.schema.encode("error", 1, code=exc.code, message=message, fatal=exc.fatal, ref=ref)
         return pack_frame(body, max(self.peer_max_frame, 4096))
 
     def close(self) -> None:
         if self.state is not LinkState.CLOSED:
             self._set_state(LinkState.CLOSED)
 
-
-def _senders(name: str) -> frozenset[str]:
-    from hived.protocol.codec import BY_NAME
-
-    return BY_NAME[name].senders
