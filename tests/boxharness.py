@@ -45,13 +45,13 @@ class BuildResult:
 
 class BoxHarness:
     def __init__(self, shapes: dict, *, image: CellImage | None = None, box: dict | None = None,
-                 daemon_cls=BoxDaemon) -> None:
+                 daemon_cls=BoxDaemon, tables: dict | None = None) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="hv", dir="/tmp"))
         self.name = "t-" + secrets.token_hex(3)
         cfg = {"box": {"name": self.name, "state_dir": str(self.tmp / "s"), "boot_timeout_s": 180,
                        "reserved_cores": 0, "overcommit": True,
                        "queue_timeout_s": 120, **(box or {})},
-               "shapes": shapes}
+               "shapes": shapes, **(tables or {})}
         self.config = parse(cfg, "test")
         self.image = image or CellImage.at(find_image())
         import uvloop

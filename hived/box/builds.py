@@ -64,7 +64,9 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
     t0 = time.monotonic()
     if image_ref:
         try:
-            inputs.image = await box.images.pull(image_ref)
+            peers = getattr(box, "peers", None)
+            inputs.image = await box.images.pull(
+                image_ref, peers=peers.image_sources if peers is not None and box.config.peer_fetch else None)
         except OciError as exc:
             raise BadInput(f"build image {image_ref}: {exc}") from None
         except OSError as exc:

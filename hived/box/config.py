@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,10 @@ class BoxConfig:
     repo_protocols: tuple = ("https", "ssh", "git")
     source_slot_mib: int = 1024      # each cell's sparse source slot; a checkout image must fit
     image_pool_target: int = 1       # warm cells kept per (shape, build image) once a build used it
+    peer_listen: str = ""            # "HOST:PORT" the peer link is served on (box peers); "": not served
+    peer_advertise: str = ""         # "HOST:PORT" other boxes dial; "": peer_listen (with its real port)
+    peer_serve_bytes_s: int = 100 << 20  # all peer serving together, at most this (token bucket); 0: no limit
+    peer_fetch: bool = True          # ask the hive's other boxes for build images before the registry
     extra: dict = field(default_factory=dict)
 
     @property
@@ -83,6 +88,8 @@ MINIMUM = {"vcpus": 1, "memory_mib": 128, "scratch_mib": 64}
 def _int(where: str, value, minimum: int = 0) -> int:
     return integer(minimum)(where, value, ConfigError)
 
+
+ADDR_RE = re.compile(r"^(|[^\s]+:\d{1,5})$")  # box peers: "" or HOST:PORT
 
 # The [box] table, key by key: default and check (hived/configspec.py). None: computed below.
 BOX_KEYS = {
@@ -114,6 +121,10 @@ BOX_KEYS = {
     "repo_protocols": Key(("https", "ssh", "git"), strings()),
     "source_slot_mib": Key(1024, integer(0)),
     "image_pool_target": Key(1, integer(0)),
+    "peer_listen": Key("", string(ADDR_RE, '"HOST:PORT" (port 0: any free port) or ""')),
+    "peer_advertise": Key("", string(ADDR_RE, '"HOST:PORT" or ""')),
+    "peer_serve_bytes_s": Key(100 << 20, integer(0)),
+    "peer_fetch": Key(True, boolean()),
 }
 
 

@@ -283,6 +283,7 @@ class ControlLink(ReconnectLoop):
                 await channel.send("build.exit", **rec.exit)
         self.ready = True
         self.registered.set()
+        await self._report_holdings(channel, full=True)
 
     def _disconnected(self, channel: Channel) -> None:
         channel.close("link ended")
@@ -317,7 +318,22 @@ class ControlLink(ReconnectLoop):
                 running = sum(1 for b in self.records.values() if b.exit is None)
                 await channel.send("box.heartbeat", seq=seq, warm=self._warm(), booting=booting,
                                    running=running, assigns_seen=self.assigns_seen)
+                await self._report_holdings(channel, full=False)
                 await asyncio.sleep(self.heartbeat_s)
+
+    async def _report_holdings(self, channel: Channel, full: bool) -> None:
+        """Box peers: what this box can serve, all of it after registering, then the changes
+        (hived/box/peers.py; protocol v3)."""
+        peers = getattr(self.box, "peers", None)
+        if peers is None or channel.session.version < 3:
+            return
+        try:
+            reports = peers.reports(full)
+        except Exception as exc:  # the cache unreadable now: report next time
+            log.warning("box peers: cannot list what this box holds: %s", exc)
+            return
+        for fields in reports:
+            await channel.send("holds.report", **fields)
 
     def _shape_pools(self) -> dict:
         """The pools the control plane schedules on: one per shape. Pools per (shape, build image)
@@ -333,6 +349,9 @@ class ControlLink(ReconnectLoop):
     # -- messages from the control plane -------------------------------------------------------------
     def _on_message(self, channel: Channel, msg) -> None:
         f = msg.fields
+        peers = getattr(self.box, "peers", None)
+        if peers is not None and peers.on_message(msg):  # peering.config, holds.found
+            return
         if msg.name == "build.assign":
             self.assigns_seen += 1
             self._assign(msg)

@@ -89,6 +89,8 @@ class BoxDaemon:
         self._clients: set[Channel] = set()
         self._tasks: set[asyncio.Task] = set()
         self.control_link = None  # hived.box.controllink.ControlLink when [control] is configured
+        self.peers = None         # hived.box.peers.PeerDirectory: box peers, with a control link
+        self.peer_server = None   # hived.box.peers.PeerServer when peer_listen is set
         self._images = None  # hived.oci.cache.ImageCache, opened on first use
         self._repos = None   # hived.repos.cache.RepoCache, opened on first use
         self.started_at = time.time()
@@ -134,8 +136,23 @@ class BoxDaemon:
         if link is not None:
             from hived.box.controllink import ControlLink
 
+            await self._start_peers(link.box_id)
             self.control_link = ControlLink(self, link)
             self.control_link.start()
+
+    async def _start_peers(self, box_id: str) -> None:
+        """Box peers (hived/box/peers.py): serve the image cache on peer_listen, fetch from the hive."""
+        from hived.box.peers import PeerDirectory, PeerMetrics, PeerServer, split_addr
+
+        cfg = self.config
+        self.peers = PeerDirectory(self, box_id, "", PeerMetrics(self.metrics.registry))
+        if cfg.peer_listen:
+            host, port = split_addr(cfg.peer_listen)
+            self.peer_server = PeerServer(self.peers, cfg.peer_serve_bytes_s)
+            port = await self.peer_server.start(host, port)
+            self.peers.peer_addr = cfg.peer_advertise or f"{host}:{port}"
+            log.info("box %s serves its peers on %s (at most %d bytes/s)", box_id, self.peers.peer_addr,
+                     cfg.peer_serve_bytes_s)
 
     async def _clean_tunnels(self) -> None:
         """WireGuard processes and sockets of Secure Compute cells of a previous run (kill -9)."""
@@ -159,6 +176,8 @@ class BoxDaemon:
         sdnotify.notify("STOPPING=1")
         if self.control_link is not None:
             await self.control_link.stop()
+        if self.peer_server is not None:
+            await self.peer_server.stop()
         if self._server:
             self._server.close()
         for ch in list(self._clients):
@@ -443,6 +462,8 @@ class BoxDaemon:
             "leftovers_cleaned_at_start": self.leftovers_cleaned,
             "metrics_port": self.metrics_port,
             "control": self.control_link.describe() if self.control_link is not None else None,
+            "peers": {"addr": self.peers.peer_addr, "hive": self.peers.hive,
+                      "serving": self.peer_server is not None} if self.peers is not None else None,
         }
 
     def status_line(self) -> str:

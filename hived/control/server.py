@@ -37,6 +37,7 @@ import time
 
 from hived.control import scheduler as sch
 from hived.control.config import ControlConfig
+from hived.control.holdings import HoldingsIndex
 from hived.control.keyexchange import ConnectorLink, KeyExchange
 from hived.control.metrics import ControlMetrics
 from hived.control.store import Build, Store
@@ -131,6 +132,8 @@ class ControlPlane:
         self.replica = None
         self.commits = 0
         self.commit_seconds: collections.deque = collections.deque(maxlen=10_000)
+        self.holdings = HoldingsIndex()   # who holds which build/checkout image (box peers)
+        self.peer_token = ""              # the hive's peer link secret, handed to boxes (peering.config)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -143,6 +146,7 @@ class ControlPlane:
                                 for k, v in cfg.customers.items()}, cfg.shapes)
         for box_id, digest in cfg.box_tokens_sha256.items():
             self.store.set_box_token(box_id, digest)
+        self.peer_token = load_peer_token(cfg.state_dir)
         self.started_at = self.clock()
         self._pipelined = callable(getattr(self.store, "commit_start", None))
         if callable(getattr(self.store, "take_lead", None)):  # PostgreSQL: maybe one replica of several
@@ -604,6 +608,8 @@ class ControlPlane:
                                 now=now, registered=True)
             link.send("box.registered", box_id=box_id, hive=self.config.hive,
                       heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s, epoch=self.epoch)
+            if channel.session.version >= 3:  # box peers: the hive's peer link secret
+                link.send("peering.config", hive=self.config.hive, token=self.peer_token)
             log.info("box %s registered from %s: shapes %s, capacity %d, warm %s, holding %d build(s)",
                      box_id, _peer(channel), msg["shapes"], msg["capacity"], msg["warm"], len(msg["builds"]))
             self._apply(self.scheduler.box_connected(
@@ -625,6 +631,7 @@ class ControlPlane:
             channel.close("link ended")
             if link is not None and self.links.get(link.box_id) is link:
                 del self.links[link.box_id]
+                self.holdings.forget(link.box_id)
                 log.warning("box %s disconnected: %s", link.box_id, channel.closed_reason)
                 self._apply(self.scheduler.box_disconnected(link.box_id, self.clock()))
 
@@ -711,6 +718,12 @@ class ControlPlane:
             self.kex.open(box_id, f["build_id"], f["lease"], f["cell_id"], f["network"], f["public_key"], now)
         elif name == "secure.close":
             self.kex.close(box_id, f["build_id"], f["lease"])
+        elif name == "holds.report":
+            self.holdings.report(box_id, full=f["full"], added=f["added"], removed=f["removed"],
+                                 peer_addr=f["peer_addr"])
+        elif name == "holds.find":
+            link.send("holds.found", request_id=f["request_id"], key=f["key"],
+                      holders=self.holdings.find(f["key"], asking=box_id, load=self._box_load))
         elif name == "error":
             log.warning("box %s says %s: %s (%s)", box_id, f["code"], f["message"], f["ref"])
         elif name == "ping":
@@ -721,6 +734,10 @@ class ControlPlane:
             link.send("error", code="not_allowed", fatal=False, ref="",
                       message=f"the control plane does not take {name} from a box")
 
+    def _box_load(self, box_id: str) -> int:
+        box = self.scheduler.boxes.get(box_id)
+        return len(box.builds) if box is not None else 0
+
     def _stale(self, link: BoxLink, build_id: str, lease: int, what: str) -> None:
         """A message for a build this box no longer holds: tell it (once) to stop that build."""
         self.metrics.refused.inc()
@@ -729,6 +746,27 @@ class ControlPlane:
             log.warning("box %s: %s for %s with stale lease %d: telling it to cancel", link.box_id, what,
                         build_id, lease)
             link.send("cancel", build_id=build_id, reason="this box no longer holds the build's lease")
+
+
+def load_peer_token(state_dir) -> str:
+    """The hive's peer link secret: made once (state_dir/peer.token, 0600), kept across restarts."""
+    from pathlib import Path
+
+    path = Path(state_dir) / "peer.token"
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    token = new_token()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".peer.token.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, path)
+    return token
 
 
 @dataclasses.dataclass

@@ -41,7 +41,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/var/lib/hived/oci"
 FS_FILES = {"erofs": "rootfs.erofs", "ext4": "rootfs.ext4"}
+MANIFEST_FILE = "manifest.json"  # the image manifest's bytes, as verified against its digest
+CONFIG_FILE = "config.json"      # the image config's bytes, as verified against its digest
 PARALLEL_BLOBS = 3
+
+# Where else blobs may come from: given a manifest digest, sources with the registry client's
+# fetch_blob_bytes / fetch_blob / close (hived/box/peers.py), each verified like a registry.
+PeerSources = Callable[[str], Awaitable[list]]
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,7 @@ class ImageCache(CacheDir):
                 continue
             now = time.time()
             images[digest] = {k: meta[k] for k in ("file", "fs", "size", "layers", "config", "created",
-                                                   "index_digests") if k in meta}
+                                                   "index_digests", "config_digest") if k in meta}
             images[digest]["last_used"] = now
             for r in meta.get("refs", []):
                 index["refs"].setdefault(r, digest)
@@ -374,11 +380,18 @@ class ImageCache(CacheDir):
     # ------------------------------------------------------------------ pull
 
     async def pull(self, ref: str, credentials: Credentials | None = None, *, refresh: bool = False,
-                   acquire: bool = False, progress: Progress | None = None) -> CachedImage:
+                   acquire: bool = False, progress: Progress | None = None,
+                   peers: PeerSources | None = None) -> CachedImage:
         """The image for ref, from the cache when there, else pulled, verified and converted.
 
         acquire=True also leases it (release with `release(image.path)`), so no concurrent
         eviction can remove it between the pull and its use.
+
+        peers: where else the blobs may come from (boxes of the hive, hived/box/peers.py). The
+        manifest is always resolved at the registry with these credentials (so the registry
+        still decides who may use the image); the config and layers are then tried from each
+        peer in turn, each verified against the manifest's digests exactly as a registry's are,
+        and the registry serves whatever no peer could.
         """
         r = reference.parse(ref)
         if not refresh or r.digest:
@@ -397,7 +410,7 @@ class ImageCache(CacheDir):
                 return hit
             task = self._inflight.get(manifest.digest)
             if task is None:  # the task owns the client from here (it may outlive this call)
-                task = asyncio.ensure_future(self._fetch_and_build(client, r, manifest, progress))
+                task = asyncio.ensure_future(self._fetch_any(client, r, manifest, progress, peers))
                 owned = False
                 self._inflight[manifest.digest] = task
                 task.add_done_callback(self._pull_done)
@@ -409,6 +422,60 @@ class ImageCache(CacheDir):
         if hit is None:  # evicted in between by a smaller bound: should not happen
             raise CacheError(f"{r} vanished from the cache right after its pull", "pull again")
         return hit
+
+    async def _fetch_any(self, client: RegistryClient, r: reference.Reference, manifest: ImageManifest,
+                         progress: Progress | None, peers: PeerSources | None) -> None:
+        """Peers first (each a whole attempt: a wrong byte or a lost peer throws that attempt's
+        work dir away), then the registry."""
+        sources = []
+        if peers is not None:
+            try:
+                sources = await peers(manifest.digest)
+            except Exception as exc:  # no peers is not an error: the registry is there
+                log.warning("image cache: %s: asking for peers failed: %s", r, exc)
+        for source in sources:
+            try:
+                await self._fetch_and_build(source, r, manifest, progress)
+                succeeded = getattr(source, "succeeded", None)
+                if succeeded is not None:
+                    succeeded()
+                log.info("image cache: %s came from peer %s", r, getattr(source, "name", "?"))
+                return
+            except asyncio.CancelledError:
+                raise
+            except CacheError:
+                raise  # this box's disk: the registry would not do better
+            except Exception as exc:
+                log.warning("image cache: %s from peer %s failed (%s): trying the next source", r,
+                            getattr(source, "name", "?"), exc)
+                failed = getattr(source, "failed", None)
+                if failed is not None:
+                    failed(exc)
+        await self._fetch_and_build(client, r, manifest, progress)
+
+    def peer_file(self, kind: str, digest: str) -> Path | None:
+        """The verified bytes a peer may be served: an image's manifest or config, or a layer
+        blob. None when this cache does not hold it."""
+        with self._locked():
+            index = self._load()
+            images = index["images"]
+            if kind == "manifest" and digest in images:
+                path = self._image_dir(digest) / MANIFEST_FILE
+            elif kind == "config":
+                hits = [dg for dg, e in images.items() if e.get("config_digest") == digest]
+                path = self._image_dir(hits[0]) / CONFIG_FILE if hits else None
+            elif kind == "layer" and any(digest in (e.get("layers") or ()) for e in images.values()):
+                path = self._blob_path(digest)
+            else:
+                path = None
+        return path if path is not None and path.is_file() else None
+
+    def servable(self) -> list[str]:
+        """Manifest digests of the images peers can be served (pulled with their config kept)."""
+        with self._locked():
+            index = self._load()
+            return [dg for dg, e in index["images"].items()
+                    if e.get("config_digest") and (self._image_dir(dg) / CONFIG_FILE).is_file()]
 
     def _pull_done(self, task: asyncio.Future) -> None:
         for dg, t in list(self._inflight.items()):
@@ -474,6 +541,8 @@ class ImageCache(CacheDir):
                     "layers": [d.digest for d in manifest.layers], "config_digest": manifest.config.digest,
                     "config": asdict(ImageConfig.from_image_config(config)), "created": time.time(),
                     "index_digests": [manifest.index_digest] if manifest.index_digest else []}
+            (work / "image" / MANIFEST_FILE).write_bytes(manifest.raw)  # what peers are served
+            (work / "image" / CONFIG_FILE).write_bytes(config_raw)
             _write_json_atomic(work / "image" / "image.json", meta)
             await asyncio.to_thread(self._commit, r, manifest, work, meta)  # evictions delete in there
             ok = True
@@ -593,7 +662,7 @@ class ImageCache(CacheDir):
             _fsync_dir(final.parent)
             if manifest.digest not in index["images"]:
                 index["images"][manifest.digest] = {k: meta[k] for k in ("file", "fs", "size", "layers", "config",
-                                                                         "created", "index_digests")}
+                                                                         "created", "index_digests", "config_digest")}
             index["images"][manifest.digest]["last_used"] = time.time()
             index["refs"][str(r)] = manifest.digest
             self._evict(index, {manifest.digest})

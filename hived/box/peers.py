@@ -1,0 +1,424 @@
+"""Box peers: build images from a neighbour in the hive instead of the registry.
+
+    box A (fetcher)                       control plane                     box B (holder)
+    holds.find {image:<digest>} ───────▶ who-has index ◀── holds.report (B's images, peer_addr)
+    ◀──────── holds.found [B, ...] (least loaded first)
+    peer link (protocol/peer.toml, its own version) ────────────────────────▶ PeerServer
+      hello ⇄ hello; ◀ peer.challenge {nonce}; peer.auth {HMAC proof} ▶; ◀ peer.welcome {proof}
+      blob.get {config|layer, digest} ▶;  ◀ blob.start, blob.chunk..., blob.end (rate-limited)
+
+Trust: a peer is not trusted with content. The manifest is resolved at the registry with the
+build's own credentials (so the registry still decides who may use an image, and a peer
+cannot choose what is built); the config and every layer from a peer are hashed as they
+stream into the cache's work dir and must match the manifest's digests and sizes, exactly as
+a registry's bytes must; the erofs is then built locally from the verified layers. A wrong
+byte, a lost peer or a stall fails that attempt (its work dir is thrown away: nothing
+half-written is used), is counted (`hived_peer_fetches_total{result}`), and the next peer or
+the registry serves the image. Why layers and not the holder's erofs: the erofs cannot be
+checked against anything the registry signed; layers can, at the cost of a local conversion.
+
+Membership: both ends prove they hold the hive's peer token (handed out by the control plane
+in `peering.config`) with an HMAC over both nonces; the token never travels, so a box of
+another hive (or anyone else) is refused before it can ask for anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from hived.oci.errors import DigestMismatch, OciError
+from hived.protocol import peer_messages
+from hived.protocol.channel import Channel, ChannelClosed
+from hived.protocol.codec import Schema
+from hived.protocol.errors import ProtocolError
+from hived.protocol.session import Session
+from hived.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+PEER = Schema(peer_messages)
+CHUNK = 256 << 10            # bytes per blob.chunk (frames stay well under 1 MiB)
+HANDSHAKE_TIMEOUT_S = 5.0
+STALL_S = 10.0               # a holder silent this long mid-transfer is gone
+IDLE_S = 60.0                # a fetcher's connection idle this long is closed
+FIND_TIMEOUT_S = 2.0
+REPORT_MAX = 256             # keys per holds.report (the message's bound)
+
+
+class PeerFailed(OciError):
+    """A peer could not serve (refused, gone, stalled, out of order): try the next source."""
+
+    todo = "nothing: the next peer or the registry serves the image"
+
+
+def proof(token: str, side: str, holder_nonce: bytes, fetcher_nonce: bytes, box_id: str) -> bytes:
+    """HMAC-SHA256 over fixed-length nonces and the prover's name: replaying one side's proof
+    on another connection (other nonces) or for the other side fails."""
+    msg = side.encode() + b"\0" + holder_nonce + fetcher_nonce + box_id.encode()
+    return hmac.new(token.encode(), msg, hashlib.sha256).digest()
+
+
+class PeerMetrics:
+    def __init__(self, registry) -> None:
+        self.fetches = Counter("hived_peer_fetches_total",
+                               "Attempts to get an image from a peer, by result (ok, bad_digest, failed)",
+                               ["result"], registry=registry)
+        self.fetched_bytes = Counter("hived_peer_fetched_bytes_total", "Verified bytes received from peers",
+                                     registry=registry)
+        self.served_bytes = Counter("hived_peer_served_bytes_total", "Bytes served to peers", registry=registry)
+        self.refused = Counter("hived_peer_refused_total", "Peer connections refused (not of this hive)",
+                               registry=registry)
+        for result in ("ok", "bad_digest", "failed"):
+            self.fetches.labels(result)
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"peer address {addr!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class PeerDirectory:
+    """This box's side of the hive's who-has index (through its control link) and its peer
+    credentials. Reports what the image cache can serve, bounded per message."""
+
+    def __init__(self, box, box_id: str, peer_addr: str, metrics: PeerMetrics) -> None:
+        self.box = box
+        self.box_id = box_id
+        self.peer_addr = peer_addr
+        self.metrics = metrics
+        self.hive = ""
+        self.token = ""
+        self.token_set = asyncio.Event()
+        self._reported: dict[str, str] = {}
+        self._finds: dict[str, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+
+    # -- from the control link -----------------------------------------------------------------
+    def on_message(self, msg) -> bool:
+        """peering.config and holds.found; False for anything else."""
+        if msg.name == "peering.config":
+            self.hive, self.token = msg["hive"], msg["token"]
+            self.token_set.set()
+            return True
+        if msg.name == "holds.found":
+            fut = self._finds.pop(msg["request_id"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(list(msg["holders"]))
+            return True
+        return False
+
+    def holdings(self) -> dict[str, str]:
+        if not self.peer_addr or not self.box.config.oci_dir.is_dir():
+            return {}  # serves nothing (no peer_listen), or has no image cache yet
+        return {f"image:{dg}": "" for dg in self.box.images.servable()}
+
+    def reports(self, full: bool) -> list[dict]:
+        """holds.report messages: everything (full) or what changed since the last report."""
+        now = self.holdings()
+        if full:
+            added, removed = now, []
+        else:
+            added = {k: v for k, v in now.items() if self._reported.get(k) != v}
+            removed = [k for k in self._reported if k not in now]
+        self._reported = now
+        if not full and not added and not removed:
+            return []
+        items = list(added.items())
+        out = []
+        for i in range(0, max(len(items), len(removed), 1), REPORT_MAX):
+            out.append({"full": full and i == 0, "added": dict(items[i:i + REPORT_MAX]),
+                        "removed": removed[i:i + REPORT_MAX], "peer_addr": self.peer_addr})
+        return out
+
+    # -- asking ------------------------------------------------------------------------------------
+    async def find(self, key: str) -> list[dict]:
+        link = getattr(self.box, "control_link", None)
+        channel = getattr(link, "channel", None)
+        if channel is None or not link.ready or channel.session.version < 3 or not self.token:
+            return []
+        request_id = f"f{next(self._ids)}"
+        fut = self._finds[request_id] = asyncio.get_running_loop().create_future()
+        try:
+            await channel.send("holds.find", request_id=request_id, key=key)
+            async with asyncio.timeout(FIND_TIMEOUT_S):
+                return await fut
+        except (ChannelClosed, TimeoutError, ProtocolError) as exc:
+            log.info("peers: who holds %s: no answer (%s)", key, exc)
+            return []
+        finally:
+            self._finds.pop(request_id, None)
+
+    async def image_sources(self, manifest_digest: str) -> list[PeerSource]:
+        """For hived.oci.cache.ImageCache.pull(peers=...): the holders of an image, best first."""
+        holders = await self.find(f"image:{manifest_digest}")
+        return [PeerSource(self, h) for h in holders if isinstance(h.get("addr"), str) and h.get("box_id")]
+
+
+class PeerSource:
+    """One holder, seen through the registry client's blob interface (fetch_blob_bytes,
+    fetch_blob, close), so the image cache verifies and builds from it as from a registry."""
+
+    def __init__(self, directory: PeerDirectory, holder: dict) -> None:
+        self.directory = directory
+        self.name = str(holder["box_id"])
+        self.addr = str(holder["addr"])
+        self.channel: Channel | None = None
+        self._lock = asyncio.Lock()  # one transfer at a time on the one connection
+
+    async def _connect(self) -> Channel:
+        d = self.directory
+        host, port = split_addr(self.addr)
+        loop = asyncio.get_running_loop()
+        session = Session("fetcher", d.box_id, {"holder"}, schema=PEER)
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+            _, channel = await loop.create_connection(
+                lambda: Channel(session, hello_timeout=HANDSHAKE_TIMEOUT_S), host, port)
+            try:
+                await channel.handshake()
+                challenge = await channel.recv()
+                if challenge.name != "peer.challenge":
+                    raise PeerFailed(f"peer {self.name} sent {challenge.name}, not peer.challenge")
+                if challenge["hive"] != d.hive:
+                    raise PeerFailed(f"peer {self.name} is of hive {challenge['hive']!r}, not {d.hive!r}")
+                nonce = secrets.token_bytes(32)
+                await channel.send("peer.auth", box_id=d.box_id, nonce=nonce,
+                                   proof=proof(d.token, "fetcher", challenge["nonce"], nonce, d.box_id))
+                welcome = await channel.recv()
+                if welcome.name == "error":
+                    raise PeerFailed(f"peer {self.name} refused us: {welcome['message']}")
+                want = proof(d.token, "holder", challenge["nonce"], nonce, welcome.get("box_id", ""))
+                if welcome.name != "peer.welcome" or not hmac.compare_digest(want, welcome["proof"]):
+                    raise PeerFailed(f"peer {self.name} did not prove it is of this hive")
+            except BaseException:
+                channel.close("handshake failed")
+                raise
+        return channel
+
+    async def _get(self, kind: str, key: str, size: int, sink) -> str:
+        """Stream item `key` into sink(bytes); returns the digest of what arrived. Any failure
+        closes the connection (it is out of step) and raises PeerFailed or DigestMismatch."""
+        async with self._lock:
+            try:
+                if self.channel is None or not self.channel.is_open:
+                    self.channel = await self._connect()
+                ch = self.channel
+                await ch.send("blob.get", kind=kind, key=key)
+                async with asyncio.timeout(STALL_S):
+                    start = await ch.recv()
+                if start.name == "error":
+                    raise PeerFailed(f"peer {self.name}: {start['code']}: {start['message']}")
+                if start.name != "blob.start" or start["key"] != key:
+                    raise PeerFailed(f"peer {self.name} answered {start.name} for {key}")
+                if start["size"] != size:
+                    raise DigestMismatch(f"peer {self.name} offers {key} as {start['size']} bytes, the manifest "
+                                         f"says {size}")
+                h = hashlib.sha256()
+                done = 0
+                while done < size:
+                    async with asyncio.timeout(STALL_S):
+                        msg = await ch.recv()
+                    if msg.name != "blob.chunk" or msg["offset"] != done:
+                        raise PeerFailed(f"peer {self.name} sent {msg.name} out of order for {key}")
+                    data = msg["data"]
+                    if done + len(data) > size:
+                        raise DigestMismatch(f"peer {self.name} sent more than the {size} bytes of {key}")
+                    h.update(data)
+                    sink(data)
+                    done += len(data)
+                async with asyncio.timeout(STALL_S):
+                    end = await ch.recv()
+                if end.name != "blob.end":
+                    raise PeerFailed(f"peer {self.name} sent {end.name} after the last byte of {key}")
+                self.directory.metrics.fetched_bytes.inc(size)
+                return f"sha256:{h.hexdigest()}"
+            except (PeerFailed, DigestMismatch):
+                self._drop()
+                raise
+            except (ChannelClosed, OSError, ProtocolError, ValueError) as exc:
+                self._drop()
+                raise PeerFailed(f"peer {self.name} ({self.addr}): {exc}") from None
+            except TimeoutError:
+                self._drop()
+                raise PeerFailed(f"peer {self.name} stalled for {STALL_S:g} s while sending {key}") from None
+            except BaseException:
+                self._drop()
+                raise
+
+    def _drop(self) -> None:
+        if self.channel is not None:
+            self.channel.close("transfer failed")
+            self.channel = None
+
+    # -- the registry client's interface (hived.oci.registry.RegistryClient) ----------------------
+    async def fetch_blob_bytes(self, ref, desc, limit: int = 4 << 20) -> bytes:
+        if desc.size > limit:
+            raise PeerFailed(f"{desc.digest} is {desc.size} bytes (at most {limit})")
+        buf = bytearray()
+        got = await self._get("config", desc.digest, desc.size, buf.extend)
+        if got != desc.digest:
+            raise DigestMismatch(f"peer {self.name} sent {desc.digest} with digest {got}")
+        return bytes(buf)
+
+    async def fetch_blob(self, ref, desc, dest: Path, progress=None) -> None:
+        """Into dest (which must not exist), verified; removed on any failure."""
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        ok = False
+        try:
+            def write(data: bytes) -> None:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+
+            got = await self._get("layer", desc.digest, desc.size, write)
+            if got != desc.digest:
+                raise DigestMismatch(f"peer {self.name} sent layer {desc.digest} with digest {got}")
+            os.fsync(fd)
+            ok = True
+        finally:
+            os.close(fd)
+            if not ok:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(dest)
+        if progress:
+            progress("blob-done", {"digest": desc.digest, "total": desc.size, "peer": self.name})
+
+    def failed(self, exc: BaseException) -> None:
+        """Called by the image cache when this source's attempt failed."""
+        result = "bad_digest" if isinstance(exc, DigestMismatch) else "failed"
+        self.directory.metrics.fetches.labels(result).inc()
+
+    def succeeded(self) -> None:
+        self.directory.metrics.fetches.labels("ok").inc()
+
+    async def close(self) -> None:
+        self._drop()
+
+
+class PeerServer:
+    """Serves this box's verified cache contents to the boxes of its hive, at most
+    `rate_bytes_s` in all (the native token bucket), so it never starves the box's own builds."""
+
+    def __init__(self, directory: PeerDirectory, rate_bytes_s: int) -> None:
+        self.directory = directory
+        self.rate_bytes_s = rate_bytes_s
+        self.bucket: TokenBucket | None = None
+        self.port = 0
+        self.connections = 0
+        self._server = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        if self.rate_bytes_s > 0:
+            self.bucket = TokenBucket(self.rate_bytes_s, 1.0, loop.time())
+        self._server = await loop.create_server(self._factory, host, port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _factory(self) -> Channel:
+        channel = Channel(Session("holder", self.directory.box_id, {"fetcher"}, schema=PEER),
+                          hello_timeout=HANDSHAKE_TIMEOUT_S)
+        task = asyncio.get_running_loop().create_task(self._serve(channel))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return channel
+
+    async def _serve(self, ch: Channel) -> None:
+        d = self.directory
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                await ch.handshake()
+                if not d.token:
+                    raise ProtocolError("busy", "this box has no peer token yet (not registered with its hive)")
+                nonce = secrets.token_bytes(32)
+                await ch.send("peer.challenge", nonce=nonce, hive=d.hive)
+                auth = await ch.recv()
+            if auth.name != "peer.auth":
+                raise ProtocolError("bad_message", f"expected peer.auth, got {auth.name}")
+            if not hmac.compare_digest(proof(d.token, "fetcher", nonce, auth["nonce"], auth["box_id"]),
+                                       auth["proof"]):
+                d.metrics.refused.inc()
+                log.warning("peer link: refused %s (%s): not a box of hive %s", auth["box_id"], _peer(ch), d.hive)
+                raise ProtocolError("not_allowed", f"not a box of hive {d.hive}")
+            await ch.send("peer.welcome", box_id=d.box_id,
+                          proof=proof(d.token, "holder", nonce, auth["nonce"], d.box_id))
+            self.connections += 1
+            while True:
+                async with asyncio.timeout(IDLE_S):
+                    msg = await ch.recv()
+                if msg.name == "blob.get":
+                    await self._send_item(ch, msg["kind"], msg["key"])
+                else:
+                    await ch.send("error", code="not_allowed", fatal=False, ref="",
+                                  message=f"a holder does not take {msg.name}")
+        except ProtocolError as exc:
+            with contextlib.suppress(Exception):
+                ch.transport.write(ch.session.error_frame(exc))
+        except (ChannelClosed, TimeoutError, ConnectionError):
+            pass
+        finally:
+            ch.close("peer link ended")
+
+    def _path(self, kind: str, key: str) -> Path | None:
+        if kind in ("manifest", "config", "layer") and key.startswith("sha256:") and len(key) == 71:
+            return self.directory.box.images.peer_file(kind, key)
+        return None
+
+    async def _send_item(self, ch: Channel, kind: str, key: str) -> None:
+        path = self._path(kind, key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path is not None else -1
+        except FileNotFoundError:  # evicted just now
+            fd = -1
+        if fd < 0:
+            await ch.send("error", code="not_found", fatal=False, ref=key, message=f"this box does not hold {key}")
+            return
+        loop = asyncio.get_running_loop()
+        try:  # the open fd keeps the bytes even if the cache removes the file meanwhile
+            size = os.fstat(fd).st_size
+            await ch.send("blob.start", key=key, size=size, sha256=key)
+            offset = 0
+            while offset < size:
+                n = min(CHUNK, size - offset)
+                if self.bucket is not None:
+                    wait = self.bucket.wait_time(n, loop.time())
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    self.bucket.consume(min(n, self.bucket.size), loop.time())
+                # A page-cache read of 256 KiB; the cache's files are what the box just used.
+                data = os.pread(fd, n, offset)
+                if not data:
+                    raise ChannelClosed(f"{key} shrank while being served")
+                await ch.send("blob.chunk", offset=offset, data=data)
+                offset += len(data)
+                self.directory.metrics.served_bytes.inc(len(data))
+            await ch.send("blob.end", key=key)
+        finally:
+            os.close(fd)
+
+
+def _peer(channel: Channel) -> str:
+    try:
+        peer = channel.transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    except Exception:
+        return "?"

@@ -1,0 +1,131 @@
+"""Box peers, the pure parts: the peer link's own schema and sessions, the membership proof,
+the control plane's who-has index, and bounded holdings reports. The real thing (box daemons,
+a registry, a peer killed mid-transfer) is tests/test_peers.py."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from hived.box.peers import PEER, REPORT_MAX, PeerDirectory, proof
+from hived.control.holdings import HoldingsIndex
+from hived.protocol import codec
+from hived.protocol.errors import ProtocolError
+from hived.protocol.framing import FrameDecoder
+from hived.protocol.session import LinkState, Session
+
+
+def _pair():
+    fetcher = Session("fetcher", "box-b", {"holder"}, schema=PEER)
+    holder = Session("holder", "box-a", {"fetcher"}, schema=PEER)
+    for a, b in ((fetcher, holder), (holder, fetcher)):
+        (body,) = FrameDecoder(4096).feed(a.hello_frame())
+        b.receive(body)
+    return fetcher, holder
+
+
+def _body(frame: bytes) -> bytes:
+    (body,) = FrameDecoder(1 << 20).feed(frame)
+    return body
+
+
+def test_the_peer_link_is_its_own_table_with_its_own_version():
+    assert PEER.version == 1 and codec.MAIN.version >= 3
+    assert "blob.chunk" in PEER.by_name and "blob.chunk" not in codec.BY_NAME
+    assert "build.assign" not in PEER.by_name
+    fetcher, holder = _pair()
+    assert fetcher.state is holder.state is LinkState.OPEN and fetcher.version == 1
+    msg = fetcher.receive(_body(holder.frame("blob.chunk", offset=0, data=b"x" * 10)))
+    assert msg.name == "blob.chunk" and msg["data"] == b"x" * 10
+    with pytest.raises(ProtocolError) as exc:  # a fetcher may not send what only holders send
+        holder.receive(_body(_raw_frame(fetcher, "blob.chunk", offset=0, data=b"")))
+    assert exc.value.code == "not_allowed"
+
+
+def _raw_frame(session: Session, name: str, **fields) -> bytes:
+    from hived.protocol.framing import pack_frame
+
+    return pack_frame(session.schema.encode(name, session.version, **fields), 1 << 20)
+
+
+def test_a_box_or_cell_cannot_open_a_peer_link():
+    holder = Session("holder", "box-a", {"fetcher"}, schema=PEER)
+    main_box = Session("box", "box-b", {"control"})  # the main protocol's hello: role "box"
+    with pytest.raises(ProtocolError) as exc:
+        holder.receive(_body(main_box.hello_frame()))
+    assert exc.value.code in ("bad_message", "not_allowed")
+    assert holder.state is LinkState.CLOSED
+
+
+def test_chunks_are_bounded():
+    fetcher, holder = _pair()
+    with pytest.raises(ProtocolError):
+        holder.frame("blob.chunk", offset=0, data=b"\0" * (512 * 1024 + 1))
+
+
+def test_proof_binds_token_side_nonces_and_name():
+    hn, fn = b"h" * 32, b"f" * 32
+    p = proof("tok", "fetcher", hn, fn, "box-b")
+    assert p == proof("tok", "fetcher", hn, fn, "box-b") and len(p) == 32
+    assert p != proof("other", "fetcher", hn, fn, "box-b")
+    assert p != proof("tok", "holder", hn, fn, "box-b")
+    assert p != proof("tok", "fetcher", b"x" * 32, fn, "box-b")
+    assert p != proof("tok", "fetcher", hn, fn, "box-c")
+
+
+def test_index_answers_least_loaded_first_and_never_the_asker():
+    idx = HoldingsIndex()
+    idx.report("a", full=True, added={"image:sha256:1": ""}, removed=[], peer_addr="10.0.0.1:1")
+    idx.report("b", full=True, added={"image:sha256:1": "", "image:sha256:2": ""}, removed=[],
+               peer_addr="10.0.0.2:1")
+    idx.report("c", full=True, added={"image:sha256:1": ""}, removed=[], peer_addr="")  # serves nothing
+    load = {"a": 3, "b": 1, "c": 0}.__getitem__
+    found = idx.find("image:sha256:1", asking="z", load=load)
+    assert [h["box_id"] for h in found] == ["b", "a"]
+    assert found[0]["addr"] == "10.0.0.2:1" and found[0]["running"] == 1
+    assert [h["box_id"] for h in idx.find("image:sha256:1", asking="b", load=load)] == ["a"]
+    idx.report("b", full=False, added={}, removed=["image:sha256:1"], peer_addr="")
+    assert [h["box_id"] for h in idx.find("image:sha256:1", asking="z", load=load)] == ["a"]
+    idx.report("a", full=True, added={"image:sha256:3": ""}, removed=[], peer_addr="10.0.0.1:1")  # replaces
+    assert idx.find("image:sha256:1", asking="z", load=load) == []
+    assert idx.find("image:sha256:3", asking="z", load=load)[0]["addr"] == "10.0.0.1:1"
+    idx.forget("a")
+    assert idx.find("image:sha256:3", asking="z", load=load) == [] and "image:sha256:3" not in idx.by_key
+
+
+@dataclasses.dataclass
+class _Images:
+    digests: list
+
+    def servable(self):
+        return list(self.digests)
+
+
+@dataclasses.dataclass
+class _Config:
+    oci_dir: Path
+
+
+@dataclasses.dataclass
+class _Box:  # a stand-in for the daemon's image cache listing (the real one: tests/test_peers.py)
+    images: _Images
+    config: _Config
+
+
+def test_reports_are_bounded_full_first_then_changes(tmp_path):
+    digests = [f"sha256:{i:064x}" for i in range(600)]
+    box = _Box(_Images(digests), _Config(tmp_path))
+    d = PeerDirectory(box, "box-a", "127.0.0.1:7000", metrics=None)
+    first = d.reports(full=True)
+    assert len(first) == 3 and first[0]["full"] and not any(r["full"] for r in first[1:])
+    assert all(len(r["added"]) <= REPORT_MAX for r in first)
+    assert sum(len(r["added"]) for r in first) == 600
+    for fields in first:  # each one fits the message's bounds
+        codec.encode("holds.report", codec.VERSION, **fields)
+    assert d.reports(full=False) == []  # nothing changed
+    box.images.digests = digests[1:] + ["sha256:" + "f" * 64]
+    (change,) = d.reports(full=False)
+    assert change["removed"] == ["image:" + digests[0]] and list(change["added"]) == ["image:sha256:" + "f" * 64]
+    assert not change["full"]
+    d.peer_addr = ""  # not serving: reports nothing
+    assert d.holdings() == {}
