@@ -1,0 +1,280 @@
+"""Box peers for real: a control plane, box A (`hived box --config`, its own process, holding
+an image) and box B (a BoxDaemon in this process), Debian's docker-registry on loopback.
+
+B gets the image's layers from A over the peer link (authenticated, rate-limited on A,
+verified on B); a wrong byte on A's disk fails that transfer, is counted, and the registry
+serves the image; a box without the hive's token is refused; A killed (SIGKILL) in the
+middle of a transfer: B finishes from the registry and keeps nothing half-written.
+No cells are booted here (pool targets 0): the whole build path with a cell is
+`hived bench peers`.
+"""
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_control_api import sha
+from test_control_restart import free_port
+from test_oci_support import Layer, make_image, need_registry, push, running_registry
+
+from boxharness import BoxHarness, find_image
+from hived.control.config import parse as parse_hive
+from hived.control.server import ControlPlane
+from hived.oci.cache import ImageCache
+
+pytestmark = [pytest.mark.root]
+
+TOKENS = {"box-a": secrets.token_urlsafe(24), "box-b": secrets.token_urlsafe(24)}
+LAYER_MB = 12          # two incompressible layers of this size
+SERVE_BYTES_S = 8 << 20  # box A serves at most this: a transfer takes seconds, long enough to kill A in
+
+
+class LoopThread:
+    """An event loop on its own thread (the control plane's)."""
+
+    def __init__(self) -> None:
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def scrape(port: int) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+class Hive:
+    def __init__(self, tmp: Path, registry) -> None:
+        self.tmp = tmp
+        self.registry = registry
+        self.box_port = free_port()
+        self.cp_loop = LoopThread()
+        self.cp = ControlPlane(parse_hive({
+            "hive": {"name": "peers", "state_dir": str(tmp / "hive"), "api_listen": f"127.0.0.1:{free_port()}",
+                     "box_listen": f"127.0.0.1:{self.box_port}", "heartbeat_s": 0.3, "box_lost_s": 6.0},
+            "shapes": {"small": {}, "holder": {}},
+            "customers": {},
+            "boxes": {name: {"token_sha256": sha(tok)} for name, tok in TOKENS.items()},
+        }, "test"))
+        self.cp_loop.call(self.cp.start())
+        self.a_proc = None
+        self.b = None
+
+    def start_a(self) -> None:
+        a = self.tmp / "a"
+        a.mkdir(exist_ok=True)
+        self.a_peer_port, self.a_metrics_port = free_port(), free_port()
+        (a / "box.toml").write_text(f"""
+[box]
+name = "pa-{secrets.token_hex(3)}"
+state_dir = "{a / 'state'}"
+image_dir = "{find_image().parent}"
+network = false
+overcommit = true
+reserved_cores = 0
+metrics_port = {self.a_metrics_port}
+oci_dir = "{a / 'oci'}"
+oci_insecure = ["{self.registry.host}"]
+peer_listen = "127.0.0.1:{self.a_peer_port}"
+peer_serve_bytes_s = {SERVE_BYTES_S}
+
+[shapes.holder]
+pool_target = 0
+
+[control]
+address = "127.0.0.1:{self.box_port}"
+token = "{TOKENS['box-a']}"
+box_id = "box-a"
+""")
+        self.a_log = open(a / "box.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.a_proc = subprocess.Popen([sys.executable, "-m", "hived", "box", "--config", str(a / "box.toml")],
+                                       stdout=self.a_log, stderr=self.a_log, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+
+    def start_b(self) -> None:
+        b = self.tmp / "b"
+        self.b = BoxHarness({"small": {"vcpus": 1, "memory_mib": 384, "scratch_mib": 256, "pool_target": 0}},
+                            box={"network": False, "oci_dir": str(b / "oci"), "oci_insecure": [self.registry.host],
+                                 "peer_listen": "127.0.0.1:0"},
+                            tables={"control": {"address": f"127.0.0.1:{self.box_port}", "token": TOKENS["box-b"],
+                                                "box_id": "box-b"}})
+        self.b.start(wait_ready=False)
+
+    def kill_a(self) -> None:
+        if self.a_proc is not None and self.a_proc.poll() is None:
+            os.killpg(self.a_proc.pid, signal.SIGKILL)
+            self.a_proc.wait(10)
+
+    def holders(self, key: str) -> set:
+        return set(self.cp.holdings.by_key.get(key, ()))
+
+    def wait_for(self, what, cond, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def b_metric(self, name: str, labels: str = "") -> float:
+        from prometheus_client import generate_latest
+
+        return metric(generate_latest(self.b.daemon.metrics.registry).decode(), name, labels)
+
+    def b_pull(self, ref: str):
+        d = self.b.daemon
+        return self.b.call(d.images.pull(ref, peers=d.peers.image_sources), 120)
+
+    def stop(self) -> None:
+        try:
+            self.kill_a()
+            if self.b is not None:
+                self.b.stop()
+        finally:
+            self.cp_loop.call(self.cp.stop())
+            self.cp_loop.stop()
+            if self.a_proc is not None:
+                self.a_log.close()
+
+
+@pytest.fixture(scope="module")
+def hive(tmp_path_factory):
+    need_registry()
+    find_image()
+    tmp = tmp_path_factory.mktemp("peers")
+    (tmp / "reg").mkdir()
+    layers = [Layer().dir("opt").file(f"opt/payload{i}", os.urandom(LAYER_MB << 20)).bytes() for i in (1, 2)]
+    image = make_image(layers)
+    with running_registry(tmp / "reg") as registry:
+        ref = f"{registry.host}/test/peers:1"
+        asyncio.run(push(ref, image))
+
+        async def prepull():  # box A's cache, filled the way the box daemon fills it
+            cache = ImageCache(tmp / "a" / "oci", insecure=(registry.host,))
+            try:
+                await cache.pull(ref)
+            finally:
+                cache.close()
+
+        asyncio.run(prepull())
+        env = Hive(tmp, registry)
+        try:
+            env.start_a()
+            env.start_b()
+            env.wait_for("box A's image in the hive's index",
+                         lambda: "box-a" in env.holders(f"image:{image.digest}"))
+            env.wait_for("box B registered", lambda: "box-b" in env.cp.links and env.b.daemon.peers.token)
+            yield env, ref, image
+        finally:
+            env.stop()
+
+
+def _no_partial_files(oci: Path) -> None:
+    """No work dir left but those being deleted (del-*, removed in the background), and the
+    blobs/ and images/ hold only complete, verified things (the cache's own rule)."""
+    leftovers = [p.name for p in (oci / "tmp").iterdir() if not p.name.startswith("del-")]
+    assert leftovers == [], f"work left in the cache's tmp: {leftovers}"
+    assert not list((oci / "blobs" / "sha256").glob("partial-*"))
+
+
+def test_an_image_comes_from_a_peer_verified(hive):
+    env, ref, image = hive
+    served0 = metric(scrape(env.a_metrics_port), "hived_peer_served_bytes_total")
+    got = env.b_pull(ref)
+    assert got.digest == image.digest and got.path.is_file()
+    assert env.b_metric("hived_peer_fetches_total", '{result="ok"}') == 1
+    layer_bytes = sum(len(image.blobs[d]) for d in image.layer_digests)
+    assert env.b_metric("hived_peer_fetched_bytes_total") >= layer_bytes
+    assert metric(scrape(env.a_metrics_port), "hived_peer_served_bytes_total") - served0 >= layer_bytes
+    _no_partial_files(env.tmp / "b" / "oci")
+    # B now serves it too: its next report puts it in the index
+    env.wait_for("box B in the index", lambda: "box-b" in env.holders(f"image:{image.digest}"))
+
+
+def test_a_wrong_byte_fails_that_transfer_is_counted_and_the_registry_serves(hive):
+    env, ref, image = hive
+    b = env.b.daemon
+    env.b.call(_remove(b, image.digest))
+    blob = env.tmp / "a" / "oci" / "blobs" / "sha256" / image.layer_digests[0].split(":")[1]
+    original = blob.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01
+    os.chmod(blob, 0o644)
+    blob.write_bytes(bytes(flipped))  # bit rot on the holder's disk, or a lying holder
+    try:
+        bad0 = env.b_metric("hived_peer_fetches_total", '{result="bad_digest"}')
+        got = env.b_pull(ref)
+        assert got.digest == image.digest
+        assert env.b_metric("hived_peer_fetches_total", '{result="bad_digest"}') == bad0 + 1
+        _no_partial_files(env.tmp / "b" / "oci")
+    finally:
+        blob.write_bytes(original)
+
+
+def test_a_box_without_the_hive_token_is_refused(hive):
+    from hived.box.peers import PeerDirectory, PeerFailed, PeerSource
+    from hived.oci.registry import Descriptor
+
+    env, ref, image = hive
+    real = env.b.daemon.peers
+    refused0 = metric(scrape(env.a_metrics_port), "hived_peer_refused_total")
+
+    async def try_it():
+        stranger = PeerDirectory(env.b.daemon, "box-b", "", real.metrics)
+        stranger.hive, stranger.token = real.hive, "not-the-hive-token"
+        source = PeerSource(stranger, {"box_id": "box-a", "addr": f"127.0.0.1:{env.a_peer_port}"})
+        desc = Descriptor("application/octet-stream", image.layer_digests[0], len(image.blobs[image.layer_digests[0]]))
+        try:
+            await source.fetch_blob(None, desc, env.tmp / "stranger.blob")
+        finally:
+            await source.close()
+
+    with pytest.raises(PeerFailed, match="refused|prove|closed|lost"):
+        env.b.call(try_it())
+    assert not (env.tmp / "stranger.blob").exists()
+    assert metric(scrape(env.a_metrics_port), "hived_peer_refused_total") == refused0 + 1
+
+
+def test_a_peer_killed_mid_transfer_the_registry_finishes_and_nothing_half_written_is_used(hive):
+    env, ref, image = hive
+    b = env.b.daemon
+    env.b.call(_remove(b, image.digest))
+    # only A may serve it now (B dropped it): the index must not offer B to itself anyway
+    failed0 = env.b_metric("hived_peer_fetches_total", '{result="failed"}')
+    served0 = metric(scrape(env.a_metrics_port), "hived_peer_served_bytes_total")
+    fut = asyncio.run_coroutine_threadsafe(b.images.pull(ref, peers=b.peers.image_sources), env.b.loop)
+    env.wait_for("A serving", lambda: metric(scrape(env.a_metrics_port), "hived_peer_served_bytes_total")
+                 - served0 >= 4 << 20, timeout=30)
+    env.kill_a()
+    got = fut.result(120)
+    assert got.digest == image.digest and got.path.is_file()
+    assert env.b_metric("hived_peer_fetches_total", '{result="failed"}') == failed0 + 1
+    _no_partial_files(env.tmp / "b" / "oci")
+    env.wait_for("A gone from the index", lambda: "box-a" not in env.holders(f"image:{image.digest}"), timeout=30)
+
+
+async def _remove(daemon, digest: str) -> None:
+    daemon.images.remove(digest)
