@@ -26,10 +26,11 @@ from test_control_api import sha
 from test_control_restart import free_port
 from test_oci_support import Layer, make_image, need_registry, push, running_registry
 
-from boxharness import BoxHarness, find_image
 from hived.control.config import parse as parse_hive
 from hived.control.server import ControlPlane
 from hived.oci.cache import ImageCache
+
+from boxharness import BoxHarness, find_image
 
 pytestmark = [pytest.mark.root]
 

@@ -64,9 +64,11 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
     t0 = time.monotonic()
     if image_ref:
         try:
+            credentials = _credentials(box, image_ref, rec.get("customer", ""), options.get("registry_auth"))
             peers = getattr(box, "peers", None)
             inputs.image = await box.images.pull(
-                image_ref, peers=peers.image_sources if peers is not None and box.config.peer_fetch else None)
+                image_ref, credentials,
+                peers=peers.image_sources if peers is not None and box.config.peer_fetch else None)
         except OciError as exc:
             raise BadInput(f"build image {image_ref}: {exc}") from None
         except OSError as exc:
@@ -82,6 +84,15 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
             raise BadInput(f"repository {repo}: cache error: {exc}") from None
         rec.update(commit=inputs.checkout.commit, checkout_ms=round((time.monotonic() - t1) * 1000, 2))
     return inputs
+
+
+def _credentials(box, image_ref: str, customer: str, assigned):
+    """Registry credentials for this build's image (hived/oci/credentials.py), or None."""
+    from hived.oci import reference
+    from hived.oci.credentials import pick
+
+    r = reference.parse(image_ref)  # InvalidReference is an OciError: the build's bad input
+    return pick(box.config.registry_credentials, r.registry, r.repository, customer, assigned)
 
 
 async def _tell(client, name: str, **fields) -> bool:

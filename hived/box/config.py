@@ -65,6 +65,7 @@ class BoxConfig:
     peer_advertise: str = ""         # "HOST:PORT" other boxes dial; "": peer_listen (with its real port)
     peer_serve_bytes_s: int = 100 << 20  # all peer serving together, at most this (token bucket); 0: no limit
     peer_fetch: bool = True          # ask the hive's other boxes for build images before the registry
+    registry_credentials: tuple = field(default=(), repr=False)  # hived/oci/credentials.py (passwords: not in repr)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -145,6 +146,15 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
         raise ConfigError(f"{source}: no [shapes.NAME] table: a box needs at least one shape")
     name = box["name"] or socket.gethostname().split(".")[0] or "box"
     extra = {}
+    creds = ()
+    if "registry_credentials" in data:  # build image pulls (hived/oci/credentials.py)
+        from hived.oci.credentials import CredentialsError
+        from hived.oci.credentials import parse as parse_credentials
+
+        try:
+            creds = parse_credentials(data["registry_credentials"], source)
+        except CredentialsError as exc:
+            raise ConfigError(str(exc)) from None
     if "control" in data:  # the link to the hive's control plane (hived/box/controllink.py)
         from hived.box.controllink import LinkConfig, LinkConfigError
 
@@ -162,6 +172,7 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
         name=name,
         image_dir=Path(box["image_dir"] or os.environ.get("HIVED_IMAGE_DIR", "/var/lib/hived/images")),
         shapes=shapes,
+        registry_credentials=creds,
         extra=extra,
     )
 

@@ -130,7 +130,7 @@ class HeldBuild:
     dropped_bytes: int = 0
     exit: dict | None = None      # until build.ack
     fenced: bool = False
-    options: dict = dataclasses.field(default_factory=dict)
+    options: dict = dataclasses.field(default_factory=dict, repr=False)  # may carry registry_auth
 
 
 class Relay:
@@ -402,7 +402,8 @@ class ControlLink(ReconnectLoop):
         request = Message("build.submit", {
             "request_id": f"{rec.build_id}.{rec.lease}", "shape": f["shape"], "customer": f["customer"],
             "argv": f["argv"], "env": f["env"], "cwd": f["cwd"], "timeout_s": f["timeout_s"],
-            "options": {k: v for k, v in rec.options.items() if k in ("image", "repo", "rev", "secure_compute")}})
+            "options": {k: v for k, v in rec.options.items()
+                        if k in ("image", "repo", "rev", "secure_compute", "registry_auth")}})
         self.box.spawn(run_build(self.box, Relay(self, rec), rec.build_id, request))
 
     # -- Secure Compute ---------------------------------------------------------------------------------

@@ -20,6 +20,10 @@
     [customers.acme]
     shapes = ["small"]                 # optional: what this customer may use (default: all)
     api_tokens_sha256 = ["<64 hex>"]   # SHA-256 of the customer's API tokens
+    [[customers.acme.registry_credentials]]  # optional: build image pulls (sent with build.assign, not stored)
+    registry = "registry.example"      # host[:port]; repository = "team/*" narrows it
+    username = "puller"
+    password_file = "/etc/hived/acme-registry.pass"
     [admin]
     api_tokens_sha256 = []             # tokens that may act for any customer
     [boxes.box-a]
@@ -77,6 +81,7 @@ class Customer:
     shapes: tuple[str, ...] | None = None       # None: every shape of the hive
     api_tokens_sha256: tuple[str, ...] = ()
     secure_networks: tuple[str, ...] = ()   # Secure Compute networks (from [networks.NAME] customer)
+    registry_credentials: tuple = dataclasses.field(default=(), repr=False)  # hived.oci.credentials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +207,7 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
         where = f"{source}: customers.{cname}"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table")
-        _known(where, raw, {"shapes", "api_tokens_sha256"})
+        _known(where, raw, {"shapes", "api_tokens_sha256", "registry_credentials"})
         cshapes = _strs(f"{where}.shapes", raw["shapes"]) if "shapes" in raw else None
         for s in cshapes or ():
             if s not in shapes:
@@ -210,6 +215,15 @@ def parse(data: dict, source: str = "<config>", base: Path | None = None) -> Con
                                   f"({', '.join(shapes)})")
         customers[cname] = Customer(cname, cshapes, _hashes(f"{where}.api_tokens_sha256",
                                                             raw.get("api_tokens_sha256", [])))
+        if "registry_credentials" in raw:  # sent with build.assign, never stored (hived/oci/credentials.py)
+            from hived.oci.credentials import CredentialsError
+            from hived.oci.credentials import parse as parse_credentials
+
+            try:
+                creds = parse_credentials(raw["registry_credentials"], where, customer=cname)
+            except CredentialsError as exc:
+                raise ConfigError(str(exc)) from None
+            customers[cname] = dataclasses.replace(customers[cname], registry_credentials=creds)
 
     networks = {}
     for nname, raw in data.get("networks", {}).items():

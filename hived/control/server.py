@@ -501,7 +501,7 @@ class ControlPlane:
                 if link is not None:  # else: the box reconnects without it and it is requeued
                     link.send("build.assign", build_id=b.id, lease=action.lease, shape=b.shape,
                               customer=b.customer, argv=b.argv, env=b.env, cwd=b.cwd,
-                              timeout_s=b.timeout_s, options=b.options)
+                              timeout_s=b.timeout_s, options=self._assign_options(b))
                 self._notify(b.id)
             elif isinstance(action, sch.Requeue):
                 self.kex.build_over(action.build_id)
@@ -733,6 +733,18 @@ class ControlPlane:
         else:
             link.send("error", code="not_allowed", fatal=False, ref="",
                       message=f"the control plane does not take {name} from a box")
+
+    def _assign_options(self, b) -> dict:
+        """The build's options, plus its customer's registry credentials for its image when the
+        hive's config has them: in the message only, never in the store."""
+        options = b.options or {}
+        customer = self.config.customers.get(b.customer)
+        if not options.get("image") or customer is None or not customer.registry_credentials:
+            return options
+        from hived.oci.credentials import for_assignment
+
+        auth = for_assignment(customer.registry_credentials, str(options["image"]), b.customer)
+        return {**options, "registry_auth": auth} if auth else options
 
     def _box_load(self, box_id: str) -> int:
         box = self.scheduler.boxes.get(box_id)
