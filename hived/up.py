@@ -242,6 +242,7 @@ api_tokens_sha256 = ["{sha(self.tokens['admin'])}"]
             "box": str(self.box.config.client_socket),
             "box_id": self.box_id,
             "control_box_link": f"127.0.0.1:{self.cp.box_port}",
+            "peer_link": self.box.peers.peer_addr if self.box.peers is not None else "",
             "metrics": f"http://{self.box.config.metrics_addr}:{self.box.metrics_port}/metrics",
             "control_metrics": f"{hive_url}/metrics",
             "pid": os.getpid(),

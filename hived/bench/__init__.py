@@ -7,6 +7,7 @@
     hived bench repos    repository cache, cold vs warm (repos.py)
     hived bench cache    time to build start with an image and a repository, cold vs cached (cache.py)
     hived bench secure   Secure Compute provisioning beside plain builds (secure.py)
+    hived bench peers    a build image from a neighbour box vs a shaped registry (peers.py)
 
 Each module has `parser(p)`, `run(args) -> report` and `render(report) -> text`; what they
 share (BenchError, statistics, machine facts, the JSON writer) is in common.py. Every result
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "repos": "repository cache: clone cold vs warm (checkout image), and bundles",
     "secure": "Secure Compute: tunnel provisioning per cell, beside the same build without it",
     "cache": "time to build start with a build image and a repository, cold vs cached (real box)",
+    "peers": "time to build start with a build image from a neighbour box vs a shaped registry (two real boxes)",
 }
 
 
