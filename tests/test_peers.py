@@ -204,8 +204,13 @@ def _no_partial_files(oci: Path) -> None:
 def test_an_image_comes_from_a_peer_verified(hive):
     env, ref, image = hive
     served0 = metric(scrape(env.a_metrics_port), "hived_peer_served_bytes_total")
+    t0 = time.monotonic()
     got = env.b_pull(ref)
+    took = time.monotonic() - t0
     assert got.digest == image.digest and got.path.is_file()
+    # A's serving is paced by its token bucket (full at start: one second's worth goes at once)
+    layer_mib = sum(len(image.blobs[d]) for d in image.layer_digests) / SERVE_BYTES_S
+    assert took >= layer_mib - 1.0 - 0.25, f"{took:.2f} s for {layer_mib:.1f} s worth at the serving limit"
     assert env.b_metric("hived_peer_fetches_total", '{result="ok"}') == 1
     layer_bytes = sum(len(image.blobs[d]) for d in image.layer_digests)
     assert env.b_metric("hived_peer_fetched_bytes_total") >= layer_bytes

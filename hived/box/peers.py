@@ -397,18 +397,21 @@ class PeerServer:
             size = os.fstat(fd).st_size
             await ch.send("blob.start", key=key, size=size, sha256=key)
             offset = 0
+            # never more per chunk than the bucket holds, so a low rate is not overshot
+            chunk = CHUNK if self.bucket is None else max(1, min(CHUNK, int(self.bucket.size)))
             while offset < size:
-                n = min(CHUNK, size - offset)
+                n = min(chunk, size - offset)
                 if self.bucket is not None:
                     wait = self.bucket.wait_time(n, loop.time())
                     if wait > 0:
                         await asyncio.sleep(wait)
-                    self.bucket.consume(min(n, self.bucket.size), loop.time())
+                    self.bucket.consume(n, loop.time())
                 # A page-cache read of 256 KiB; the cache's files are what the box just used.
                 data = os.pread(fd, n, offset)
                 if not data:
                     raise ChannelClosed(f"{key} shrank while being served")
-                await ch.send("blob.chunk", offset=offset, data=data)
+                async with asyncio.timeout(STALL_S):  # a fetcher that stops reading is dropped
+                    await ch.send("blob.chunk", offset=offset, data=data)
                 offset += len(data)
                 self.directory.metrics.served_bytes.inc(len(data))
             await ch.send("blob.end", key=key)
