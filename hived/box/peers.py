@@ -58,7 +58,7 @@ REPORT_MAX = 256             # keys per holds.report (the message's bound)
 class PeerFailed(OciError):
     """A peer could not serve (refused, gone, stalled, out of order): try the next source."""
 
-    todo = "nothing: the next peer or the registry serves the image"
+    todo = "the next peer or the registry serves the image"
 
 
 def proof(token: str, side: str, holder_nonce: bytes, fetcher_nonce: bytes, box_id: str) -> bytes:

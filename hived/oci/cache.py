@@ -436,21 +436,22 @@ class ImageCache(CacheDir):
         for source in sources:
             try:
                 await self._fetch_and_build(source, r, manifest, progress)
-                succeeded = getattr(source, "succeeded", None)
-                if succeeded is not None:
-                    succeeded()
-                log.info("image cache: %s came from peer %s", r, getattr(source, "name", "?"))
-                return
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, CacheError):  # CacheError: this box's disk, no source helps
+                await client.close()  # this task owns the registry client (see pull)
                 raise
-            except CacheError:
-                raise  # this box's disk: the registry would not do better
             except Exception as exc:
                 log.warning("image cache: %s from peer %s failed (%s): trying the next source", r,
                             getattr(source, "name", "?"), exc)
                 failed = getattr(source, "failed", None)
                 if failed is not None:
                     failed(exc)
+                continue
+            succeeded = getattr(source, "succeeded", None)
+            if succeeded is not None:
+                succeeded()
+            log.info("image cache: %s came from peer %s", r, getattr(source, "name", "?"))
+            await client.close()
+            return
         await self._fetch_and_build(client, r, manifest, progress)
 
     def peer_file(self, kind: str, digest: str) -> Path | None:
