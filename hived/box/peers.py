@@ -401,11 +401,9 @@ class PeerServer:
             chunk = CHUNK if self.bucket is None else max(1, min(CHUNK, int(self.bucket.size)))
             while offset < size:
                 n = min(chunk, size - offset)
-                if self.bucket is not None:
-                    wait = self.bucket.wait_time(n, loop.time())
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    self.bucket.consume(n, loop.time())
+                # consume() takes all or nothing: a timer that wakes a little early must not send free
+                while self.bucket is not None and not self.bucket.consume(n, loop.time()):
+                    await asyncio.sleep(max(self.bucket.wait_time(n, loop.time()), 0.001))
                 # A page-cache read of 256 KiB; the cache's files are what the box just used.
                 data = os.pread(fd, n, offset)
                 if not data:
