@@ -129,3 +129,17 @@ def test_reports_are_bounded_full_first_then_changes(tmp_path):
     assert not change["full"]
     d.peer_addr = ""  # not serving: reports nothing
     assert d.holdings() == {}
+
+
+def test_peer_config_errors_name_the_key():
+    from hived.box.config import ConfigError, parse
+
+    shapes = {"s": {}}
+    cfg = parse({"box": {"peer_listen": "127.0.0.1:0", "peer_serve_bytes_s": 1 << 20}, "shapes": shapes}, "t")
+    assert (cfg.peer_listen, cfg.peer_serve_bytes_s, cfg.peer_fetch) == ("127.0.0.1:0", 1 << 20, True)
+    with pytest.raises(ConfigError, match=r"box\.peer_listen: expected \"HOST:PORT\""):
+        parse({"box": {"peer_listen": "no port"}, "shapes": shapes}, "t")
+    with pytest.raises(ConfigError, match=r"box\.peer_serve_bytes_s"):
+        parse({"box": {"peer_serve_bytes_s": -1}, "shapes": shapes}, "t")
+    with pytest.raises(ConfigError, match=r"registry_credentials\[0\]\.username"):
+        parse({"box": {}, "shapes": shapes, "registry_credentials": [{"registry": "r", "password": "p"}]}, "t")
