@@ -279,3 +279,33 @@ def test_secure_two_builds_each_and_nothing_left():
     assert all(start >= prov for start, prov in zip(s["samples"], p["samples"], strict=True))
     netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert not {n for n in netns_after - netns_before if n.startswith(("hvt", "hv-bsec", "hvr-bsec"))}
+
+
+def test_peers_bad_arguments_are_one_line():
+    r = _run([sys.executable, "-m", "hived", "bench", "peers", "--runs", "0"], 60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert ("--runs" in r.stderr) or ("needs root" in r.stderr) or ("not installed" in r.stderr)
+
+
+@pytest.mark.vm
+def test_peers_tiny_run_and_nothing_left():
+    try:
+        boot.resolve_image(None)
+    except common.BenchError as exc:
+        pytest.skip(f"no cell image for the peers benchmark: {exc}")
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/docker-registry"):
+        pytest.skip("needs root and docker-registry (apt-get install docker-registry)")
+    netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    r = _run([sys.executable, "-m", "hived", "bench", "peers", "--json", "--runs", "1", "--image-mb", "6"], 1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = _one_json_object(r.stdout)
+    assert report["bench"] == "peers" and report["runs"] == 1
+    assert report["from_registry_ms"] > 0 and report["from_peer_ms"] > 0
+    assert report["pull_from_registry_ms"] > 0 and report["pull_from_peer_ms"] > 0
+    assert report["fallback_ok"] is True, report["fallback"]
+    assert report["fallback"]["peer_failures_counted"] >= 1 and report["detail"]["peer_fetches_ok"] >= 1
+    netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert not {n for n in netns_after - netns_before if n.startswith("hvbp")}
+    left = subprocess.run(["pgrep", "-f", "hived.bench.delayline|bpa-"], capture_output=True, text=True).stdout
+    assert left.strip() == "", left

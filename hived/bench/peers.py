@@ -11,7 +11,8 @@ link (127.0.0.1) is not shaped. The image: busybox + `--image-mb` of incompressi
   registry (A not running), p50 over `--runs`;
 * from_peer_ms: the same with A up: B resolves the manifest at the registry (one request) and
   gets config and layers from A, verified; p50 over `--runs`;
-* fallback_ok: A serving at `--fallback-mbit` is SIGKILLed mid-transfer; the build still starts
+* fallback_ok: A serving at `--fallback-mbit` is SIGKILLed mid-transfer (after 8 MiB, or a third of
+  the layers if smaller); the build still starts
   (the registry serves the rest) and B counted the failed peer transfer.
 The image is dropped from B between runs (B keeps no warm cell of the image: image_pool_target
 0, so every run boots the image's cell: that boot is in both figures). pull_ms is the image
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 from hived.bench.cache import REGISTRY_BIN, make_image, push
-from hived.bench.common import BenchError, progress, summary
+from hived.bench.common import BenchError, machine_info, progress, summary
 
 CUSTOMER = "bench"
 
@@ -304,7 +306,7 @@ async def _prepull(cache_dir: Path, ref: str, insecure: str) -> str:
         cache.close()
 
 
-async def _measure(work: Path, args, registry: ShapedRegistry, ref: str, digest: str) -> dict:
+async def _measure(work: Path, args, registry: ShapedRegistry, ref: str, digest: str, layer_bytes: int) -> dict:
     hive = Hive(work, registry)
     a = None
     try:
@@ -329,17 +331,19 @@ async def _measure(work: Path, args, registry: ShapedRegistry, ref: str, digest:
         failed0 = _metric(hive.b, "hived_peer_fetches_total", '{result="failed"}')
         served0 = a.served_bytes()
         build = asyncio.ensure_future(hive.build(ref))
-        killed_at = 0.0
+        kill_after = min(8 << 20, layer_bytes // 3)
+        killed = False
         while not build.done():
-            if a.served_bytes() - served0 >= 8 << 20:
+            if a.served_bytes() - served0 >= kill_after:
                 a.kill()
-                killed_at = a.served_bytes() or (served0 + (8 << 20))
+                killed = True
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         fallback = await build
         failed = _metric(hive.b, "hived_peer_fetches_total", '{result="failed"}') - failed0
-        out["fallback"] = {**fallback, "peer_killed": bool(killed_at), "peer_failures_counted": failed}
-        out["fallback_ok"] = bool(killed_at) and failed >= 1 and fallback["digest"] == digest
+        out["fallback"] = {**fallback, "peer_killed": killed, "killed_after_bytes": kill_after,
+                           "peer_failures_counted": failed}
+        out["fallback_ok"] = killed and failed >= 1 and fallback["digest"] == digest
         out["peer_fetches_ok"] = _metric(hive.b, "hived_peer_fetches_total", '{result="ok"}')
         return out
     finally:
@@ -370,7 +374,8 @@ def run(args: argparse.Namespace) -> dict:
         asyncio.run(push(ref, manifest, blobs, mt))
         digest = asyncio.run(_prepull(work / "a" / "oci", ref, registry.host))  # box A's cache
         registry.shape()
-        r = uvloop.run(_measure(work, args, registry, ref, digest))
+        layer_bytes = sum(len(b) for d, b in blobs.items() if d != json.loads(manifest)["config"]["digest"])
+        r = uvloop.run(_measure(work, args, registry, ref, digest, layer_bytes))
         reg = [x["start_ms"] for x in r["registry"]]
         peer = [x["start_ms"] for x in r["peer"]]
         reg_pull = [x["pull_ms"] for x in r["registry"] if x["pull_ms"] is not None]
@@ -378,6 +383,7 @@ def run(args: argparse.Namespace) -> dict:
         p50 = {k: summary(v, (50,))["p50"] for k, v in (("reg", reg), ("peer", peer), ("reg_pull", reg_pull),
                                                          ("peer_pull", peer_pull)) if v}
         return {
+            "bench": "peers", "machine": machine_info(),
             "from_registry_ms": p50["reg"], "from_peer_ms": p50["peer"],
             "registry_over_peer": round(p50["reg"] / p50["peer"], 2),
             "pull_from_registry_ms": p50.get("reg_pull"), "pull_from_peer_ms": p50.get("peer_pull"),
