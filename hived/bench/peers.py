@@ -326,7 +326,8 @@ async def _measure(work: Path, args, registry: ShapedRegistry, ref: str, digest:
         progress("fallback: the peer killed mid-transfer ...")
         a.kill()
         await hive.wait_holder(digest, "box-a", present=False)
-        a.start(args.fallback_mbit * 1_000_000 // 8)
+        # slow enough that the transfer lasts >= 4 s, so the kill lands mid-transfer even for a small image
+        a.start(max(1 << 20, min(args.fallback_mbit * 1_000_000 // 8, layer_bytes // 4)))
         await hive.wait_holder(digest, "box-a")
         failed0 = _metric(hive.b, "hived_peer_fetches_total", '{result="failed"}')
         served0 = a.served_bytes()
