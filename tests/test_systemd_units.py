@@ -1,4 +1,4 @@
-"""systemd/hived-box.service, systemd/box.toml.example and hived/sdnotify.py, for real."""
+"""systemd/*.service, the example configs and hived/sdnotify.py, for real."""
 
 import configparser
 import os
@@ -21,6 +21,9 @@ from hived.box import config as box_config
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "hived-box.service"
 EXAMPLE = ROOT / "systemd" / "box.toml.example"
+UNITS = sorted((ROOT / "systemd").glob("*.service"))
+# The daemons whose unit runs them sandboxed (the box cannot be: see its unit's comments).
+HARDENED = ("hived-control.service", "hived-router.service", "hived-connector.service")
 
 
 def _env() -> dict:
@@ -29,14 +32,23 @@ def _env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def unit() -> configparser.ConfigParser:
+def _parse_unit(path: Path) -> configparser.ConfigParser:
     # systemd units are ini-like: repeated keys are allowed, case matters, no interpolation.
     parser = configparser.ConfigParser(strict=False, interpolation=None, comment_prefixes=("#", ";"),
                                        empty_lines_in_values=False)
     parser.optionxform = str
-    parser.read_string(UNIT.read_text())
+    parser.read_string(path.read_text())
     return parser
+
+
+@pytest.fixture(scope="module")
+def unit() -> configparser.ConfigParser:
+    return _parse_unit(UNIT)
+
+
+def test_every_daemon_has_a_unit():
+    names = {u.name for u in UNITS}
+    assert {"hived-box.service", *HARDENED} <= names, names
 
 
 def test_unit_service_settings(unit):
@@ -84,19 +96,72 @@ def test_exec_start_arguments_parse(unit, tmp_path):
     assert str(missing) in proc.stderr and "does not exist" in proc.stderr
 
 
-def test_systemd_analyze_verify(tmp_path):
-    """systemd's own parser: no unknown keys, no bad values (ExecStart pointed at a real file)."""
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_exec_start_of_every_unit(path, tmp_path):
+    """Each unit's ExecStart is /usr/local/bin/hived SUBCOMMAND --config /etc/hived/X.toml,
+    and those arguments get past the argument parser to the config loading."""
+    argv = shlex.split(_parse_unit(path)["Service"]["ExecStart"])
+    assert argv[0] == "/usr/local/bin/hived"
+    assert argv[2] == "--config" and argv[3].startswith("/etc/hived/") and argv[3].endswith(".toml"), argv
+    assert (ROOT / "systemd" / (Path(argv[3]).name + ".example")).exists(), f"no example for {argv[3]}"
+    missing = tmp_path / "absent.toml"
+    proc = subprocess.run([sys.executable, "-m", "hived", argv[1], "--config", str(missing)], capture_output=True,
+                          text=True, timeout=60, env=_env(), cwd=ROOT)
+    assert proc.returncode != 0
+    assert "usage:" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert str(missing) in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("name", HARDENED)
+def test_hardening(name):
+    svc = _parse_unit(ROOT / "systemd" / name)["Service"]
+    assert svc["ProtectSystem"] == "strict"
+    assert svc["ProtectHome"] == "yes"
+    assert svc["PrivateTmp"] == "yes"
+    assert svc["NoNewPrivileges"] == "yes"
+    assert svc["RestrictSUIDSGID"] == "yes"
+    # The capabilities each one keeps are named, never the full set.
+    caps = svc["CapabilityBoundingSet"].split()
+    assert caps and "CAP_SYS_ADMIN" not in caps, caps
+
+
+def test_box_unit_says_which_root_powers_and_why():
+    text = UNIT.read_text()
+    for power in ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETUID", "/dev/kvm", "/run/netns"):
+        assert power in text, power
+
+
+def verify_unit(path: Path) -> None:
+    """systemd's own parser on a unit file: no unknown keys, no bad values, an executable
+    ExecStart. `verify` exits 0 on unknown keys and bad values (it only warns): every line
+    naming the file is a failure. It parses offline: systemd need not run this machine."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed (Debian package systemd)")
-    text = UNIT.read_text().replace("ExecStart=/usr/local/bin/hived ", "ExecStart=/bin/true ")
-    copy = tmp_path / UNIT.name
-    copy.write_text(text)
-    proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path)
-    mine = [ln for ln in (proc.stdout + proc.stderr).splitlines() if UNIT.name in ln]
+    proc = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60,
+                          cwd=path.parent)
+    mine = [ln for ln in (proc.stdout + proc.stderr).splitlines() if path.name in ln]
     assert proc.returncode == 0, proc.stderr
     assert not mine, mine
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_systemd_analyze_verify(path, tmp_path):
+    """Each shipped unit, ExecStart pointed at a real file (`make install` puts the real
+    command in place: tests/test_install.py verifies the installed units as they are)."""
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text().replace("ExecStart=/usr/local/bin/hived ", "ExecStart=/bin/true "))
+    verify_unit(copy)
+
+
+def test_verify_catches_a_bad_unit(tmp_path):
+    """The check above can fail: an unknown key and a bad value are caught."""
+    copy = tmp_path / "hived-router.service"
+    text = (ROOT / "systemd" / copy.name).read_text().replace("ExecStart=/usr/local/bin/hived ", "ExecStart=/bin/true ")
+    copy.write_text(text.replace("[Service]\n", "[Service]\nProtectSystem=sometimes\nNoSuchKey=1\n"))
+    with pytest.raises(AssertionError):
+        verify_unit(copy)
 
 
 def test_example_config_parses():
@@ -105,6 +170,20 @@ def test_example_config_parses():
     assert cfg.shapes, "the example needs at least one shape"
     assert cfg.accelerator == ""
     assert str(cfg.state_dir).startswith("/var/lib/hived")
+
+
+def test_other_example_configs_parse():
+    from hived.control.config import load as load_hive
+    from hived.router import load as load_router
+    from hived.secure.connector_config import ConnectorConfig
+
+    hive = load_hive(ROOT / "systemd" / "hive.toml.example")
+    assert str(hive.state_dir).startswith("/var/lib/hived/control/"), "hived-control.service writes only there"
+    assert load_router(ROOT / "systemd" / "router.toml.example").hives
+    table = tomllib.loads((ROOT / "systemd" / "connector.toml.example").read_text())["connector"]
+    assert table.pop("token_file") == "/etc/hived/connector.token"
+    assert table.pop("ca_file") == "/etc/hived/tls/ca.pem"   # files that must exist: checked at load
+    assert ConnectorConfig.from_table({**table, "token": "t" * 32}).network == "acme-private"
 
 
 def test_example_documents_every_key():
