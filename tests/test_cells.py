@@ -178,3 +178,18 @@ def test_metrics_are_served(box):
     assert "hived_cell_boot_seconds_bucket" in text
     assert 'hived_builds_total{result="exited"}' in text
     assert 'hived_pool_target_cells{shape="small"} 2.0' in text
+    # What the dashboard (ops/grafana) draws: builds started and their warm start, output,
+    # the box's partition.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    started = samples[("hived_build_warm_start_seconds_count", (("shape", "small"),))]
+    assert started >= samples[("hived_builds_total", (("result", "exited"),))] > 0
+    assert samples[("hived_build_output_bytes_total", ())] > 0
+    part = box.status()["partition"]
+    assert samples[("hived_partition_cores", (("use", "box"),))] == len(part["box_cores"])
+    assert (samples[("hived_partition_cores", (("use", "cells_used"),))]
+            + samples[("hived_partition_cores", (("use", "cells_free"),))]) == len(part["cell_cores"])
+    assert samples[("hived_partition_memory_bytes", (("use", "allocatable"),))] == \
+        part["memory_mib"]["allocatable"] << 20

@@ -62,3 +62,28 @@ def test_describe_shows_who_owns_which_core():
     d = p.describe()
     assert d["box_cores"] == [0] and d["cell_cores"] == {"1": ["c1"], "2": [], "3": []}
     assert d["free_cores"] == [2, 3] and d["memory_mib"]["used"] == 768
+
+
+def test_partition_metrics_follow_admissions():
+    """hived_partition_* (the dashboard's per-box partition) read the partition at scrape time."""
+    from prometheus_client import generate_latest
+
+    from hived.box.metrics import BoxMetrics
+
+    p = part(cores=4, reserved=1, memory=4096)
+    metrics = BoxMetrics()
+    metrics.watch_partition(p)
+
+    def scrape() -> str:
+        return generate_latest(metrics.registry).decode()
+
+    assert 'hived_partition_cores{use="cells_free"} 3.0' in scrape()
+    p.admit("c1", Shape("s", vcpus=2, memory_mib=512))
+    text = scrape()
+    assert 'hived_partition_cores{use="box"} 1.0' in text
+    assert 'hived_partition_cores{use="cells_used"} 2.0' in text
+    assert 'hived_partition_cores{use="cells_free"} 1.0' in text
+    assert "hived_partition_memory_bytes{use=\"used\"} 8.05306368e+08" in text   # 768 MiB
+    assert "hived_partition_memory_bytes{use=\"allocatable\"} 4.294967296e+09" in text   # 4 GiB
+    p.release("c1")
+    assert 'hived_partition_cores{use="cells_used"} 0.0' in scrape()

@@ -269,7 +269,9 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                 if cell.state is not CellState.ASSIGNED:
                     raise CellBroke("cell sent started twice")
                 cell.transition(CellState.RUNNING)
-                rec.update(state="running", warm_start_ms=(time.monotonic() - t_assigned) * 1000, started=time.time())
+                warm_start_s = time.monotonic() - t_assigned
+                rec.update(state="running", warm_start_ms=warm_start_s * 1000, started=time.time())
+                box.metrics.warm_start_seconds.labels(shape.name).observe(warm_start_s)
             elif msg.name == "output":
                 if cell.state is not CellState.RUNNING:
                     raise CellBroke("cell sent output before started")
@@ -285,6 +287,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                 if wait > 0:
                     await asyncio.sleep(wait)  # not reading meanwhile: back-pressure to the guest
                 bucket.consume(min(n, bucket.size), loop.time())
+                box.metrics.output_bytes.inc(n)
                 await _tell(client, "output", build_id=build_id, stream=msg["stream"], seq=msg["seq"],
                             data=msg["data"])
             elif msg.name == "exit":

@@ -82,6 +82,7 @@ class BoxDaemon:
         self.cgroups = None
         self.network = None
         self.partition = make_partition(config)
+        self.metrics.watch_partition(self.partition)
         self.metrics_port = 0
         self.leftovers_cleaned: list[str] = []
         self._server = None

@@ -1,6 +1,7 @@
 """The box's Prometheus metrics, on a registry of its own (so tests can run several boxes)."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from hived.box.cell import CellState
 
@@ -20,9 +21,21 @@ class BoxMetrics:
                                  registry=r)
         self.cell_failures = Counter("hived_cell_failures_total", "Cells that failed, by phase",
                                      ["phase"], registry=r)
+        # Build request taken by a warm cell -> build process started in the guest (its
+        # _count is the builds started); TCG: ~0.1 s bare, ~0.4 s in a build container.
+        self.warm_start_seconds = Histogram(
+            "hived_build_warm_start_seconds", "Warm cell assigned to build process started, by shape", ["shape"],
+            registry=r, buckets=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 30),
+        )
+        self.output_bytes = Counter("hived_build_output_bytes_total", "Build output passed on by the box",
+                                    registry=r)
         for state in CellState:
             self.cells.labels(state.value)
         self._server = None
+
+    def watch_partition(self, partition) -> None:
+        """Export how the box divides itself (read at scrape time from the partition)."""
+        self.registry.register(_PartitionCollector(partition))
 
     def on_cell_change(self, cell, old: CellState, new: CellState) -> None:
         self.cells.labels(old.value).dec()
@@ -38,3 +51,25 @@ class BoxMetrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+class _PartitionCollector:
+    """hived_partition_cores{use} and hived_partition_memory_bytes{use}: the box's own
+    cores, the cell cores in use and free; memory the cells may use and use."""
+
+    def __init__(self, partition) -> None:
+        self.partition = partition
+
+    def collect(self):
+        d = self.partition.describe()
+        cores = GaugeMetricFamily("hived_partition_cores", "Host cores: the box daemon's, cells' in use, cells' free",
+                                  labels=["use"])
+        cores.add_metric(["box"], len(d["box_cores"]))
+        cores.add_metric(["cells_used"], len(d["cell_cores"]) - len(d["free_cores"]))
+        cores.add_metric(["cells_free"], len(d["free_cores"]))
+        yield cores
+        memory = GaugeMetricFamily("hived_partition_memory_bytes", "Memory the cells may use and use",
+                                   labels=["use"])
+        memory.add_metric(["allocatable"], d["memory_mib"]["allocatable"] << 20)
+        memory.add_metric(["used"], d["memory_mib"]["used"] << 20)
+        yield memory
