@@ -432,6 +432,8 @@ def parser(p):
                    help="seconds a boot or build may take before the run is an error (default %(default)g)")
     p.add_argument("--cmdline", default="",
                    help="extra guest kernel arguments for every cell (diagnosis; recorded in the JSON)")
+    p.add_argument("--plot", metavar="FILE.png", default="",
+                   help="also draw the latency CDFs of every start kind (needs matplotlib)")
     return p
 
 

@@ -233,9 +233,13 @@ async def _http_client(url: str, token: str, n: int, concurrency: int) -> dict:
             "submit_ms": _dist(ms)}
 
 
+# --sweep: open-loop rates as fractions of the saturation throughput just measured.
+SWEEP = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
 async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, latency_builds: int = 0,
                   warm: int = 4, synchronous: str = "full", window: int = 0, pin: bool = True,
-                  http: int = 0, store: str = "sqlite", database: str = "") -> dict:
+                  http: int = 0, store: str = "sqlite", database: str = "", sweep: bool = False) -> dict:
     import logging
 
     logging.getLogger("hived").setLevel(logging.ERROR)  # 100 boxes saying goodbye is not news
@@ -274,6 +278,10 @@ async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, l
             sat = await _saturate(cp, sub, done, builds, window)
             rate = rate or max(1.0, sat["builds_per_s"] / 2)
             lat = await _paced(cp, sub, done, rate, latency_builds or max(200, min(int(rate * 5), builds)))
+            swept = []
+            for fraction in SWEEP if sweep else ():
+                r = max(1.0, sat["builds_per_s"] * fraction)
+                swept.append(await _paced(cp, sub, done, r, max(200, min(int(r * 3), builds))))
             over_http = None
             if http:
                 base = done.n
@@ -306,6 +314,7 @@ async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, l
         "latency_rate_per_s": lat["rate_per_s"],
         "saturation": sat,
         "latency": lat,
+        **({"latency_sweep": swept} if swept else {}),
         **({"http": {**over_http, "note": "POST /v1/builds (auth, validation, durable before the answer) "
                                           "closed loop from a client process on the boxes' CPU; builds run "
                                           "as above"}} if over_http else {}),
@@ -357,6 +366,11 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-pin", action="store_true", help="do not pin the two processes to CPUs")
     p.add_argument("--http", type=int, default=0, metavar="N",
                    help="also submit N builds over the HTTP API (64 at a time) from a client process")
+    p.add_argument("--sweep", action="store_true",
+                   help=f"also latency runs at {', '.join(f'{f * 100:.0f}%%' for f in SWEEP)} of saturation "
+                        "(latency_sweep: what --plot draws)")
+    p.add_argument("--plot", metavar="FILE.png", default="",
+                   help="also draw p50/p99 schedule latency against builds/s (needs matplotlib)")
     return p
 
 
@@ -375,7 +389,8 @@ def run(args) -> dict:
         check_database_url("--database", args.database)
         return uvloop.run(measure(args.boxes, args.builds, rate=args.rate, latency_builds=args.latency_builds,
                                   warm=args.warm, synchronous=args.synchronous, pin=not args.no_pin,
-                                  http=args.http, store=args.store, database=args.database))
+                                  http=args.http, store=args.store, database=args.database,
+                                  sweep=args.sweep))
     except (ConfigError, StoreError, PostgresUnavailable) as exc:
         raise BenchError(str(exc)) from None
 

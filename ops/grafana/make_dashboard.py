@@ -89,7 +89,8 @@ ROWS = [
          "stacked"),
         ("Output gaps /s and bytes cut /s (by reason)", "short",
          [(f"sum by (reason) (rate(hived_output_gaps_total{{{HIVE}}}[$__rate_interval]))", "gaps: {{reason}}"),
-          (f"sum by (reason) (rate(hived_output_cut_bytes_total{{{HIVE}}}[$__rate_interval]))", "bytes cut: {{reason}}")],
+          (f"sum by (reason) (rate(hived_output_cut_bytes_total{{{HIVE}}}[$__rate_interval]))",
+           "bytes cut: {{reason}}")],
          "timeseries"),
     ]),
 ]
