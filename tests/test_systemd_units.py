@@ -173,9 +173,9 @@ def test_example_config_parses():
 
 
 def test_other_example_configs_parse():
+    from hived.connector.config import ConnectorConfig
     from hived.control.config import load as load_hive
     from hived.router import load as load_router
-    from hived.secure.connector_config import ConnectorConfig
 
     hive = load_hive(ROOT / "systemd" / "hive.toml.example")
     assert str(hive.state_dir).startswith("/var/lib/hived/control/"), "hived-control.service writes only there"

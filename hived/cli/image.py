@@ -74,24 +74,25 @@ def render(images: list[CachedImage], usage: int, bound: int) -> str:
 
 
 def _progress_printer(stream):
-    state = {"last": 0.0, "done": {}, "total": 0}
+    """A pull's progress: a bar on a terminal, plain lines otherwise (hived/termprogress.py)."""
+    from hived.termprogress import Transfer
+
+    state: dict = {"bar": None, "done": {}}
 
     def progress(stage: str, info: dict) -> None:
         if stage == "manifest":
-            state["total"] = info["bytes"]
             layers = f"{info['layers']} layer" + ("s" if info["layers"] != 1 else "")
-            print(f"{info['digest']}: {layers}, {_mb(info['bytes'])}", file=stream)
-        elif stage in ("blob", "blob-done"):
+            print(f"{info['digest']}: {layers}, {_mb(info['bytes'])}", file=stream, flush=True)
+            state["bar"] = Transfer(info["bytes"], "layers", stream)
+        elif stage in ("blob", "blob-done") and state["bar"] is not None:
+            before = sum(state["done"].values())
             state["done"][info["digest"]] = info.get("done", info["total"])
-            now = time.monotonic()
-            if stream.isatty() and (now - state["last"] > 0.2 or stage == "blob-done"):
-                state["last"] = now
-                got = sum(state["done"].values())
-                print(f"\rdownloading {_mb(got)} of {_mb(state['total'])}", end="", file=stream, flush=True)
+            state["bar"].update(sum(state["done"].values()) - before)
         elif stage == "convert":
-            if stream.isatty():
-                print(file=stream)
-            print("converting to a read-only filesystem image", file=stream)
+            if state["bar"] is not None:
+                state["bar"].close()
+                state["bar"] = None
+            print("converting to a read-only filesystem image", file=stream, flush=True)
 
     return progress
 

@@ -49,36 +49,10 @@ from hived.image.spec import (
     local_key,
 )
 from hived.image.tools import _Log, _require_tools, _run
+from hived.termprogress import Steps
 
 # --------------------------------------------------------------------------
 # the build
-
-
-class _Progress:
-    def __init__(self, total: int, out: TextIO | None):
-        self.total, self.n, self.out = total, 0, out
-        self.times: dict[str, float] = {}
-
-    def _w(self, text: str) -> None:
-        if self.out is not None:
-            self.out.write(text)
-            self.out.flush()
-
-    @contextlib.contextmanager
-    def step(self, key: str, label: str) -> Iterator[dict]:
-        self.n += 1
-        self._w(f"[{self.n}/{self.total}] {label} ... ")
-        t0 = time.monotonic()
-        note: dict = {}
-        try:
-            yield note
-        except BaseException:
-            self._w("failed\n")
-            raise
-        dt = time.monotonic() - t0
-        self.times[key] = round(dt, 2)
-        extra = f" ({note['note']})" if note.get("note") else ""
-        self._w(f"{dt:.1f} s{extra}\n")
 
 
 def _complete(d: Path) -> bool:
@@ -168,7 +142,7 @@ def _build(dest_root: Path, cache_dir: Path, kernel: Kernel, inputs: dict, local
         work, img = build / "work", build / "image"
         work.mkdir()
         img.mkdir(mode=0o755)
-        prog = _Progress(6, out)
+        prog = Steps(6, out)   # a live line on a terminal, plain lines otherwise
         with prog.step("kernel", f"kernel {kernel.package} {kernel.version}") as note:
             deb, cached = fetch_kernel(kernel, cache_dir, log)
             kp = extract_kernel(deb, work / "kernel", log)
