@@ -48,8 +48,11 @@ def _samples(entry) -> list[float]:
 
 
 def _machine(report: dict) -> str:
+    """The machine in a few words, with its load (a busy machine draws slower curves)."""
     m = report.get("machine") or {}
-    parts = [f"{m['nproc']} CPUs" if m.get("nproc") else "", m.get("cpu_model", ""), report.get("accelerator", "")]
+    load = m.get("loadavg_at_start")
+    parts = [f"{m['nproc']} CPUs" if m.get("nproc") else "", report.get("accelerator", ""),
+             f"load {load[0]:.1f}" if load else ""]
     return ", ".join(p for p in parts if p)
 
 
