@@ -36,6 +36,8 @@ check becomes a problem naming it; the whole doctor is bounded by DEADLINE secon
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import re
@@ -598,6 +600,14 @@ def run_checks(deadline: float = DEADLINE) -> dict:
             errors[name] = f"{type(exc).__name__}: {exc}"
         timings[name] = round((time.monotonic() - t0) * 1000.0, 1)
 
+    # The modules the checks import, imported here first, one thread: two check threads
+    # importing in crossed order trip Python's import deadlock detection, which hands one
+    # of them a partially initialised module ("partially initialized module 'typing' has
+    # no attribute 'ClassVar'", seen in `make demo` on a loaded machine). A module that
+    # fails to import fails again in its check, which reports it.
+    for module in ("hived.kvm", "hived.box.cgroups", "hived.image", "hived.native"):
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
     threads = []
     for name, _, method in CHECKS:
         t = threading.Thread(target=runner, args=(name, method), name=f"doctor-{name}", daemon=True)
