@@ -71,17 +71,22 @@ def plot_boot(report: dict, path: str | Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     try:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         for label, s in series:
             n = len(s)
-            # A step CDF: the fraction of starts done within x ms.
-            ax.step(s, [(i + 1) / n for i in range(n)], where="post",
+            # A step CDF: the fraction of starts done within x ms (from 0 at the fastest).
+            ax.step([s[0], *s], [0.0, *((i + 1) / n for i in range(n))], where="post",
                     label=f"{label}: p50 {s[(n - 1) // 2]:,.0f} ms, n={n}")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("milliseconds (log)")
         ax.set_ylabel("fraction of starts")
         ax.set_ylim(0, 1.02)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
         busy = " - machine busy during the run" if report.get("warning") else ""
         ax.set_title(f"hived bench boot: start latency ({_machine(report)}){busy}", fontsize=9)
         fig.tight_layout()
