@@ -116,7 +116,6 @@ from hived.image.store import (  # noqa: F401
     _build,
     _complete,
     _locked,
-    _Progress,
     _set_current,
     build_image,
     find_image,
