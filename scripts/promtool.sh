@@ -14,8 +14,11 @@ fi
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 chmod 0777 "$dir"   # apt downloads as the _apt user
-(cd "$dir" && apt-get download -qq prometheus) || {
-    echo "promtool: 'apt-get download prometheus' failed (apt-get update first?)" >&2
+# Stale or missing package lists (a machine whose packages were all there already) get
+# one `apt-get update`.
+(cd "$dir" && apt-get download -qq prometheus 2>/dev/null) ||
+    (apt-get update -qq && cd "$dir" && apt-get download -qq prometheus) || {
+    echo "promtool: 'apt-get download prometheus' failed: check the Debian mirror in /etc/apt/sources.list*" >&2
     exit 1
 }
 dpkg-deb --fsys-tarfile "$dir"/prometheus_*.deb | tar -xO ./usr/bin/promtool >"$dest.tmp"
