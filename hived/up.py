@@ -174,9 +174,8 @@ api_tokens_sha256 = ["{sha(self.tokens['admin'])}"]
         from hived.box.cgroups import CgroupError
         from hived.box.controllink import LinkConfig
         from hived.box.daemon import BoxDaemon
-        from hived.control.cli import add_box
         from hived.control.config import ConfigError, load
-        from hived.control.server import ControlPlane
+        from hived.control.server import ControlPlane, mint_box_token
         from hived.control.store import StoreError
 
         self.control_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +187,10 @@ api_tokens_sha256 = ["{sha(self.tokens['admin'])}"]
         except ConfigError as exc:
             raise UserError(str(exc)) from None
         # The box's credential, minted and stored (hashed) by the control plane's own admin code.
-        box_token = add_box(str(config_path), self.box_id)
+        try:
+            box_token = mint_box_token(hive_config, self.box_id)
+        except (ValueError, StoreError, ConfigError) as exc:
+            raise UserError(f"hive {HIVE}: box {self.box_id}: {exc}") from None
         self.cp = ControlPlane(hive_config)
         try:
             await self.cp.start()

@@ -22,24 +22,15 @@ def _load(path: str):
 
 
 def add_box(config_path: str, name: str) -> str:
-    from hived.control.config import NAME_RE, ConfigError
-    from hived.control.server import new_token, token_hash
+    from hived.control.config import ConfigError
+    from hived.control.server import mint_box_token
     from hived.control.store import StoreError
-    from hived.control.stores import open_store
 
-    if not NAME_RE.match(name):
-        raise UserError(f"box name {name!r}: use lower-case letters, digits and '-' (at most 32)")
     cfg = _load(config_path)
-    token = new_token()
     try:
-        store = open_store(cfg)
-    except (StoreError, ConfigError) as exc:
+        return mint_box_token(cfg, name)
+    except (ValueError, StoreError, ConfigError) as exc:
         raise UserError(str(exc)) from None
-    try:
-        store.set_box_token(name, token_hash(token))
-    finally:
-        store.close()
-    return token
 
 
 def main(argv: list[str]) -> int:

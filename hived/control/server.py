@@ -62,6 +62,24 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def mint_box_token(config, name: str) -> str:
+    """A new token for box `name`, its hash stored in the hive's store (`hived control
+    add-box`, `hived up`); the token itself is returned once and kept nowhere.
+    ValueError for a bad name; StoreError or ConfigError when the store cannot be opened."""
+    from hived.control.config import NAME_RE
+    from hived.control.stores import open_store
+
+    if not NAME_RE.match(name):
+        raise ValueError(f"box name {name!r}: use lower-case letters, digits and '-' (at most 32)")
+    token = new_token()
+    store = open_store(config)
+    try:
+        store.set_box_token(name, token_hash(token))
+    finally:
+        store.close()
+    return token
+
+
 class BoxLink:
     """One registered box's connection. Frames for it wait in `out` until the control
     plane's next commit, then go out together (one write)."""
