@@ -29,8 +29,10 @@ def is_terminal(stream: TextIO | None) -> bool:
     if stream is None or os.environ.get("TERM") == "dumb":
         return False
     try:
-        return stream.isatty()
-    except (AttributeError, ValueError):   # closed or not a real file
+        # A terminal of 0 columns (a pty nobody sized: `script` without a terminal, some CI
+        # runners) would get an empty live line from tqdm: plain lines there too.
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):   # closed or not a real file
         return False
 
 

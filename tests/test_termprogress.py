@@ -34,10 +34,13 @@ def test_steps_plain_lines():
 class _Pty:
     """A real terminal: what the process writes to `term`, read back from the master."""
 
+    def __init__(self, columns: int = 100) -> None:
+        self.columns = columns
+
     def __enter__(self):
         self.master, slave = pty.openpty()
         # 24 rows x 100 columns, as a terminal window has (a fresh pty is 0 x 0).
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, self.columns, 0, 0))
         self.term = os.fdopen(slave, "w", buffering=1)
         return self
 
@@ -97,6 +100,16 @@ def test_dumb_terminal_gets_plain_lines(monkeypatch):
     monkeypatch.setenv("TERM", "dumb")
     with _Pty() as t:
         assert not is_terminal(t.term)
+
+
+def test_unsized_terminal_gets_plain_lines():
+    """A pty of 0 columns (`script` run without a terminal): the step's line is written at
+    its start, as into a file, not an empty live line."""
+    with _Pty(columns=0) as t:
+        steps = Steps(1, t.term)
+        assert not steps.live
+        with steps.step("k", "kernel"):
+            assert t.read() == "[1/1] kernel ... "
 
 
 def test_oci_pull_progress_plain():
