@@ -15,11 +15,10 @@ RULES = sorted((ROOT / "ops" / "prometheus").glob("*.rules.yml"))
 RULE_TESTS = sorted((ROOT / "ops" / "prometheus").glob("*.test.yml"))
 DASHBOARD = ROOT / "ops" / "grafana" / "hived.json"
 
-# Metrics other branches are adding (templates, leader election, output accounting); the
-# rules and the dashboard use them already. A name found in the code needs no entry here.
+# Metrics other branches are adding (snapshot templates, output accounting); the rules and
+# the dashboard use them already. Drop a name once the code defines it.
 PENDING = {
     "hived_cell_starts_total", "hived_cell_start_failures_total", "hived_cell_restore_seconds",
-    "hived_control_is_leader", "hived_control_leader_changes_total",
     "hived_output_gaps_total", "hived_output_cut_bytes_total",
 }
 
@@ -40,6 +39,8 @@ def exported_metrics() -> dict[str, str]:
     found = {}
     for path in (ROOT / "hived").rglob("*.py"):
         for kind, name in pattern.findall(path.read_text()):
+            if kind.startswith("Counter") and not name.endswith("_total"):
+                name += "_total"   # what prometheus_client exposes a counter as
             found[name] = kind
     return found
 
@@ -62,6 +63,12 @@ def test_exported_metrics_are_found():
                  "hived_build_warm_start_seconds"):
         assert name in exported, name
     assert exported["hived_cell_boot_seconds"] == "Histogram"
+    assert exported["hived_control_leader_changes_total"] == "Counter"   # defined without _total
+
+
+def test_pending_metrics_are_not_in_the_code_yet():
+    """PENDING stays true: a name the code now defines is checked against the code instead."""
+    assert not PENDING & set(exported_metrics())
 
 
 def test_queried_metrics_fold_histograms():
