@@ -66,6 +66,9 @@ class BoxConfig:
     peer_serve_bytes_s: int = 100 << 20  # all peer serving together, at most this (token bucket); 0: no limit
     peer_fetch: bool = True          # ask the hive's other boxes for build images before the registry
     registry_credentials: tuple = field(default=(), repr=False)  # hived/oci/credentials.py (passwords: not in repr)
+    templates: bool = True           # fill warm pools by restoring clones of a template (hived/box/templates.py)
+    template_max_age_s: float = 3600.0  # a template is replaced after this long (0: no limit)
+    template_max_clones: int = 500   # ... or after this many clones (0: no limit)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -126,6 +129,9 @@ BOX_KEYS = {
     "peer_advertise": Key("", string(ADDR_RE, '"HOST:PORT" or ""')),
     "peer_serve_bytes_s": Key(100 << 20, integer(0)),
     "peer_fetch": Key(True, boolean()),
+    "templates": Key(True, boolean()),
+    "template_max_age_s": Key(3600.0, number(0.0)),
+    "template_max_clones": Key(500, integer(0)),
 }
 
 

@@ -27,6 +27,7 @@ from hived.box.metrics import BoxMetrics
 from hived.box.network import NetworkError
 from hived.box.partition import NoCapacity, Partition
 from hived.box.pool import BootFailed, NoRoom, WarmPool
+from hived.box.templates import Template, TemplateFailed, TemplateStore, inputs_digest, new_memfd, template_inputs
 from hived.protocol.channel import Channel, ChannelClosed, unlink_socket
 from hived.protocol.errors import ProtocolError
 from hived.protocol.session import Session
@@ -64,6 +65,12 @@ class CellRuntime:
     tunnel: object = None  # hived.box.secure.CellTunnel (Secure Compute builds)
     image_lease: object = None  # path of the build image leased from the image cache while the cell lives
     vcpu_threads: dict = dataclasses.field(default_factory=dict)
+    origin: str = "boot"  # "boot", "restore" (a template's clone) or "template" (a VM being saved)
+    template: str = ""    # the template a restored cell came from
+    start_ms: float = 0.0  # VMM start -> cell.hello
+
+
+_VERB = {"boot": "boot", "restore": "restore", "template": "boot as a template"}
 
 
 class BoxDaemon:
@@ -95,6 +102,8 @@ class BoxDaemon:
         self._images = None  # hived.oci.cache.ImageCache, opened on first use
         self._repos = None   # hived.repos.cache.RepoCache, opened on first use
         self.started_at = time.time()
+        self.templates = TemplateStore(self._make_template, max_age_s=config.template_max_age_s,
+                                       max_clones=config.template_max_clones) if config.templates else None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -186,6 +195,8 @@ class BoxDaemon:
         warm = []
         for pool in self.pools.values():
             warm += await pool.stop()
+        if self.templates is not None:
+            await self.templates.close()  # clones keep running on their own private copies
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -248,25 +259,82 @@ class BoxDaemon:
 
     # -- cells -----------------------------------------------------------------------------
     def cell_spec(self, cell: Cell, shape, cgroup_procs, mode: str = "agent", alloc=None, net=None,
-                  image_file=None) -> CellSpec:
+                  image_file=None, memory_fd: int = -1, memory_shared: bool = False,
+                  restore: bool = False) -> CellSpec:
         uid = self.config.vmm_uid_base + alloc.slot if (alloc and self.config.vmm_uid_base) else 0
         return CellSpec(
             cores=alloc.cores if alloc else (), vmm_uid=uid,
-            tap_fd=net.tap_fd if net else -1, mac=net.mac if net else "", net_cmdline=net.cmdline if net else "",
+            tap_fd=net.tap_fd if net else -1, mac=net.mac if net else "", net_cmdline=_net_cmdline(net, mode),
             cell_id=cell.id, cell_dir=self.config.cells_dir / cell.id, vcpus=shape.vcpus,
             memory_mib=shape.memory_mib, scratch_mib=shape.scratch_mib,
             kernel=self.image.kernel, initrd=self.image.initrd, rootfs=self.image.rootfs,
             accelerator=self.accelerator, mode=mode, cgroup_procs=tuple(cgroup_procs),
             disk_bytes_s=shape.disk_bytes_s, disk_iops=shape.disk_iops,
-            image_file=image_file, source_slot_mib=self.config.source_slot_mib if mode == "agent" else 0,
+            image_file=image_file, source_slot_mib=self.config.source_slot_mib if mode != "bare" else 0,
+            memory_fd=memory_fd, memory_shared=memory_shared, restore=restore,
         )
 
     async def boot_cell(self, shape, pool_key: str = "", image=None) -> CellRuntime:
+        """A new warm cell for the pool `pool_key`: restored from the pool's template when there is
+        one (made first if need be), booted otherwise, and booted when the restore fails."""
+        key = pool_key or shape.name
+        if self.templates is not None:
+            try:
+                digest = self.template_digest(shape, image)
+            except OSError as exc:  # an input vanished (image being rebuilt): boot
+                log.warning("pool %s: no template: %s", key, exc)
+            else:
+                tpl = await self.templates.get(key, digest, shape, image)
+                if tpl is not None:
+                    try:
+                        return await self._start_cell(shape, key, image, origin="restore", template=tpl)
+                    except BootFailed as exc:
+                        self.templates.discard(key, f"a clone failed to restore: {exc}", tpl)
+        return await self._start_cell(shape, key, image, origin="boot")
+
+    def template_digest(self, shape, image) -> str:
+        from hived.vmm.qemu import host_tsc_khz
+
+        return inputs_digest(template_inputs(
+            shape, image, self.image, accelerator=self.accelerator, source_slot_mib=self.config.source_slot_mib,
+            nic=self.network is not None, tsc_khz=host_tsc_khz() if self.accelerator != "kvm" else 0))
+
+    async def _make_template(self, key: str, digest: str, shape, image) -> Template:
+        """Boot a cell in template mode, save it at its snapshot point, keep its memory and state."""
+        t0 = time.monotonic()
+        tpl = Template(id="t" + secrets.token_hex(4), key=key, digest=digest, made_at=t0,
+                       memory_fd=new_memfd(f"hived-template-{key}-memory", shape.memory_mib << 20),
+                       state_fd=new_memfd(f"hived-template-{key}-state"))
+        try:
+            rt = await self._start_cell(shape, key, image, origin="template", template=tpl)
+            try:
+                tpl.state_bytes = await rt.driver.snapshot(tpl.state_fd, self.config.boot_timeout_s)
+            finally:
+                await self.destroy(rt, f"template {tpl.id} saved" if tpl.state_bytes else "template not saved")
+            tpl.seal()  # the template VM is gone: no writable mapping is left
+        except BootFailed as exc:
+            tpl.close()
+            raise TemplateFailed(str(exc)) from None
+        except (VmmError, OSError) as exc:
+            tpl.close()
+            raise TemplateFailed(f"template {tpl.id}: {exc}") from None
+        except BaseException:
+            tpl.close()
+            raise
+        tpl.made_at = time.monotonic()
+        tpl.make_ms = (tpl.made_at - t0) * 1000
+        tpl.boot = rt.cell.boot
+        return tpl
+
+    async def _start_cell(self, shape, key: str, image, origin: str, template: Template | None = None) -> CellRuntime:
+        """Boot (origin "boot"), restore from `template` ("restore"), or boot one to make `template`
+        ("template": returns once the guest reached its snapshot point, never WARM)."""
         # A cell is named after its pool ("shape" or "shape@digest"): that is where it returns.
-        cell = Cell(new_cell_id(), pool_key or shape.name, on_change=self.metrics.on_cell_change)
+        cell = Cell(new_cell_id(), key, on_change=self.metrics.on_cell_change)
         self.metrics.cells.labels(cell.state.value).inc()
-        rt = CellRuntime(cell, self.driver_factory())
+        rt = CellRuntime(cell, self.driver_factory(), origin=origin)
         self.cells[cell.id] = rt
+        memory_fd = state_fd = -1
         async with self.boot_sem:
             try:
                 rt.alloc = alloc = self.partition.admit(cell.id, shape)
@@ -301,40 +369,77 @@ class BoxDaemon:
                         rt.image_lease = self.images.acquire(image.digest)
                     except OciError as exc:
                         raise VmmError(f"build image {image.digest} is not usable: {exc}") from None
-                await rt.driver.prepare(self.cell_spec(cell, shape, procs, alloc=alloc, net=rt.net,
-                                                       image_file=rt.image_lease))
+                if origin == "restore":
+                    memory_fd, state_fd = template.clone_fds()
+                    rt.template = template.id
+                elif origin == "template":
+                    memory_fd = template.memory_fd
+                await rt.driver.prepare(self.cell_spec(
+                    cell, shape, procs, alloc=alloc, net=rt.net, image_file=rt.image_lease,
+                    mode="template" if origin == "template" else "agent", memory_fd=memory_fd,
+                    memory_shared=origin == "template", restore=origin == "restore"))
                 rt.isolation_ms = (time.monotonic() - t0) * 1000
                 cell.transition(CellState.BOOTING)
+                t_vmm = time.monotonic()
                 cell.pid = await rt.driver.launch()
                 if rt.net is not None:
                     self.network.release_fd(cell.id)  # the VMM has its own copy now
-                rt.vcpu_threads = await rt.driver.pin_vcpus(alloc.cores)
+                if origin == "restore":
+                    os.close(memory_fd)  # QEMU has its own
+                    memory_fd = -1
+                    rt.vcpu_threads = await rt.driver.restore(state_fd, alloc.cores, self.config.boot_timeout_s)
+                    os.close(state_fd)
+                    state_fd = -1
+                else:
+                    rt.vcpu_threads = await rt.driver.pin_vcpus(alloc.cores)
                 rt.watcher = asyncio.get_running_loop().create_task(self._watch_vmm(rt))
                 rt.channel = await rt.driver.accept(self.config.boot_timeout_s)
+                if origin == "restore":
+                    # The clone becomes its own before it says cell.hello (hived/cell/identity.py).
+                    await rt.channel.send("cell.restore", cell_id=cell.id, entropy=os.urandom(64),
+                                          time_ns=time.time_ns(), net=rt.net.cmdline if rt.net else "",
+                                          mac=rt.net.mac if rt.net else "")
                 msg = await asyncio.wait_for(rt.channel.recv(), self.config.boot_timeout_s)
+                if origin == "template":
+                    if msg.name != "cell.template":
+                        raise ProtocolError("bad_message", f"expected cell.template from template VM {cell.id}, "
+                                            f"got {msg.name}")
+                    cell.boot = dict(msg["boot"], kernel=msg["kernel"])
+                    return rt
                 if msg.name != "cell.hello" or msg["cell_id"] != cell.id:
                     raise ProtocolError("bad_message", f"expected cell.hello from {cell.id}, got {msg.name} "
                                         f"{msg.fields.get('cell_id', '')!r}")
                 cell.boot = dict(msg["boot"], kernel=msg["kernel"])
+                rt.start_ms = (time.monotonic() - t_vmm) * 1000
                 cell.transition(CellState.WARM)
             except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError,
                     NetworkError) as exc:
-                why = f"cell {cell.id} failed to boot: {exc}"
+                why = f"cell {cell.id} failed to {_VERB[origin]}: {exc}"
                 if isinstance(exc, (ChannelClosed, TimeoutError, ProtocolError)):
                     why += f"; console: {rt.driver.console_tail(6) or '(empty)'}"
                 log.warning("%s", why)
                 self.metrics.cell_failures.labels("boot").inc()
+                self.metrics.start_failures.labels(shape.name, origin).inc()
                 await self.destroy(rt, why)
                 raise BootFailed(why) from None
             except asyncio.CancelledError:
                 await self.destroy(rt, "box stopping")
                 raise
             except Exception as exc:  # a bug must not leak the cell: clean up, report, go on
-                log.exception("cell %s: internal error while booting", cell.id)
+                log.exception("cell %s: internal error while starting", cell.id)
                 self.metrics.cell_failures.labels("boot").inc()
+                self.metrics.start_failures.labels(shape.name, origin).inc()
                 await self.destroy(rt, f"internal error: {exc!r}")
-                raise BootFailed(f"cell {cell.id} failed to boot: internal error: {exc!r}") from None
-        self.metrics.boot_seconds.labels(shape.name).observe(cell.boot_seconds())
+                raise BootFailed(f"cell {cell.id} failed to {_VERB[origin]}: internal error: {exc!r}") from None
+            finally:
+                for fd in (memory_fd if origin == "restore" else -1, state_fd):
+                    if fd >= 0:
+                        os.close(fd)
+        self.metrics.starts.labels(shape.name, origin).inc()
+        if origin == "restore":
+            self.metrics.restore_seconds.labels(shape.name).observe(rt.start_ms / 1000)
+        else:
+            self.metrics.boot_seconds.labels(shape.name).observe(cell.boot_seconds())
         return rt
 
     async def _watch_vmm(self, rt: CellRuntime) -> None:
@@ -454,10 +559,12 @@ class BoxDaemon:
                  "cores": list(rt.alloc.cores) if rt.alloc else [],
                  "net": {"netns": rt.net.netns, "ip": rt.net.guest_ip} if rt.net else None,
                  "vcpu_threads": {str(k): v for k, v in rt.vcpu_threads.items()},
+                 "origin": rt.origin, "template": rt.template, "start_ms": round(rt.start_ms, 1),
                  "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
                 for rt in self.cells.values()
             ],
             "pools": {name: pool.describe() for name, pool in self.pools.items()},
+            "templates": self.templates.describe() if self.templates is not None else None,
             "partition": self.partition.describe(),
             "builds": list(self.builds.values())[-50:],
             "leftovers_cleaned_at_start": self.leftovers_cleaned,
@@ -470,6 +577,13 @@ class BoxDaemon:
     def status_line(self) -> str:
         warm = sum(len(p.warm) for p in self.pools.values())
         return f"{len(self.cells)} cells, {warm} warm"
+
+
+def _net_cmdline(net, mode: str) -> str:
+    if net is None:
+        return ""
+    # A template's network is configured by each clone (cell.restore): only its modules load.
+    return "hived.nic=1" if mode == "template" else net.cmdline
 
 
 def make_partition(config: BoxConfig) -> Partition:

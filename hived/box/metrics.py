@@ -29,6 +29,18 @@ class BoxMetrics:
         )
         self.output_bytes = Counter("hived_build_output_bytes_total", "Build output passed on by the box",
                                     registry=r)
+        # Cells that became warm, by how: "boot" or "restore" (a template's clone). Alert rules
+        # and dashboards use these names.
+        self.starts = Counter("hived_cell_starts_total", "Cells started, by shape and origin",
+                              ["shape", "origin"], registry=r)
+        self.start_failures = Counter("hived_cell_start_failures_total",
+                                      "Cells that failed to start, by shape and origin (boot, restore, template)",
+                                      ["shape", "origin"], registry=r)
+        self.restore_seconds = Histogram(
+            "hived_cell_restore_seconds", "VMM start to cell.hello of a cell restored from a template",
+            ["shape"], registry=r,
+            buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5),
+        )
         for state in CellState:
             self.cells.labels(state.value)
         self._server = None

@@ -22,7 +22,7 @@ import sys
 import time
 
 from hived import __version__
-from hived.cell import container
+from hived.cell import container, identity
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.session import Session
 
@@ -112,6 +112,7 @@ class _ReadSide(asyncio.Protocol):
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.early: list[bytes] | None = []
+        self.silent_until_spoken_to = None  # the transport of a channel that speaks once its peer has
 
     def attached(self) -> None:
         early, self.early = self.early, None
@@ -119,6 +120,9 @@ class _ReadSide(asyncio.Protocol):
             self.channel.data_received(data)
 
     def data_received(self, data: bytes) -> None:
+        if self.silent_until_spoken_to is not None:
+            transport, self.silent_until_spoken_to = self.silent_until_spoken_to, None
+            self.channel.connection_made(transport)  # our hello, to the host that spoke first
         if self.early is not None:
             self.early.append(data)
         else:
@@ -145,16 +149,38 @@ class _WriteSide(asyncio.BaseProtocol):
         self.channel.connection_lost(exc)
 
 
-async def open_port_channel(path: str, session: Session) -> Channel:
+class PortLink:
+    """The virtio-serial port and the channel that speaks on it (replaced in a restored clone)."""
+
+    def __init__(self, transport: PipePairTransport, reader: _ReadSide, writer: _WriteSide) -> None:
+        self.transport, self.reader, self.writer = transport, reader, writer
+
+    def for_next_host(self, session: Session) -> Channel:
+        """A fresh channel on the same open port, silent until a host says hello.
+
+        The snapshot point of a template: the box that made the template is gone once a
+        clone runs, and the clone's box is a new peer on a new host socket (the port itself
+        stays open: QEMU connects the clone's socket before restoring, so the guest never
+        sees the port close). Speaking only when spoken to means the template's box never
+        gets this hello, and every clone's box does.
+        """
+        channel = Channel(session, hello_timeout=None, queue_max=64)
+        self.reader.channel = self.writer.channel = channel
+        self.reader.silent_until_spoken_to = self.transport
+        return channel
+
+
+async def open_port_channel(path: str, session: Session) -> tuple[Channel, PortLink]:
     loop = asyncio.get_running_loop()
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     channel = Channel(session, hello_timeout=30.0, queue_max=64)
     rt, reader = await loop.connect_read_pipe(lambda: _ReadSide(channel), os.fdopen(fd, "rb", 0))
     wfd = os.dup(fd)
-    wt, _ = await loop.connect_write_pipe(lambda: _WriteSide(channel), os.fdopen(wfd, "wb", 0))
-    channel.connection_made(PipePairTransport(rt, wt))
+    wt, writer = await loop.connect_write_pipe(lambda: _WriteSide(channel), os.fdopen(wfd, "wb", 0))
+    transport = PipePairTransport(rt, wt)
+    channel.connection_made(transport)
     reader.attached()
-    return channel
+    return channel, PortLink(transport, reader, writer)
 
 
 class Build:
@@ -349,8 +375,9 @@ def _describe(status: int) -> str:
 
 
 class Agent:
-    def __init__(self, cell_id: str) -> None:
+    def __init__(self, cell_id: str, template: bool = False) -> None:
         self.cell_id = cell_id
+        self.template = template  # booted to be snapshotted: becomes a cell only once restored
         self.channel: Channel | None = None
         self.build: Build | None = None
         self.children: dict[int, object] = {}  # pid -> callback(wait status, rusage)
@@ -389,7 +416,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
         port = find_port()
         session = Session("cell", self.cell_id, {"box"})
-        self.channel = await open_port_channel(port, session)
+        self.channel, link = await open_port_channel(port, session)
         t_agent = uptime()
         await self.channel.handshake()
         boot = {"agent": t_agent, "hello": uptime()}
@@ -397,6 +424,8 @@ class Agent:
             value = os.environ.get(f"HIVED_T_{stage.upper()}")
             if value:
                 boot[stage] = float(value)
+        if self.template:
+            boot = await self.wait_for_restore(link, boot)
         await self.channel.send("cell.hello", cell_id=self.cell_id, kernel=os.uname().release,
                                 boot=boot, agent_version=__version__)
         try:
@@ -407,6 +436,29 @@ class Agent:
             log(f"host channel closed ({exc.reason}); powering off")
             if self.build:
                 self.build.kill("cancelled", "host went away")
+
+    async def wait_for_restore(self, link: PortLink, boot: dict) -> dict:
+        """The snapshot point, then (in each clone) becoming a cell of its own.
+
+        The box pauses the VM once it has `cell.template`: from here on everything runs
+        once per clone. Nothing per cell has been touched yet (no scratch disk, network,
+        hostname; the build runs later in a container of its own).
+        """
+        await self.channel.send("cell.template", kernel=os.uname().release, boot=boot,
+                                agent_version=__version__)
+        self.channel = link.for_next_host(Session("cell", "clone", {"box"}))
+        await self.channel.handshake()
+        msg = await self.channel.recv()
+        if msg.name != "cell.restore":
+            raise RuntimeError(f"a restored clone expects cell.restore first, got {msg.name}")
+        t0 = uptime()
+        self.cell_id = msg["cell_id"]
+        self.channel.session.name = self.cell_id
+        try:
+            steps = identity.become(msg)
+        except identity.IdentityError as exc:
+            raise RuntimeError(f"restored clone {self.cell_id} cannot become a cell: {exc}") from None
+        return {"restore": t0, **steps, "hello": uptime()}
 
     async def handle(self, msg) -> None:
         if msg.name == "run":
@@ -433,11 +485,13 @@ class Agent:
 def main() -> None:
     args = kernel_args()
     cell_id = args.get("hived.cell", "unnamed")
-    try:
-        socket.sethostname(cell_id)
-    except OSError:
-        pass
-    agent = Agent(cell_id)
+    template = args.get("hived.mode") == "template"
+    if not template:  # a clone of a template names itself once restored
+        try:
+            socket.sethostname(cell_id)
+        except OSError:
+            pass
+    agent = Agent(cell_id, template=template)
     try:
         asyncio.run(agent.main())
     except Exception as exc:  # PID 1 must not die with a traceback only: say why, then stop

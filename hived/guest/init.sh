@@ -8,9 +8,15 @@
 # the agent (or, in bare mode, reports and reboots).
 #
 # Kernel command line (all optional):
-#   hived.mode=agent|bare   agent (default): switch_root to the Python agent;
+#   hived.mode=agent|bare|template
+#                           agent (default): switch_root to the Python agent;
 #                           bare: print "hived-bare-ready" on ttyS0 and reboot
-#                           (the boot-time baseline for benchmarks)
+#                           (the boot-time baseline for benchmarks);
+#                           template: like agent, but nothing per cell: no scratch
+#                           disk mounted, no network configured (a clone restored
+#                           from this VM's snapshot does both itself)
+#   hived.nic=1             load the network modules even without hived.ip (template
+#                           of cells that have a NIC)
 #   hived.root=DEV          root image device (default /dev/vda)
 #   hived.work=DEV          scratch disk (default /dev/vdb; skipped if absent)
 #   hived.debug=1           print the stage times on the console
@@ -52,6 +58,7 @@ debug=0
 net_ip=
 net_gw=
 net_mtu=
+nic=0
 read -r cmdline < /proc/cmdline
 for arg in $cmdline; do
     case "$arg" in
@@ -62,18 +69,19 @@ for arg in $cmdline; do
         hived.ip=*) net_ip=${arg#hived.ip=} ;;
         hived.gw=*) net_gw=${arg#hived.gw=} ;;
         hived.mtu=*) net_mtu=${arg#hived.mtu=} ;;
+        hived.nic=*) nic=${arg#hived.nic=} ;;
     esac
 done
 case "$mode" in
-    agent|bare) ;;
-    *) die "unknown hived.mode=$mode (expected agent or bare)" ;;
+    agent|bare|template) ;;
+    *) die "unknown hived.mode=$mode (expected agent, bare or template)" ;;
 esac
 
 # Modules, in dependency order (one name per line); those in /lib/modules/net
 # (virtio_net and what only it needs) only when the cell has a network.
 [ -r /lib/modules/order ] || die "module list /lib/modules/order missing"
 net_only=" "
-if [ -z "$net_ip" ] && [ -r /lib/modules/net ]; then
+if [ -z "$net_ip" ] && [ "$nic" != 1 ] && [ -r /lib/modules/net ]; then
     while read -r m; do
         net_only="$net_only$m "
     done < /lib/modules/net
@@ -118,7 +126,7 @@ while [ ! -b "$root" ]; do
 done
 
 mount -t ext4 -o ro,nodev "$root" /newroot || die "mount $root (ext4, read-only) on /newroot"
-if [ -b "$work" ]; then
+if [ -b "$work" ] && [ "$mode" != template ]; then
     mount -t ext4 -o rw,nodev,nosuid,noatime "$work" /newroot/work \
         || die "mount $work (ext4) on /newroot/work"
 fi

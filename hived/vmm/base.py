@@ -39,6 +39,10 @@ class CellSpec:
     net_cmdline: str = ""        # hived.ip=... hived.gw=... for the guest's init
     image_file: Path | None = None  # build image filesystem, attached read-only (serial hived-image)
     source_slot_mib: int = 0     # a sparse source slot (serial hived-source) filled at assignment; 0: none
+    memory_fd: int = -1          # guest RAM is this file (a template's memfd), not anonymous memory
+    memory_shared: bool = False  # True: the guest writes through to memory_fd (making a template);
+    #                              False: private copy-on-write (a clone; the memfd is sealed anyway)
+    restore: bool = False        # start paused, waiting for a template's device state (restore())
 
 
 class VmmDriver(abc.ABC):
@@ -54,6 +58,14 @@ class VmmDriver(abc.ABC):
     @abc.abstractmethod
     async def accept(self, timeout: float):
         """Wait for the guest to connect and say hello; returns a hived.protocol Channel."""
+
+    async def snapshot(self, state_fd: int, timeout: float) -> int:
+        """Save the running guest's device state into `state_fd` (its RAM is memory_fd); returns bytes."""
+        raise NotImplementedError(f"{self.name} cannot make templates")
+
+    async def restore(self, state_fd: int, cores: tuple[int, ...], timeout: float) -> dict[int, int]:
+        """Load a template's device state and run; pins vCPUs like pin_vcpus() and returns the same."""
+        raise NotImplementedError(f"{self.name} cannot restore templates")
 
     async def pin_vcpus(self, cores: tuple[int, ...]) -> dict[int, int]:
         """Pin each vCPU thread to one of `cores`; returns vCPU index -> host thread id."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from hived.protocol.channel import Channel
 from hived.protocol.session import Session
 from hived.vmm.base import CellSpec, VmmDriver, VmmError
-from hived.vmm.qmp import Qmp, QmpError
+from hived.vmm.qmp import Qmp, QmpBlocking, QmpError
 
 QEMU = "qemu-system-x86_64"
 SOCKET_PATH_MAX = 107  # sun_path
@@ -98,6 +98,7 @@ def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch:
         "-cpu", "host" if spec.accelerator == "kvm" else "max",
         "-smp", str(spec.vcpus),
         "-m", f"{spec.memory_mib}M",
+        *_memory_args(spec),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
@@ -126,11 +127,33 @@ def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch:
         # Filled by the box at assignment (no hotplug on microvm); read-only to the guest.
         argv += ["-drive", f"id=source,file={source},format=raw,if=none,readonly=on",
                  "-device", "virtio-blk-device,drive=source,serial=hived-source"]
+    if spec.restore:
+        # Wait for the template's device state (restore()): capabilities must be set first.
+        argv += ["-incoming", "defer"]
     if spec.tap_fd >= 0:
         # vhost needs /dev/vhost-net inside the jail: off until measured worth it.
         argv += ["-netdev", f"tap,id=n0,fd={spec.tap_fd},vhost=off",
                  "-device", f"virtio-net-device,netdev=n0,mac={spec.mac}"]
     return argv
+
+
+def memory_path(spec: CellSpec) -> str:
+    """Where QEMU finds the memfd holding the guest's RAM: by its fd number, through /proc.
+
+    QEMU 7.2 opens a memory-backend-file path with O_RDWR even for a private mapping, so a
+    clone must be able to open the template's memory for writing: a sealed memfd is the one
+    kind of file that allows that and still refuses every write (F_SEAL_WRITE) while a
+    private copy-on-write mapping works. The jail shows QEMU its own /proc/PID/fd as /fds.
+    """
+    return f"/fds/{spec.memory_fd}" if spec.vmm_uid else f"/proc/self/fd/{spec.memory_fd}"
+
+
+def _memory_args(spec: CellSpec) -> list[str]:
+    if spec.memory_fd < 0:
+        return []
+    share = "on" if spec.memory_shared else "off"
+    return ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,share={share},"
+            f"mem-path={memory_path(spec)}", "-machine", "memory-backend=mem"]
 
 
 # QEMU's own seccomp filter: no obsolete syscalls, no privilege changes, no spawning
@@ -141,10 +164,12 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 # root holding only what QEMU needs plus this cell's own files, enters it, drops to the
 # cell's uid with no capabilities and no_new_privs, and becomes QEMU. The namespace dies
 # with QEMU, so nothing here needs cleaning up on the host.
-#   $1 jail  $2 cell dir  $3 image dir  $4 uid  $5 extra group or ""  $6... QEMU argv
+#   $1 jail  $2 cell dir  $3 image dir  $4 uid  $5 extra group or ""  $6 "fds" or ""  $7... QEMU argv
+# With "fds", QEMU sees its own open files as /fds/N (the guest RAM of templates and clones is
+# a memfd, which has no other path): this shell's pid is QEMU's, since each step execs the next.
 JAIL_SCRIPT = r"""
 set -eu
-jail=$1 cell=$2 image=$3 uid=$4 group=$5; shift 5
+jail=$1 cell=$2 image=$3 uid=$4 group=$5 fds=$6; shift 6
 mount --make-rprivate /
 mount -t tmpfs -o size=1m,mode=0755,nosuid hvjail "$jail"
 mkdir -p "$jail/usr" "$jail/etc" "$jail/dev" "$jail/tmp" "$jail$cell" "$jail$image"
@@ -160,6 +185,7 @@ for d in null zero urandom random kvm; do
 done
 mount --bind "$cell" "$jail$cell"
 mount --bind -o ro "$image" "$jail$image"
+if [ -n "$fds" ]; then mkdir "$jail/fds"; mount --bind "/proc/$$/fd" "$jail/fds"; fi
 groups=--clear-groups
 if [ -n "$group" ]; then groups="--groups=$group"; fi
 drop="--reuid=$uid --regid=$uid $groups --inh-caps=-all --bounding-set=-all --no-new-privs"
@@ -179,7 +205,8 @@ def confine(spec: CellSpec, argv: list[str], jail: Path) -> list[str]:
     if unshare is None:
         raise VmmError("unshare not found: install Debian package util-linux")
     return [unshare, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", JAIL_SCRIPT, "hived-jail",
-            str(jail), str(spec.cell_dir), str(image_dirs.pop()), str(spec.vmm_uid), group, *argv]
+            str(jail), str(spec.cell_dir), str(image_dirs.pop()), str(spec.vmm_uid), group,
+            "fds" if spec.memory_fd >= 0 else "", *argv]
 
 
 class QemuMicrovm(VmmDriver):
@@ -246,7 +273,7 @@ class QemuMicrovm(VmmDriver):
                     f.write("0")
 
         # the tap and image fds are O_CLOEXEC in the box: only this VMM inherits them
-        pass_fds = tuple(fd for fd in (spec.tap_fd, image_fd) if fd >= 0)
+        pass_fds = tuple(fd for fd in (spec.tap_fd, image_fd, spec.memory_fd) if fd >= 0)
         try:
             with open(self._p("qemu.stderr"), "wb") as stderr:
                 self.proc = await asyncio.create_subprocess_exec(
@@ -328,6 +355,75 @@ class QemuMicrovm(VmmDriver):
     async def wait_exit(self) -> int:
         return await self.proc.wait()
 
+    async def _wait_qmp(self, timeout: float) -> str:
+        path = self._p("qmp.sock")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not path.exists():  # QEMU makes the socket while it starts
+            if self.proc.returncode is not None or loop.time() > deadline:
+                raise VmmError(f"QMP socket {path} did not appear: {_tail(self._p('qemu.stderr'), 3)}")
+            await asyncio.sleep(0.002)
+        return str(path)
+
+    async def snapshot(self, state_fd: int, timeout: float) -> int:
+        """Migrate the running template VM's device state into `state_fd`.
+
+        x-ignore-shared: its RAM (the shared memfd) is not copied, only devices (~60 KB).
+        QEMU's seccomp denies spawning, so `exec:` is out; the state file's fd is handed
+        over the QMP socket (`getfd`) and migrated to with `fd:`. The VM is not paused first:
+        migration stops it at the end, and a state saved from a running VM makes its clones
+        run as soon as they are loaded.
+        """
+        path = await self._wait_qmp(5)
+
+        def run() -> int:
+            qmp = QmpBlocking(path, timeout)
+            try:
+                qmp.execute("migrate-set-capabilities",
+                            capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                qmp.execute("getfd", fd=state_fd, fdname="state")
+                qmp.execute("migrate", uri="fd:state")
+                _wait_migration(qmp, timeout)
+            finally:
+                qmp.close()
+            return os.fstat(state_fd).st_size
+
+        try:
+            return await asyncio.to_thread(run)
+        except (QmpError, OSError, ValueError) as exc:
+            raise VmmError(f"saving the template's device state failed: {exc}; "
+                           f"QEMU said: {_tail(self._p('qemu.stderr'), 3) or 'nothing'}") from None
+
+    async def restore(self, state_fd: int, cores: tuple[int, ...], timeout: float) -> dict[int, int]:
+        """Load a template's device state into this VMM (started with -incoming defer) and run it."""
+        path = await self._wait_qmp(timeout)
+
+        def run() -> dict[int, int]:
+            qmp = QmpBlocking(path, timeout)
+            try:
+                qmp.execute("migrate-set-capabilities",
+                            capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                qmp.execute("getfd", fd=state_fd, fdname="state")
+                qmp.execute("migrate-incoming", uri="fd:state")
+                _wait_migration(qmp, timeout)
+                # A loaded VM stays paused (QEMU 7.2 only autostarts after `-incoming URI`).
+                qmp.execute("cont")
+                cpus = qmp.execute("query-cpus-fast") if cores else []
+            finally:
+                qmp.close()
+            threads = {}
+            for cpu in cpus:
+                index, tid = cpu["cpu-index"], cpu["thread-id"]
+                os.sched_setaffinity(tid, {cores[index % len(cores)]})
+                threads[index] = tid
+            return threads
+
+        try:
+            return await asyncio.to_thread(run)
+        except (QmpError, OSError, ValueError) as exc:
+            raise VmmError(f"restoring from the template failed: {exc}; "
+                           f"QEMU said: {_tail(self._p('qemu.stderr'), 3) or 'nothing'}") from None
+
     async def destroy(self) -> None:
         if self.channel is not None:
             self.channel.close("cell destroyed")
@@ -367,6 +463,22 @@ class QemuMicrovm(VmmDriver):
         if self.spec is None:
             return ""
         return _tail(self._p("console.log"), lines)
+
+
+def _wait_migration(qmp: QmpBlocking, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qmp.execute("query-migrate")
+        status = info.get("status", "")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise QmpError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+        if time.monotonic() > deadline:
+            raise QmpError(f"migration still {status or 'not started'} after {timeout:g} s")
+        time.sleep(0.001)
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -44,3 +44,53 @@ class Qmp:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class QmpBlocking:
+    """QMP over a blocking socket, for a worker thread: it can pass a file descriptor along
+    with a command (SCM_RIGHTS, for `getfd`), which asyncio's streams cannot."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        import socket
+
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+            self._file = self._sock.makefile("rb")
+            greeting = self._read()
+            if "QMP" not in greeting:
+                raise QmpError(f"not a QMP greeting: {greeting!r}")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _read(self) -> dict:
+        while True:
+            line = self._file.readline()
+            if not line:
+                raise QmpError("QMP socket closed")
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg
+
+    def execute(self, command: str, *, fd: int = -1, **arguments):
+        import socket
+
+        req = {"execute": command}
+        if arguments:
+            req["arguments"] = arguments
+        data = json.dumps(req).encode() + b"\n"
+        if fd >= 0:
+            socket.send_fds(self._sock, [data], [fd])
+        else:
+            self._sock.sendall(data)
+        reply = self._read()
+        if "error" in reply:
+            raise QmpError(f"{command}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
