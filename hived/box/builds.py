@@ -182,7 +182,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
         return
     cell.transition(CellState.ASSIGNED)
     cell.build_id = build_id
-    rec.update(state="assigned", cell=cell.id)
+    rec.update(state="assigned", cell=cell.id, origin=rt.origin)
     await _tell(client, "build.accepted", request_id=req["request_id"], build_id=build_id, cell_id=cell.id)
     t_assigned = time.monotonic()
     network = (req.get("options") or {}).get("secure_compute") or ""

@@ -27,7 +27,15 @@ from hived.box.metrics import BoxMetrics
 from hived.box.network import NetworkError
 from hived.box.partition import NoCapacity, Partition
 from hived.box.pool import BootFailed, NoRoom, WarmPool
-from hived.box.templates import Template, TemplateFailed, TemplateStore, inputs_digest, new_memfd, template_inputs
+from hived.box.templates import (
+    Template,
+    TemplateFailed,
+    TemplateStore,
+    inputs_digest,
+    memfd_prefix,
+    new_memfd,
+    template_inputs,
+)
 from hived.protocol.channel import Channel, ChannelClosed, unlink_socket
 from hived.protocol.errors import ProtocolError
 from hived.protocol.session import Session
@@ -303,8 +311,8 @@ class BoxDaemon:
         """Boot a cell in template mode, save it at its snapshot point, keep its memory and state."""
         t0 = time.monotonic()
         tpl = Template(id="t" + secrets.token_hex(4), key=key, digest=digest, made_at=t0,
-                       memory_fd=new_memfd(f"hived-template-{key}-memory", shape.memory_mib << 20),
-                       state_fd=new_memfd(f"hived-template-{key}-state"))
+                       memory_fd=new_memfd(f"{memfd_prefix(self.config.name)}{key}-memory", shape.memory_mib << 20),
+                       state_fd=new_memfd(f"{memfd_prefix(self.config.name)}{key}-state"))
         try:
             rt = await self._start_cell(shape, key, image, origin="template", template=tpl)
             try:
@@ -412,6 +420,8 @@ class BoxDaemon:
                 cell.boot = dict(msg["boot"], kernel=msg["kernel"])
                 rt.start_ms = (time.monotonic() - t_vmm) * 1000
                 cell.transition(CellState.WARM)
+                if template is not None:
+                    log.info("cell %s restored from template %s in %.0f ms", cell.id, template.id, rt.start_ms)
             except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError,
                     NetworkError) as exc:
                 why = f"cell {cell.id} failed to {_VERB[origin]}: {exc}"

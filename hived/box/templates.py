@@ -82,6 +82,32 @@ def inputs_digest(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def memfd_prefix(box_name: str) -> str:
+    """Template memfds are named after their box (see /proc/PID/fd of a clone's VMM)."""
+    return f"hived-template-{box_name}-"
+
+
+def template_memfds(box_name: str) -> list[str]:
+    """Processes holding a memfd of this box's templates: "pid: name" (for no-leak checks)."""
+    needle = "/memfd:" + memfd_prefix(box_name)
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for text in (maps, "\n".join(fds)):
+            i = text.find(needle)
+            if i >= 0:
+                found.append(f"{pid}: {text[i + 1:].split()[0]}")
+                break
+    return found
+
+
 def new_memfd(name: str, size: int = 0) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     if size:

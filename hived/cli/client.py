@@ -379,7 +379,11 @@ def render_status(report: dict) -> str:
                      f"{', OVERCOMMITTED now' if part['overcommitted'] else ''}")
     for cell in report["cells"]:
         lines.append(f"  {cell['id']} {cell['shape']} {cell['state']} pid {cell['pid']} cores "
-                     f"{','.join(map(str, cell.get('cores', []))) or '-'} boot {cell['boot_s']} s {cell['build']}")
+                     f"{','.join(map(str, cell.get('cores', []))) or '-'} {cell.get('origin', 'boot')} "
+                     f"{cell['boot_s']} s {cell['build']}")
+    templates = report.get("templates")
+    for key, tpl in (templates or {}).get("templates", {}).items():
+        lines.append(f"template {tpl['id']} for {key}: {tpl['clones']} clones, {tpl['age_s']} s old")
     for b in report["builds"][-10:]:
         lines.append(f"build {b['id']} {b.get('state')} {b.get('reason', '')} cell {b.get('cell', '-')} "
                      f"{' '.join(b.get('argv', []))[:60]}")
