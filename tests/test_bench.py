@@ -116,6 +116,14 @@ def test_control_json_tiny_run_and_nothing_left():
     assert boxes["pid"] != report["processes"]["control_plane"]["pid"]
     assert not Path(f"/proc/{boxes['pid']}").exists(), "the simulated boxes' process was left behind"
     assert report["machine"]["nproc"] >= 1
+    # template figures: restores and the same box's figures with and without templates
+    assert report["restore_ms"]["n"] == 2 and 0 < report["restore_ms"]["p50"] <= report["restore_ms"]["p95"]
+    assert report["template_ms"] > 0 and report["template_state_bytes"] > 0
+    pss = report["idle_pss_mib"]
+    assert pss["restored"] > 0 and pss["cold"] > 0 and len(pss["all"]["restored"]) == len(pss["all"]["cold"]) == 3
+    assert pss["ratio"] == pytest.approx(pss["restored"] / pss["cold"], rel=2e-2)
+    assert set(report["burst_ms"]) == {"with_templates", "without_templates"}
+    assert all(v > 0 for v in report["burst_ms"].values())
 
 
 def test_control_on_postgresql_tiny_run_and_its_server_is_gone():
@@ -224,6 +232,14 @@ def test_boot_two_cells_and_nothing_left():
     assert report["ratio"] == pytest.approx(report["cold_boot_ms"]["p50"] / report["bare_qemu_ms"]["p50"],
                                             rel=1e-2)
     assert report["machine"]["nproc"] >= 1
+    # template figures: restores and the same box's figures with and without templates
+    assert report["restore_ms"]["n"] == 2 and 0 < report["restore_ms"]["p50"] <= report["restore_ms"]["p95"]
+    assert report["template_ms"] > 0 and report["template_state_bytes"] > 0
+    pss = report["idle_pss_mib"]
+    assert pss["restored"] > 0 and pss["cold"] > 0 and len(pss["all"]["restored"]) == len(pss["all"]["cold"]) == 3
+    assert pss["ratio"] == pytest.approx(pss["restored"] / pss["cold"], rel=2e-2)
+    assert set(report["burst_ms"]) == {"with_templates", "without_templates"}
+    assert all(v > 0 for v in report["burst_ms"].values())
 
     # Nothing left: no QEMU, no temp dir, no cell cgroup, no box cgroup parent.
     res = report["resources"]
@@ -238,11 +254,12 @@ def test_boot_two_cells_and_nothing_left():
 
         try:
             cells_cg = open_cgroups(res["cgroup_parents"][0])
-            box_cg = open_cgroups(res["cgroup_parents"][1])
+            box_cgs = [open_cgroups(parent) for parent in res["cgroup_parents"][1:]]
         except CgroupError:
             return
+        assert len(box_cgs) == 3  # warm starts, and the boxes with and without templates
         left = [str(d) for cell in res["cell_ids"] for d in cells_cg.dirs(cell) if d.exists()]
-        left += [str(d) for d in box_cg.parent_dirs() if d.exists()]
+        left += [str(d) for box_cg in box_cgs for d in box_cg.parent_dirs() if d.exists()]
         assert left == [], f"cgroups left behind: {left}"
 
 

@@ -20,6 +20,7 @@ from hived.box.cgroups import open_cgroups
 from hived.box.config import embedded
 from hived.box.leftovers import clean, vmm_pids
 from hived.box.network import CellNetwork, list_netns
+from hived.box.templates import template_memfds
 
 from boxharness import find_image
 
@@ -131,6 +132,7 @@ def host_leftovers(home: Path) -> list[str]:
     found += [f"cgroup {c}" for c in open_cgroups(config.cgroup_parent).cells()]
     tag = CellNetwork(config.name).tag
     found += [f"netns {n}" for n in list_netns() if n.startswith((f"hv-{tag}-", f"hvr-{tag}"))]
+    found += [f"template memory held by {p}" for p in template_memfds(config.name)]
     return found
 
 
@@ -191,6 +193,8 @@ def test_up_run_status_and_exit_codes(home):
                                 check=True)
         report = json.loads(status.stdout)
         assert report["accelerator"] in ("kvm", "tcg")
+        # the pool fills by restoring clones of a template made at start
+        assert report["templates"]["made"] >= 1 and report["builds"][-1]["origin"] == "restore", report
         assert [b["code"] for b in report["builds"][-4:]] == [5, -1, -1, 0]
         build_id = report["builds"][-1]["id"]  # the box ran it under the control plane's id
         assert build_id.startswith("local_")

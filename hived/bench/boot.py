@@ -85,6 +85,7 @@ class _BootRun:
     cgroup_cells: set = dataclasses.field(default_factory=set)
     drivers: set = dataclasses.field(default_factory=set)
     box_cgroup_parent: str = ""
+    extra_cgroup_parents: list = dataclasses.field(default_factory=list)  # the template figures' boxes
     cell_ids: list = dataclasses.field(default_factory=list)
 
     @property
@@ -308,6 +309,7 @@ async def _boot_main(run: _BootRun, args, image_dir: Path, image_current: bool) 
         progress(f"[boot] cell {i + 1}/{args.cells}: cold boot {cold[-1]['boot_ms']:.0f} ms, "
                  f"bare QEMU {bare[-1]['boot_ms']:.0f} ms")
     warm = await _warm_starts(run, args.cells, image, accel, factory, timeout)
+    tpl = await _template_figures(run, args, image, accel, factory, timeout)
 
     cold_ms = [c["boot_ms"] for c in cold]
     bare_ms = [b["boot_ms"] for b in bare]
@@ -326,6 +328,7 @@ async def _boot_main(run: _BootRun, args, image_dir: Path, image_current: bool) 
         "warm_start_ms": dist_ms(warm["warm_start_ms"]),
         "submit_to_accepted_ms": dist_ms(warm["submit_to_accepted_ms"]),
         "submit_to_exit_ms": dist_ms(warm["submit_to_exit_ms"]),
+        **_template_report(tpl),
         "isolation_setup_ms": dist_ms([c["isolation_setup_ms"] for c in cold]),
         "teardown_ms": dist_ms([c["teardown_ms"] for c in cold]),
         "guest_stages_s_p50": stages,
@@ -341,9 +344,39 @@ async def _boot_main(run: _BootRun, args, image_dir: Path, image_current: bool) 
                         "mounts the disks, prints hived-bare-ready and reboots; launch -> QEMU exit",
             "ratio": "cold_boot_ms.p50 / bare_qemu_ms.p50",
         },
-        "resources": {"tmp_dir": str(run.tmp), "cgroup_parents": [CGROUP_PARENT, run.box_cgroup_parent],
+        "resources": {"tmp_dir": str(run.tmp), "cgroup_parents": [CGROUP_PARENT, run.box_cgroup_parent,
+                                                                *run.extra_cgroup_parents],
                       "cell_ids": [c for c in run.cell_ids if c]},
         "elapsed_s": round(time.monotonic() - started, 1),
+    }
+
+
+async def _template_figures(run: _BootRun, args, image, accel: str, factory, timeout: float) -> dict:
+    """restore_ms, template_ms, idle_pss_mib, burst_ms (hived/box/templatebench.py)."""
+    from hived.box import templatebench
+
+    def on_box(box) -> None:
+        run.extra_cgroup_parents.append(box.config.cgroup_parent)
+
+    try:
+        return await templatebench.measure(run.tmp / "templates", image, accel, factory, timeout, args.cells,
+                                           progress, idle_cells=args.idle_cells, pool=args.burst_pool,
+                                           on_box=on_box)
+    except templatebench.TemplateBenchError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def _template_report(t: dict) -> dict:
+    pss = t["idle_pss_mib_all"]
+    restored, cold = percentile(pss["restored"], 50), percentile(pss["cold"], 50)
+    return {
+        "restore_ms": dist_ms(t["restore_ms_all"]),
+        "template_ms": _r(t["template_ms"]),
+        "template_state_bytes": t["template_state_bytes"],
+        "idle_pss_mib": {"restored": _r(restored), "cold": _r(cold), "ratio": round(restored / cold, 3),
+                         "cells_up": t["idle_cells"], "all": {k: [_r(v) for v in vs] for k, vs in pss.items()}},
+        "burst_ms": {k: _r(v) for k, v in t["burst_ms"].items()},
+        "burst_config": t["burst_config"],
     }
 
 
@@ -364,9 +397,10 @@ def _cleanup(run: _BootRun) -> list[str]:
     while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     groups = [run.cgroups] if run.cgroups is not None else []
-    if run.box_cgroup_parent and os.geteuid() == 0:
-        with contextlib.suppress(CgroupError):
-            groups.append(open_cgroups(run.box_cgroup_parent))
+    for parent in [run.box_cgroup_parent, *run.extra_cgroup_parents]:
+        if parent and os.geteuid() == 0:
+            with contextlib.suppress(CgroupError):
+                groups.append(open_cgroups(parent))
     for cg in groups:
         if cg is run.cgroups:  # shared parent: only our cells
             names = run.cgroup_cells | (set(cg.cells()) & set(run.cell_ids))
@@ -411,11 +445,15 @@ def render_boot(r: dict) -> str:
              row("cold boot -> cell.hello", r["cold_boot_ms"]),
              row("bare QEMU (baseline)", r["bare_qemu_ms"]),
              row("warm start -> started", r["warm_start_ms"]),
+             row("restore -> cell.hello", r["restore_ms"]),
              row("client submit->accepted", r["submit_to_accepted_ms"]),
              row("isolation setup", r["isolation_setup_ms"]),
              row("teardown", r["teardown_ms"]),
              f"ratio cold/bare (p50): {r['ratio']:.2f}   cells: {r['cells']}   "
-             f"cgroups: {r['config']['cgroups']}"]
+             f"cgroups: {r['config']['cgroups']}",
+             f"template made in {r['template_ms']:.0f} ms; idle PSS restored {r['idle_pss_mib']['restored']:.1f} "
+             f"MiB vs cold {r['idle_pss_mib']['cold']:.1f} MiB (x{r['idle_pss_mib']['ratio']:.2f}); burst "
+             + ", ".join(f"{k} {v:.0f} ms" for k, v in r["burst_ms"].items())]
     m = r["machine"]
     lines.append(f"machine: {m['nproc']} cpus ({m['cpu_model']}), {m['qemu']}, "
                  f"load {m['loadavg_at_start']} -> {m['loadavg_at_end']}")
@@ -430,6 +468,10 @@ def parser(p):
                    help="uncounted cold+bare pairs first, to warm the page cache (default 1)")
     p.add_argument("--boot-timeout", type=float, default=BOOT_PHASE_TIMEOUT_S,
                    help="seconds a boot or build may take before the run is an error (default %(default)g)")
+    p.add_argument("--idle-cells", type=int, default=3,
+                   help="cells held up at once for idle_pss_mib, restored and cold (default %(default)d)")
+    p.add_argument("--burst-pool", type=int, default=2,
+                   help="warm pool size for burst_ms; 3x as many builds are submitted (default %(default)d)")
     p.add_argument("--cmdline", default="",
                    help="extra guest kernel arguments for every cell (diagnosis; recorded in the JSON)")
     p.add_argument("--plot", metavar="FILE.png", default="",

@@ -1,0 +1,146 @@
+"""`hived bench boot`'s template figures (kept apart from the boot benchmark's own code).
+
+    template_ms        making one template: boot to the snapshot point + saving the device state
+    restore_ms         VMM start -> a restored cell's cell.hello (it has reseeded, set its clock,
+                       network and disks), p50/p95 over `cells` restores
+    idle_pss_mib       PSS (/proc/PID/smaps_rollup) of idle warm cells' VMMs with `cells` cells up:
+                       restored (sharing their template's memory) vs cold (booted)
+    burst_ms           3x the pool's builds submitted at once -> the last one running in its
+                       container, with templates and without (every refill a cold boot)
+
+Each figure comes from a real BoxDaemon (the `hived up` defaults) on real microVMs.
+"""
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+
+
+class TemplateBenchError(Exception):
+    pass
+
+
+def pss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    raise TemplateBenchError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+async def _box(home: Path, image, accel: str, driver_factory, timeout: float, *, templates: bool, pool: int):
+    from hived.box.config import embedded
+    from hived.box.daemon import BoxDaemon
+
+    home.mkdir(parents=True)
+    config = dataclasses.replace(embedded(home, pool_target=pool), boot_timeout_s=timeout,
+                                 queue_timeout_s=timeout, templates=templates)
+    return BoxDaemon(config, image=image, accelerator=accel, driver_factory=driver_factory)
+
+
+async def _until_idle(box, timeout: float, what: str) -> None:
+    from hived.box.cell import CellState
+
+    deadline = time.monotonic() + timeout
+    while True:
+        pools = list(box.pools.values())
+        if all(len(p.warm) >= p.target for p in pools) and \
+                all(rt.cell.state is CellState.WARM for rt in box.cells.values()):
+            return
+        if time.monotonic() > deadline:
+            raise TemplateBenchError(f"pool not full {what} after {timeout:g} s: {box.status_line()}")
+        await asyncio.sleep(0.05)
+
+
+async def _hold_cells(box, shape, n: int) -> list:
+    """n more warm cells started the box's way (restore if it has templates), held out of the pool."""
+    cells = []
+    for _ in range(n):
+        cells.append(await box.boot_cell(shape))
+    return cells
+
+
+async def _burst(box, n: int, timeout: float) -> float:
+    """n builds of `true` at once; ms from the first submit to the last build running."""
+    from hived.protocol.channel import connect_unix
+    from hived.protocol.session import Session
+
+    async def one(i: int) -> str:
+        client = await connect_unix(str(box.config.client_socket), Session("client", "bench", {"box"}))
+        try:
+            await client.send("build.submit", request_id=f"burst-{i}", shape="", customer="bench",
+                              argv=["true"], env={}, cwd="/work", timeout_s=timeout)
+            build_id = ""
+            while True:
+                msg = await client.recv()
+                if msg.name == "build.accepted":
+                    build_id = msg["build_id"]
+                elif msg.name == "exit":
+                    if msg["code"] != 0:
+                        raise TemplateBenchError(f"burst build {i}: {msg['reason']}: {msg['message']}")
+                    return build_id
+                elif msg.name == "error":
+                    raise TemplateBenchError(f"burst build {i}: {msg['code']}: {msg['message']}")
+        finally:
+            client.close()
+
+    async with asyncio.timeout(timeout * n):
+        ids = await asyncio.gather(*(one(i) for i in range(n)))
+    recs = [box.builds[b] for b in ids]
+    return (max(r["started"] for r in recs) - min(r["submitted"] for r in recs)) * 1000
+
+
+async def measure(tmp: Path, image, accel: str, driver_factory, timeout: float, restores: int,
+                  progress, *, idle_cells: int = 3, pool: int = 2, on_box=lambda box: None) -> dict:
+    """The figures above; `on_box(box)` is told of each box daemon (for clean-up after a crash)."""
+    out: dict = {}
+    for templates in (True, False):
+        label = "with templates" if templates else "without templates"
+        box = await _box(tmp / ("tpl" if templates else "cold"), image, accel, driver_factory, timeout,
+                         templates=templates, pool=pool)
+        on_box(box)
+        held = []
+        try:
+            await box.start()
+            await _until_idle(box, timeout, f"at start ({label})")
+            shape = next(iter(box.config.shapes.values()))
+            if templates:
+                [tpl] = box.templates.templates.values()
+                out["template_ms"] = tpl.make_ms
+                out["template_state_bytes"] = tpl.state_bytes
+                progress(f"[boot] template made in {tpl.make_ms:.0f} ms ({tpl.state_bytes} bytes of state)")
+            if templates:
+                restored = []
+                for _ in range(restores):  # one at a time, each destroyed before the next
+                    [rt] = await _hold_cells(box, shape, 1)
+                    await box.destroy(rt, "bench")
+                    if rt.origin != "restore":
+                        raise TemplateBenchError(f"a cell came from {rt.origin}, not a restore: "
+                                                 f"{box.templates.describe()}")
+                    restored.append(rt.start_ms)
+                out["restore_ms_all"] = restored
+                progress(f"[boot] {restores} restores: " + ", ".join(f"{ms:.0f}" for ms in restored) + " ms")
+            held = await _hold_cells(box, shape, idle_cells)
+            origins = {rt.origin for rt in held}
+            if origins != {"restore" if templates else "boot"}:
+                raise TemplateBenchError(f"{label}: cells came from {sorted(origins)}")
+            await asyncio.sleep(2.0)  # idle: the clones' start-up is over
+            out.setdefault("idle_pss_mib_all", {})["restored" if templates else "cold"] = \
+                [pss_mib(rt.cell.pid) for rt in held]
+            for rt in held:
+                await box.destroy(rt, "bench")
+            held = []
+            await _until_idle(box, timeout, f"before the burst ({label})")
+            burst = await _burst(box, 3 * pool, timeout)
+            out.setdefault("burst_ms", {})["with_templates" if templates else "without_templates"] = burst
+            progress(f"[boot] burst of {3 * pool} builds on a pool of {pool} {label}: last started after "
+                     f"{burst:.0f} ms")
+        finally:
+            for rt in held:
+                await box.destroy(rt, "bench")
+            await box.stop()
+    out["idle_cells"] = idle_cells + pool  # held + the pool's own warm cells
+    out["burst_config"] = {"pool": pool, "builds": 3 * pool, "command": "true",
+                           "measured": "first submit -> last build running in its container"}
+    return out
