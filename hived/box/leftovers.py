@@ -2,7 +2,10 @@
 
 Everything a cell owns is named after it: its directory under state_dir/cells, its VMM
 (whose command line names that directory), its cgroup under the box's parent. That is
-what makes this possible without any record written at crash time.
+what makes this possible without any record written at crash time. A template VM is an
+ordinary cell directory while it is being made; a finished template has no file at all
+(its memory and state are memfds of the box process: they go with it, and with the last
+clone still mapping them, which this removes like any other VMM).
 """
 
 import logging
