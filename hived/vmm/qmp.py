@@ -56,7 +56,7 @@ class QmpBlocking:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(path)
+            self._connect(path, timeout)
             self._file = self._sock.makefile("rb")
             greeting = self._read()
             if "QMP" not in greeting:
@@ -65,6 +65,20 @@ class QmpBlocking:
         except BaseException:
             self._sock.close()
             raise
+
+    def _connect(self, path: str, timeout: float) -> None:
+        import time
+
+        # QEMU binds its QMP socket before it listens: a connect in between is refused.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.connect(path)
+                return
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
 
     def _read(self) -> dict:
         while True:
