@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hived.bench.common import BenchError, _loadavg, dist_ms, machine_info, percentile, progress
+from hived.bench.common import BenchError, _loadavg, _r, dist_ms, machine_info, percentile, progress
 
 TMP_PREFIX = "hvb-"
 CGROUP_PARENT = "hived/bench"
@@ -352,8 +352,8 @@ async def _boot_main(run: _BootRun, args, image_dir: Path, image_current: bool) 
 
 
 async def _template_figures(run: _BootRun, args, image, accel: str, factory, timeout: float) -> dict:
-    """restore_ms, template_ms, idle_pss_mib, burst_ms (hived/box/templatebench.py)."""
-    from hived.box import templatebench
+    """restore_ms, template_ms, idle_pss_mib, burst_ms (hived/bench/templates.py)."""
+    from hived.bench import templates as templatebench
 
     def on_box(box) -> None:
         run.extra_cgroup_parents.append(box.config.cgroup_parent)
