@@ -205,3 +205,26 @@ def test_a_template_whose_inputs_changed_is_never_used_and_is_remade(box, tmp_pa
         async def back():
             box.daemon.image = CellImage.at(box.image.kernel.parent)
         box.call(back())
+
+
+def test_a_clone_configures_its_network_by_ioctl_as_init_does_with_ip():
+    """The guest's configure_net() run for real in a fresh network namespace (a tap as eth0)."""
+    import subprocess
+    import sys
+
+    from hived.cell import identity
+
+    assert identity.parse_net("") == {}
+    with pytest.raises(identity.IdentityError):
+        identity.parse_net("hived.ip=10.0.0.2 hived.gw=10.0.0.1")  # no prefix
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 for a network namespace with a tap")
+    code = ("import sys; sys.path.insert(0, '.'); from hived.cell import identity; "
+            "identity.configure_net('hived.ip=10.213.7.2/30 hived.gw=10.213.7.1 hived.mtu=1400', '02:68:01:02:03:04')")
+    script = f'ip tuntap add eth0 mode tap && {sys.executable} -c "{code}" && ip -o addr show eth0 && ' \
+             'ip -o link show eth0 && ip route show default'
+    r = subprocess.run(["unshare", "--net", "--", "sh", "-c", script], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert "inet 10.213.7.2/30" in r.stdout and "mtu 1400" in r.stdout and "02:68:01:02:03:04" in r.stdout
+    assert "default via 10.213.7.1 dev eth0" in r.stdout
