@@ -371,6 +371,8 @@ def _template_report(t: dict) -> dict:
     restored, cold = percentile(pss["restored"], 50), percentile(pss["cold"], 50)
     return {
         "restore_ms": dist_ms(t["restore_ms_all"]),
+        "restore_host_stages_ms_p50": t["restore_host_stages_ms_p50"],
+        "restore_guest_steps_s_p50": t["restore_guest_steps_s_p50"],
         "template_ms": _r(t["template_ms"]),
         "template_state_bytes": t["template_state_bytes"],
         "idle_pss_mib": {"restored": _r(restored), "cold": _r(cold), "ratio": round(restored / cold, 3),

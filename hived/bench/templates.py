@@ -29,6 +29,13 @@ def pss_mib(pid: int) -> float:
     raise TemplateBenchError(f"no Pss in /proc/{pid}/smaps_rollup")
 
 
+def _p50s(rows: list[dict]) -> dict:
+    from hived.bench.common import percentile
+
+    keys = sorted({k for r in rows for k in r if isinstance(r[k], (int, float))})
+    return {k: round(percentile([r[k] for r in rows if k in r], 50), 4) for k in keys}
+
+
 async def _box(home: Path, image, accel: str, driver_factory, timeout: float, *, templates: bool, pool: int):
     from hived.box.config import embedded
     from hived.box.daemon import BoxDaemon
@@ -111,7 +118,7 @@ async def measure(tmp: Path, image, accel: str, driver_factory, timeout: float, 
                 out["template_state_bytes"] = tpl.state_bytes
                 progress(f"[boot] template made in {tpl.make_ms:.0f} ms ({tpl.state_bytes} bytes of state)")
             if templates:
-                restored = []
+                restored, host, guest = [], [], []
                 for _ in range(restores):  # one at a time, each destroyed before the next
                     [rt] = await _hold_cells(box, shape, 1)
                     await box.destroy(rt, "bench")
@@ -119,7 +126,11 @@ async def measure(tmp: Path, image, accel: str, driver_factory, timeout: float, 
                         raise TemplateBenchError(f"a cell came from {rt.origin}, not a restore: "
                                                  f"{box.templates.describe()}")
                     restored.append(rt.start_ms)
+                    host.append(rt.start_stages_ms)
+                    guest.append({k: v for k, v in rt.cell.boot.items() if k.startswith("restore_")})
                 out["restore_ms_all"] = restored
+                out["restore_host_stages_ms_p50"] = _p50s(host)  # VMM start -> each step, ms
+                out["restore_guest_steps_s_p50"] = _p50s(guest)  # each identity step, guest seconds
                 progress(f"[boot] {restores} restores: " + ", ".join(f"{ms:.0f}" for ms in restored) + " ms")
             held = await _hold_cells(box, shape, idle_cells)
             origins = {rt.origin for rt in held}

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -76,6 +77,7 @@ class CellRuntime:
     origin: str = "boot"  # "boot", "restore" (a template's clone) or "template" (a VM being saved)
     template: str = ""    # the template a restored cell came from
     start_ms: float = 0.0  # VMM start -> cell.hello
+    start_stages_ms: dict = dataclasses.field(default_factory=dict)  # host side: VMM start -> each step
 
 
 _VERB = {"boot": "boot", "restore": "restore", "template": "boot as a template"}
@@ -392,16 +394,20 @@ class BoxDaemon:
                 cell.pid = await rt.driver.launch()
                 if rt.net is not None:
                     self.network.release_fd(cell.id)  # the VMM has its own copy now
+                stage = functools.partial(_stage, rt.start_stages_ms, t_vmm)
+                stage("launched")
                 if origin == "restore":
                     os.close(memory_fd)  # QEMU has its own
                     memory_fd = -1
                     rt.vcpu_threads = await rt.driver.restore(state_fd, alloc.cores, self.config.boot_timeout_s)
                     os.close(state_fd)
                     state_fd = -1
+                    stage("restored")
                 else:
                     rt.vcpu_threads = await rt.driver.pin_vcpus(alloc.cores)
                 rt.watcher = asyncio.get_running_loop().create_task(self._watch_vmm(rt))
                 rt.channel = await rt.driver.accept(self.config.boot_timeout_s)
+                stage("channel")
                 if origin == "restore":
                     # The clone becomes its own before it says cell.hello (hived/cell/identity.py).
                     await rt.channel.send("cell.restore", cell_id=cell.id, entropy=os.urandom(64),
@@ -418,7 +424,7 @@ class BoxDaemon:
                     raise ProtocolError("bad_message", f"expected cell.hello from {cell.id}, got {msg.name} "
                                         f"{msg.fields.get('cell_id', '')!r}")
                 cell.boot = dict(msg["boot"], kernel=msg["kernel"])
-                rt.start_ms = (time.monotonic() - t_vmm) * 1000
+                rt.start_ms = stage("hello")
                 cell.transition(CellState.WARM)
                 if template is not None:
                     log.info("cell %s restored from template %s in %.0f ms", cell.id, template.id, rt.start_ms)
@@ -570,6 +576,7 @@ class BoxDaemon:
                  "net": {"netns": rt.net.netns, "ip": rt.net.guest_ip} if rt.net else None,
                  "vcpu_threads": {str(k): v for k, v in rt.vcpu_threads.items()},
                  "origin": rt.origin, "template": rt.template, "start_ms": round(rt.start_ms, 1),
+                 "start_stages_ms": rt.start_stages_ms,
                  "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
                 for rt in self.cells.values()
             ],
@@ -587,6 +594,11 @@ class BoxDaemon:
     def status_line(self) -> str:
         warm = sum(len(p.warm) for p in self.pools.values())
         return f"{len(self.cells)} cells, {warm} warm"
+
+
+def _stage(stages: dict, t0: float, name: str) -> float:
+    stages[name] = round((time.monotonic() - t0) * 1000, 1)
+    return stages[name]
 
 
 def _net_cmdline(net, mode: str) -> str:
