@@ -41,8 +41,10 @@ async def _box(home: Path, image, accel: str, driver_factory, timeout: float, *,
     from hived.box.daemon import BoxDaemon
 
     home.mkdir(parents=True)
+    # A burst of 3x the pool waits for 2x the pool's cells to start: cold boots under TCG on a
+    # busy host take far longer than one boot's timeout, and a burst must not fail for that.
     config = dataclasses.replace(embedded(home, pool_target=pool), boot_timeout_s=timeout,
-                                 queue_timeout_s=timeout, templates=templates)
+                                 queue_timeout_s=timeout * 3 * pool, templates=templates)
     return BoxDaemon(config, image=image, accelerator=accel, driver_factory=driver_factory)
 
 
