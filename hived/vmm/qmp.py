@@ -14,7 +14,16 @@ class Qmp:
 
     @classmethod
     async def connect(cls, path: str, timeout: float = 5.0) -> "Qmp":
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:  # QEMU binds its QMP socket before it listens: a connect in between is refused
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+                break
+            except ConnectionRefusedError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.002)
         qmp = cls(reader, writer)
         greeting = await qmp._read(timeout)
         if "QMP" not in greeting:
