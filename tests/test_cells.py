@@ -181,8 +181,8 @@ def test_metrics_are_served(box):
     text = body.decode()
     assert 'hived_cells{state="warm"}' in text
     assert "hived_cell_boot_seconds_bucket" in text or "hived_cell_restore_seconds_bucket" in text
-    assert 'hived_cell_starts_total{shape="small",origin="restore"}' in text or \
-        'hived_cell_starts_total{shape="small",origin="boot"}' in text
+    assert 'hived_cell_starts_total{origin="restore",shape="small"}' in text or \
+        'hived_cell_starts_total{origin="boot",shape="small"}' in text
     assert 'hived_builds_total{result="exited"}' in text
     assert 'hived_pool_target_cells{shape="small"} 2.0' in text
     # What the dashboard (ops/grafana) draws: builds started and their warm start, output,
