@@ -157,6 +157,11 @@ async def _take_and_run(box, client, build_id, req, shape, cancel, rec, finish, 
         await box.destroy(rt, "build over")
 
 
+def _cut_message(kept: int, cut: int, shape) -> str:
+    return (f"output cut after {kept} bytes: the build wrote more than the output limit of {shape.output_limit} "
+            f"bytes of shape {shape.name}; {cut} more byte(s) read and not kept, the build was stopped")
+
+
 async def _take_cell(pool, cancel: asyncio.Event, timeout: float):
     getter = asyncio.ensure_future(pool.get(timeout))
     canceller = asyncio.ensure_future(cancel.wait())
@@ -204,6 +209,20 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
         lost = client.tunnel_lost()
     bucket = TokenBucket(shape.output_bytes_s, 1.0, loop.time(), shape.output_bytes_s)
     received = 0
+    per_stream = {1: 0, 2: 0}
+    cell_seq = 0  # the next output seq the cell must send
+    out_seq = 0   # ours, to the client: output and gaps in one sequence
+
+    async def relay(name: str, **fields) -> None:
+        nonlocal out_seq
+        await _tell(client, name, build_id=build_id, seq=out_seq, **fields)
+        out_seq += 1
+
+    async def gap(stream: int, nbytes: int, reason: str, message: str) -> None:
+        """Nothing is dropped silently: a cut or a hole is a marker in the log, saying why."""
+        log.info("build %s: output gap (%s): %s", build_id, reason, message)
+        box.metrics.output_gaps.labels(reason).inc()
+        await relay("output.gap", stream=stream, bytes=nbytes, reason=reason, message=message[:512])
     deadline = None
     if req["timeout_s"] > 0:
         deadline = loop.time() + req["timeout_s"] + GRACE_S
@@ -275,26 +294,50 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
             elif msg.name == "output":
                 if cell.state is not CellState.RUNNING:
                     raise CellBroke("cell sent output before started")
-                n = len(msg["data"])
-                received += n
-                if received > shape.output_limit:
+                if msg["seq"] != cell_seq:
+                    if msg["seq"] < cell_seq:
+                        raise CellBroke(f"cell sent output seq {msg['seq']} after {cell_seq - 1}")
+                    await gap(0, -1, "sequence", f"{msg['seq'] - cell_seq} chunk(s) of output from cell {cell.id} "
+                              "are missing here")
+                cell_seq = msg["seq"] + 1
+                data, stream = msg["data"], msg["stream"]
+                n = len(data)
+                if received + n > shape.output_limit:  # the cell cuts at the limit itself: a backstop
+                    keep = shape.output_limit - received
+                    if keep:
+                        await relay("output", stream=stream, data=data[:keep])
+                    received += keep
                     rec.update(output_bytes=received)
+                    await gap(stream, n - keep, "output_limit", _cut_message(received, n - keep, shape))
                     cell.transition(CellState.FINISHED, "output limit")
                     await finish(-1, 9, "output_limit", f"build wrote more than {shape.output_limit} "
                                  f"bytes; cell {cell.id} destroyed")
                     return
+                received += n
+                per_stream[stream] += n
                 wait = bucket.wait_time(n, loop.time())
                 if wait > 0:
                     await asyncio.sleep(wait)  # not reading meanwhile: back-pressure to the guest
                 bucket.consume(min(n, bucket.size), loop.time())
                 box.metrics.output_bytes.inc(n)
-                await _tell(client, "output", build_id=build_id, stream=msg["stream"], seq=msg["seq"],
-                            data=msg["data"])
+                await relay("output", stream=stream, data=data)
             elif msg.name == "exit":
                 if cell.state is CellState.ASSIGNED:  # spawn failed: it never started
                     cell.transition(CellState.RUNNING)
                 cell.transition(CellState.FINISHED, msg["reason"])
                 rec.update(output_bytes=received)
+                usage = msg["usage"]
+                for stream, key in ((1, "stdout_bytes"), (2, "stderr_bytes")):
+                    missing = int(usage.get(key, per_stream[stream])) - per_stream[stream]
+                    if missing > 0:
+                        await gap(stream, missing, "sequence", f"{missing} bytes of {key[:6]} sent by cell "
+                                  f"{cell.id} never reached the box")
+                cut = int(usage.get("output_cut_bytes", 0))
+                if msg["reason"] == "output_limit" or cut:
+                    await gap(0, cut, "output_limit", _cut_message(received, cut, shape))
+                if usage.get("output_undrained"):
+                    await gap(0, -1, "not_drained", "the build's output pipes stayed open and still after it "
+                              "ended; what was left in them is not here")
                 await finish(msg["code"], msg["signal"], msg["reason"], msg["message"], msg["usage"])
                 return
             elif msg.name == "error":

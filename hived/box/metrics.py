@@ -29,6 +29,8 @@ class BoxMetrics:
         )
         self.output_bytes = Counter("hived_build_output_bytes_total", "Build output passed on by the box",
                                     registry=r)
+        self.output_gaps = Counter("hived_box_output_gaps_total", "Markers put into build logs on this box "
+                                   "(output cut on purpose, or missing), by reason", ["reason"], registry=r)
         for state in CellState:
             self.cells.labels(state.value)
         self._server = None
