@@ -27,19 +27,22 @@ from boxharness import find_image
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
-# The guest side: argv[1] is JSON [[fd, nbytes, seed], ...]; each piece is written whole.
+# The guest side: argv[1] is JSON [[fd, nbytes, seed(, pause_s)], ...]; each piece is written
+# whole, then the writer sleeps pause_s if given.
 WRITER = """
-import json, os, random, sys
-for fd, n, seed in json.loads(sys.argv[1]):
+import json, os, random, sys, time
+for fd, n, seed, *pause in json.loads(sys.argv[1]):
     view = memoryview(random.Random(seed).randbytes(n))
     while view:
         view = view[os.write(fd, view[:65536]):]
+    if pause:
+        time.sleep(pause[0])
 """
 
 
 def expected(pieces) -> dict[int, bytes]:
     out = {1: bytearray(), 2: bytearray()}
-    for fd, n, seed in pieces:
+    for fd, n, seed, *_ in pieces:
         out[fd] += random.Random(seed).randbytes(n)
     return {fd: bytes(b) for fd, b in out.items()}
 

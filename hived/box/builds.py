@@ -32,7 +32,22 @@ class CellBroke(Exception):
 
 
 class BadInput(Exception):
-    """A build's image or repository cannot be had; the message says which and why."""
+    """A build's image or repository cannot be had; the message says which and why.
+    `permanent`: asking again cannot help (it does not exist, or is named wrong); else the
+    cause is on the way (a registry or git server down, the cache full) and a retry may work."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def _permanent(exc: Exception) -> bool:
+    from hived.oci import errors as oci
+    from hived.repos import errors as repos
+
+    return isinstance(exc, (oci.InvalidReference, oci.NotFound, oci.AuthError, oci.UnsupportedImage,
+                            repos.InvalidUrl, repos.InvalidRevision, repos.RepoNotFound, repos.RevisionNotFound,
+                            repos.AuthError))
 
 
 @dataclasses.dataclass
@@ -59,7 +74,8 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
 
     image_ref, repo, rev = (str(options.get(k) or "") for k in ("image", "repo", "rev"))
     if rev and not repo:
-        raise BadInput(f"revision {rev!r} given without a repository: add the repository URL (--repo)")
+        raise BadInput(f"revision {rev!r} given without a repository: add the repository URL (--repo)",
+                       permanent=True)
     inputs = BuildInputs()
     t0 = time.monotonic()
     if image_ref:
@@ -70,7 +86,7 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
                 image_ref, credentials,
                 peers=peers.image_sources if peers is not None and box.config.peer_fetch else None)
         except OciError as exc:
-            raise BadInput(f"build image {image_ref}: {exc}") from None
+            raise BadInput(f"build image {image_ref}: {exc}", _permanent(exc)) from None
         except OSError as exc:
             raise BadInput(f"build image {image_ref}: cache error: {exc}") from None
         rec.update(image_digest=inputs.image.digest, image_ms=round((time.monotonic() - t0) * 1000, 2))
@@ -79,7 +95,7 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
         try:
             inputs.checkout = await box.repos.checkout_image(repo, rev or None, acquire=True)
         except RepoError as exc:
-            raise BadInput(f"repository {repo} at {rev or 'HEAD'}: {exc}") from None
+            raise BadInput(f"repository {repo} at {rev or 'HEAD'}: {exc}", _permanent(exc)) from None
         except OSError as exc:
             raise BadInput(f"repository {repo}: cache error: {exc}") from None
         rec.update(commit=inputs.checkout.commit, checkout_ms=round((time.monotonic() - t1) * 1000, 2))
@@ -113,9 +129,11 @@ async def run_build(box, client, build_id: str, msg) -> None:
                            **{k: options[k] for k in ("image", "repo", "rev") if options.get(k)})
     cancel = box.cancels[build_id]
 
-    async def finish(code: int, sig: int, reason: str, message: str, usage=None) -> None:
+    async def finish(code: int, sig: int, reason: str, message: str, usage=None, permanent=False) -> None:
         rec.update(state="done", code=code, signal=sig, reason=reason, message=message,
                    finished=time.time())
+        if permanent and hasattr(client, "permanent_failure"):
+            client.permanent_failure()  # the control plane must not try it again elsewhere
         box.metrics.builds.labels(reason).inc()
         await _tell(client, "exit", build_id=build_id, code=code, signal=sig, reason=reason,
                     message=message[:4096], usage=usage or {})
@@ -125,12 +143,12 @@ async def run_build(box, client, build_id: str, msg) -> None:
             await _tell(client, "error", code="not_found", fatal=False, ref=req["request_id"],
                         message=f"unknown shape {req['shape']!r}: this box offers "
                                 f"{', '.join(box.config.shapes)}")
-            await finish(-1, 0, "no_capacity", f"unknown shape {req['shape']!r}")
+            await finish(-1, 0, "no_capacity", f"unknown shape {req['shape']!r}", permanent=True)
             return
         try:
             inputs = await resolve_inputs(box, options, rec)
         except BadInput as exc:
-            await finish(-1, 0, "spawn_failed", str(exc))
+            await finish(-1, 0, "spawn_failed", str(exc), permanent=exc.permanent)
             return
         try:
             await _take_and_run(box, client, build_id, req, shape, cancel, rec, finish, inputs)

@@ -138,6 +138,7 @@ class HeldBuild:
     unacked: collections.deque = dataclasses.field(default_factory=collections.deque)  # (seq, name, fields)
     unacked_bytes: int = 0
     exit: dict | None = None      # until build.ack
+    permanent: bool = False       # it can never run as asked: the control plane must not retry it
     fenced: bool = False
     options: dict = dataclasses.field(default_factory=dict, repr=False)  # may carry registry_auth
 
@@ -169,9 +170,14 @@ class Relay:
             rec.exit = dict(build_id=rec.build_id, lease=rec.lease, code=fields["code"],
                             signal=fields["signal"], reason=fields["reason"][:32], message=message[:4096],
                             usage=fields["usage"], started=rec.started)
+            if rec.permanent:
+                rec.exit["permanent"] = True
             await self.link.send_exit(rec)
         elif name == "error":
             log.warning("build %s: %s: %s", rec.build_id, fields.get("code"), fields.get("message"))
+
+    def permanent_failure(self) -> None:
+        self.rec.permanent = True
 
     # -- Secure Compute: the key exchange service is reached through the control link --------------
     async def open_tunnel(self, cell_id: str, network: str, public_key: bytes, timeout: float) -> dict:
@@ -303,7 +309,7 @@ class ControlLink(ReconnectLoop):
                     self._sent(channel, rec, name, fields)
         for rec in list(self.records.values()):
             if rec.exit is not None:
-                await channel.send("build.exit", **rec.exit)
+                await channel.send("build.exit", **_exit_fields(channel, rec))
         self.ready = True
         self.registered.set()
         await self._report_holdings(channel, full=True)
@@ -538,8 +544,15 @@ class ControlLink(ReconnectLoop):
     async def send_exit(self, rec: HeldBuild) -> None:
         if self.ready and not rec.outbox and self.channel is not None:
             with contextlib.suppress(ChannelClosed):
-                await self.channel.send("build.exit", **rec.exit)
+                await self.channel.send("build.exit", **_exit_fields(self.channel, rec))
         # else: sent after the next registration, from self.records
+
+
+def _exit_fields(channel: Channel, rec: HeldBuild) -> dict:
+    """build.exit for this link's version (`permanent` came in v3; an older control plane retries)."""
+    if channel.session.version < 3:
+        return {k: v for k, v in rec.exit.items() if k != "permanent"}
+    return rec.exit
 
 
 def _default_capacity(box) -> int:

@@ -753,7 +753,8 @@ class ControlPlane:
         elif name == "build.exit":
             actions = self.scheduler.exited(box_id, f["build_id"], f["lease"], started=f["started"],
                                             reason=f["reason"], code=f["code"], signal=f["signal"],
-                                            message=f["message"], usage=f["usage"], now=now)
+                                            message=f["message"], usage=f["usage"], now=now,
+                                            permanent=f.get("permanent", False))
             if not actions:
                 self.metrics.refused.inc()
                 log.info("box %s: exit of %s with stale lease %d: acknowledged, ignored", box_id,
