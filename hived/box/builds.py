@@ -229,6 +229,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
     received = 0
     per_stream = {1: 0, 2: 0}
     cell_seq = 0  # the next output seq the cell must send
+    late: set[int] = set()  # seqs skipped so far: an older cell may send another stream's chunk late
     out_seq = 0   # ours, to the client: output and gaps in one sequence
 
     async def relay(name: str, **fields) -> None:
@@ -312,12 +313,16 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
             elif msg.name == "output":
                 if cell.state is not CellState.RUNNING:
                     raise CellBroke("cell sent output before started")
-                if msg["seq"] != cell_seq:
-                    if msg["seq"] < cell_seq:
-                        raise CellBroke(f"cell sent output seq {msg['seq']} after {cell_seq - 1}")
-                    await gap(0, -1, "sequence", f"{msg['seq'] - cell_seq} chunk(s) of output from cell {cell.id} "
-                              "are missing here")
-                cell_seq = msg["seq"] + 1
+                seq = msg["seq"]
+                if seq < cell_seq:  # each stream is in order by itself: relay a late one as it comes
+                    if seq not in late:
+                        raise CellBroke(f"cell sent output seq {seq} twice")
+                    late.discard(seq)
+                else:
+                    if seq - cell_seq > 4096:
+                        raise CellBroke(f"cell skipped from output seq {cell_seq} to {seq}")
+                    late.update(range(cell_seq, seq))
+                    cell_seq = seq + 1
                 data, stream = msg["data"], msg["stream"]
                 n = len(data)
                 if received + n > shape.output_limit:  # the cell cuts at the limit itself: a backstop
@@ -345,6 +350,9 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                 cell.transition(CellState.FINISHED, msg["reason"])
                 rec.update(output_bytes=received)
                 usage = msg["usage"]
+                if late:
+                    await gap(0, -1, "sequence", f"{len(late)} chunk(s) of output from cell {cell.id} never "
+                              "arrived")
                 for stream, key in ((1, "stdout_bytes"), (2, "stderr_bytes")):
                     missing = int(usage.get(key, per_stream[stream])) - per_stream[stream]
                     if missing > 0:
