@@ -107,7 +107,8 @@ def test_webhook_build_output_is_exact(world):
     e2e = world["e2e"]
     b = push(e2e, world["commit"])
     e2e.wait(b["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
-    assert_exact(e2e, b["id"], WEBHOOK_PIECES)
+    build = assert_exact(e2e, b["id"], WEBHOOK_PIECES)
+    assert build["cwd"] == "/workspace"  # where it ran: the checkout (gen.py was found there)
 
 
 def test_push_of_a_missing_commit_fails_once_with_its_reason(world):
