@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def seed(out: Path) -> int:
-    from hived.protocol import fuzzcheck
+    from hived import fuzzcheck
 
     out.mkdir(parents=True, exist_ok=True)
     n = 0
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     # Imported under the hook, so the Python code (codec, the pure-Python splitter, the checks)
     # gets coverage feedback; the compiled splitter is exercised, not instrumented.
     with atheris.instrument_imports():
-        from hived.protocol import fuzzcheck
+        from hived import fuzzcheck
     atheris.Setup([argv[0], *argv[2:]], fuzzcheck.TARGETS[argv[1]])
     atheris.Fuzz()
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hived.protocol import fuzzcheck
+from hived import fuzzcheck
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 FILES = sorted(CORPUS.iterdir()) if CORPUS.is_dir() else []

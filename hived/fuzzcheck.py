@@ -95,7 +95,7 @@ def check(data: bytes) -> None:
 def seeds(vectors: Path | None = None) -> list[bytes]:
     """Fuzz seeds from the golden vectors: each frame as a framing input (limit 1 MiB, newest
     version, one chunk) and its body as a codec input (newest version)."""
-    path = vectors or Path(__file__).resolve().parents[2] / "protocol" / "vectors.json"
+    path = vectors or Path(__file__).resolve().parents[1] / "protocol" / "vectors.json"
     out = []
     for v in json.loads(path.read_text())["vectors"]:
         frame = bytes.fromhex(v["frames_hex"])
