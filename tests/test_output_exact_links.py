@@ -5,6 +5,7 @@ tests/test_control_e2e.py does), the HTTP API, `git daemon` for webhook builds. 
 the seeded writer of tests/test_output_exact.py; a SHA-256 per stream is compared.
 """
 
+import asyncio
 import base64
 import json
 import os
@@ -127,6 +128,17 @@ def _wait_logged(e2e, build_id: str, at_least: int, timeout=120) -> None:
         time.sleep(0.02)
 
 
+def stall_then(e2e, cut) -> None:
+    """The control plane stops reading its box link for a moment (the box keeps writing: its
+    frames wait in the sockets), then `cut` runs: whatever was in flight is lost, as on a real
+    cut, and only what the box kept and sends again can fill the hole."""
+    async def stall():
+        e2e.cp.links["e2e-box"].channel.transport.pause_reading()
+        await asyncio.sleep(1.5)
+        cut()
+    e2e.box.call(stall())
+
+
 def test_control_link_dropped_mid_build_loses_nothing(world):
     e2e = world["e2e"]
     e2e.box.wait_pool_full()
@@ -134,10 +146,7 @@ def test_control_link_dropped_mid_build_loses_nothing(world):
     build_id = submit(e2e, pieces)
     _wait_logged(e2e, build_id, 1)
     connects = e2e.link.connects
-
-    async def drop():  # abort: what is in the box's write buffer is gone, as on a real cut
-        e2e.link.channel.transport.abort()
-    e2e.box.call(drop())
+    stall_then(e2e, lambda: e2e.cp.links["e2e-box"].channel.transport.abort())
     e2e.wait(build_id, {"succeeded", "failed", "cancelled"}, timeout=300)
     assert e2e.link.connects > connects
     assert_exact(e2e, build_id, pieces)
@@ -150,7 +159,8 @@ def test_control_plane_restart_mid_build_loses_nothing(world):
     pieces = [[1, 700_000, 31], [2, 5, 32, 1.0], [1, 500_000, 33, 1.5], [2, 70_000, 34], [1, 3, 35]]
     build_id = submit(e2e, pieces)
     _wait_logged(e2e, build_id, 100_000)
-    e2e.stop_control()
+    stall_then(e2e, lambda: None)
+    e2e.stop_control()  # what it had not read yet is gone with it
     time.sleep(1.0)
     e2e.start_control()
     e2e.wait(build_id, {"succeeded", "failed", "cancelled"}, timeout=300)
