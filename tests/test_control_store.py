@@ -188,6 +188,8 @@ def test_logs_gap_markers_from_the_box_take_their_place_and_are_counted(store):
 
 
 def test_schema_1_file_is_upgraded(tmp_path):
+    import sqlite3
+
     s = SQLiteStore(tmp_path / "h.db", "h")
     s.create_build(build(1))
     s.close()
