@@ -60,8 +60,10 @@ def _decode_each(bodies: list[bytes], version: int) -> None:
             msg = codec.decode(body, version)
         except ProtocolError:
             continue
-        again = codec.decode(codec.encode(msg.name, version, **msg.fields), version)
-        assert again.name == msg.name and again.fields == msg.fields, (msg, again)
+        body = codec.encode(msg.name, version, **msg.fields)
+        again = codec.decode(body, version)
+        # compared as bytes: a NaN in an `any` field is itself, though not == itself
+        assert again.name == msg.name and codec.encode(again.name, version, **again.fields) == body, (msg, again)
 
 
 def check_framing(data: bytes, primary: str) -> None:
