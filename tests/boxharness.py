@@ -41,6 +41,7 @@ class BuildResult:
     build_id: str
     cell_id: str
     errors: list
+    gaps: list = dataclasses.field(default_factory=list)  # output.gap markers: cut or missing output
 
 
 class BoxHarness:
@@ -99,7 +100,7 @@ class BoxHarness:
     async def _build(self, argv, *, shape="", timeout_s=0.0, env=None, cancel_after_started=None,
                      cancel_after_output: bytes | None = None, on_accepted=None, options=None, cwd="/work"):
         ch = await self._client()
-        out, err, errors = bytearray(), bytearray(), []
+        out, err, errors, gaps = bytearray(), bytearray(), [], []
         build_id = cell_id = ""
         try:
             await ch.send("build.submit", request_id="r1", shape=shape, customer="test", argv=argv,
@@ -122,8 +123,10 @@ class BoxHarness:
                         await ch.send("cancel", build_id=build_id, reason="test")
                 elif msg.name == "error":
                     errors.append(msg.fields)
+                elif msg.name == "output.gap":
+                    gaps.append(msg.fields)
                 elif msg.name == "exit":
-                    return BuildResult(msg.fields, bytes(out), bytes(err), build_id, cell_id, errors)
+                    return BuildResult(msg.fields, bytes(out), bytes(err), build_id, cell_id, errors, gaps)
         finally:
             ch.close()
 

@@ -109,6 +109,10 @@ def test_output_limit_stops_a_flood(box):
     r = box.build(["cat", "/dev/zero"], shape="capped")
     assert r.exit["reason"] == "output_limit", r.exit
     assert len(r.stdout) <= 1 << 20
+    # the reader is told: how much was kept, that more was cut, and why
+    [gap] = r.gaps
+    assert (gap["reason"], gap["stream"]) == ("output_limit", 0) and gap["bytes"] >= 0, gap
+    assert f"output cut after {len(r.stdout)} bytes" in gap["message"] and "output limit" in gap["message"]
     assert_cell_gone(box, r)
 
 

@@ -324,3 +324,19 @@ def test_github_push_of_a_secure_compute_repo_builds_on_its_network(tmp_path):
     data["networks"]["acme-private"]["tunnel_subnet"] = "100.96.0.0/31"
     with pytest.raises(ConfigError, match="tunnel_subnet: 100.96.0.0/31 is too small"):
         parse(data, "test")
+
+
+def test_a_build_with_a_checkout_is_recorded_where_it_runs(tmp_path):
+    async def main():
+        async with Hive(hive_config(tmp_path)) as h:
+            status, b = await h.call("POST", "/v1/builds", body=dict(GOOD, options={"repo": "https://x/y.git"}))
+            assert status == 201 and b["cwd"] == "/workspace"  # the box runs it in the checkout
+            status, b = await h.call("POST", "/v1/builds", body=dict(GOOD, cwd="/work/sub",
+                                                                     options={"repo": "https://x/y.git"}))
+            assert status == 201 and b["cwd"] == "/work/sub"  # one it names is kept
+            status, b = await h.call("POST", "/v1/builds", body=GOOD)
+            assert status == 201 and b["cwd"] == "/work"      # no checkout: the build's home
+            status, b = await h.call("POST", "/v1/webhooks/github", token=None, raw=push(), headers={
+                "X-GitHub-Event": "push", "X-Hub-Signature-256": sign(push())})
+            assert status == 201 and b["cwd"] == "/workspace", b
+    run(main)

@@ -31,17 +31,19 @@ BOX_TOKEN = secrets.token_urlsafe(24)
 
 
 class E2E:
-    def __init__(self, tmp) -> None:
+    def __init__(self, tmp, *, hive: dict | None = None, repos: dict | None = None, shapes: dict = SHAPES,
+                 box: dict | None = None) -> None:
         self.api_port, self.box_port = free_port(), free_port()
         self.config = parse({
             "hive": {"name": "e2e", "state_dir": str(tmp / "hive"),
                      "api_listen": f"127.0.0.1:{self.api_port}", "box_listen": f"127.0.0.1:{self.box_port}",
-                     "heartbeat_s": 0.5, "box_lost_s": 8.0},
+                     "heartbeat_s": 0.5, "box_lost_s": 8.0, **(hive or {})},
             "shapes": {"small": {}},
             "customers": {"acme": {"api_tokens_sha256": [sha(TOKENS["acme"])]}},
             "boxes": {"e2e-box": {"token_sha256": sha(BOX_TOKEN)}},
+            "repos": repos or {},
         }, "e2e")
-        self.box = BoxHarness(SHAPES)
+        self.box = BoxHarness(shapes, box=box)
         self.cp = None
         self.link = None
 

@@ -195,3 +195,15 @@ def test_cancel_queued_and_running():
     assert s.cancel("b1", 1) == [CancelOnBox("a", "b1", "cancelled by the API")]
     assert s.builds["b1"].state == ASSIGNED and s.builds["b1"].cancel_requested
     assert QUEUED not in {st.state for st in s.builds.values()}
+
+
+def test_a_build_that_can_never_run_fails_once_with_its_reason():
+    s = Scheduler()
+    box(s, "a", warm=2)
+    s.submit(b(1), 0)
+    acts = s.exited("a", "b1", 1, started=False, reason="spawn_failed", code=-1, now=1, permanent=True,
+                    message="repository git://x/proj at ffff: revision ffff does not exist")
+    assert not of(acts, Requeue)
+    [f] = of(acts, Finish)
+    assert (f.state, f.reason, f.lease) == (FAILED, "spawn_failed", 1) and "does not exist" in f.message
+    assert s.builds.get("b1") is None  # nothing keeps it for another attempt

@@ -110,8 +110,103 @@ def test_logs_dedup_fence_and_truncate(store):
     assert [(c.seq, c.stream) for c in chunks] == [(0, 1), (1, 2), (2, 1), (3, STREAM_MARKER)]
     assert chunks[2].data == b"c" * 20 and b"log truncated" in chunks[3].data
     b = store.get_build("h_0001")
-    assert b.log_truncated and b.log_bytes == 100
+    assert b.log_truncated and b.log_bytes == 100 + len(chunks[3].data)  # what a reader gets
+    assert b.log_cut_bytes == 21 and store.cut_bytes["log_max_bytes"] == 21
     assert [c.seq for c in store.read_log("h_0001", after=1)] == [2, 3]
+    # at the end, the reader is told how much was cut
+    assert store.finish("h_0001", 1, SUCCEEDED, code=0, signal=None, reason="exited", message="", usage=None,
+                        now=2.0)
+    last = store.read_log("h_0001")[-1]
+    assert last.stream == STREAM_MARKER and b"21 bytes of output were cut" in last.data
+    assert store.get_build("h_0001").log_bytes == sum(len(c.data) for c in store.read_log("h_0001"))
+    assert store.gaps["log_max_bytes"] == 1
+
+
+def _log(store, build_id="h_0001"):
+    return [(c.stream, c.data) for c in store.read_log(build_id, limit=10_000)]
+
+
+def test_logs_out_of_order_box_seq_are_put_back_in_order(store):
+    store.create_build(build(1))
+    store.assign("h_0001", "box-a", 0, 1, 1.0)
+    assert store.append_log("h_0001", 1, 0, 1, b"zero") == 0
+    assert store.append_log("h_0001", 1, 2, 2, b"two") is None     # ahead of a hole: waits
+    assert store.append_log("h_0001", 1, 3, 1, b"three") is None
+    assert _log(store) == [(1, b"zero")] and store.log_position("h_0001") == 0
+    assert store.append_log("h_0001", 1, 1, 1, b"one") == 1        # the hole fills: all in order
+    assert _log(store) == [(1, b"zero"), (1, b"one"), (2, b"two"), (1, b"three")]
+    assert store.log_position("h_0001") == 3 and store.pending_builds == set()
+    assert store.append_log("h_0001", 1, 2, 2, b"two") is None     # a duplicate of a stored one
+    assert store.append_log("h_0001", 1, 4, 1, b"four") == 4
+    assert store.duplicates == 1 and sum(store.gaps.values()) == 0
+    assert store.get_build("h_0001").log_bytes == len(b"zeroonetwothreefour")
+
+
+def test_logs_a_hole_never_filled_is_a_visible_counted_gap(store):
+    store.create_build(build(1))
+    store.assign("h_0001", "box-a", 0, 1, 1.0)
+    store.append_log("h_0001", 1, 0, 1, b"a")
+    store.append_log("h_0001", 1, 3, 2, b"d")                     # 1 and 2 never come
+    store.append_log("h_0001", 1, 3, 2, b"d")                     # (a duplicate while it waits)
+    assert _log(store) == [(1, b"a")]
+    assert store.finish("h_0001", 1, FAILED, code=1, signal=None, reason="exited", message="", usage=None,
+                        now=2.0)
+    log = _log(store)
+    assert [s for s, _ in log] == [1, STREAM_MARKER, 2] and log[2][1] == b"d"
+    assert b"2 chunk(s) of output never reached the control plane" in log[1][1]
+    assert store.gaps["sequence"] == 1
+    assert store.append_log("h_0001", 1, 1, 1, b"late") is None   # the build is over: refused
+    b = store.get_build("h_0001")
+    assert b.log_bytes == sum(len(d) for _, d in _log(store))
+
+
+def test_logs_a_hole_held_too_long_is_declared_and_the_rest_flows(tmp_path):
+    from hived.control.store import PENDING_MAX_CHUNKS
+
+    store = SQLiteStore(tmp_path / "big.db", "h")
+    store.create_build(build(1))
+    store.assign("h_0001", "box-a", 0, 1, 1.0)
+    for box_seq in range(1, PENDING_MAX_CHUNKS + 2):              # 0 never comes
+        store.append_log("h_0001", 1, box_seq, 1, b"x")
+    log = _log(store)
+    assert log[0][0] == STREAM_MARKER and b"box seq 0..0" in log[0][1]
+    assert log[1:] == [(1, b"x")] * (PENDING_MAX_CHUNKS + 1)
+    assert store.append_log("h_0001", 1, PENDING_MAX_CHUNKS + 2, 1, b"y") is not None  # in order again
+    assert store.append_log("h_0001", 1, 0, 1, b"late") is None   # too late: its place is the marker
+    assert store.gaps["sequence"] == 1
+    store.close()
+
+
+def test_logs_gap_markers_from_the_box_take_their_place_and_are_counted(store):
+    store.create_build(build(1))
+    store.assign("h_0001", "box-a", 0, 1, 1.0)
+    store.append_log("h_0001", 1, 0, 1, b"a" * 10)
+    store.append_log("h_0001", 1, 2, 1, b"b")                      # after the marker
+    store.append_log("h_0001", 1, 1, STREAM_MARKER, b"[cut 5000]", gap=("output_limit", 5000))
+    assert _log(store) == [(1, b"a" * 10), (STREAM_MARKER, b"[cut 5000]"), (1, b"b")]
+    assert store.gaps["output_limit"] == 1 and store.cut_bytes["output_limit"] == 5000
+
+
+def test_schema_1_file_is_upgraded(tmp_path):
+    import sqlite3
+
+    s = SQLiteStore(tmp_path / "h.db", "h")
+    s.create_build(build(1))
+    s.close()
+    db = sqlite3.connect(tmp_path / "h.db")
+    db.execute("ALTER TABLE builds DROP COLUMN log_cut_bytes")
+    db.execute("ALTER TABLE builds DROP COLUMN log_marker_bytes")
+    db.execute("DROP TABLE build_log_pending")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    s = SQLiteStore(tmp_path / "h.db", "h")
+    try:
+        assert s.get_build("h_0001").log_cut_bytes == 0
+        s.assign("h_0001", "box-a", 0, 1, 1.0)
+        assert s.append_log("h_0001", 1, 1, 1, b"later") is None and s.pending_builds == {"h_0001"}
+    finally:
+        s.close()
 
 
 def test_count_by_state_and_boxes(store):

@@ -93,3 +93,13 @@ def test_purepython_switch_selects_twins():
                             env={k: v for k, v in os.environ.items() if k != "HIVED_PUREPYTHON"},
                             check=True)
     assert native.stdout.split() == ["cython", "cython"]
+
+
+def test_a_field_newer_than_the_link_is_not_taken_from_the_frame():
+    """Found by benchmarks/fuzz_wire.py: a v1 link decoded `permanent` (v3) from a trailing value,
+    which its encoder would then drop: the field is not on a v1 link, whatever the peer sent."""
+    import msgpack
+
+    body = msgpack.packb([54, "b1", 2, -1, 0, "spawn_failed", "x", {}, False, True])
+    assert codec.decode(body, 1)["permanent"] is False
+    assert codec.decode(body, 3)["permanent"] is True

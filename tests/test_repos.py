@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -183,8 +184,17 @@ def test_checkout_image_is_the_tree_at_that_commit(tmp_path, project, daemon, fs
             with mounted(img.path, fs_type, tmp_path / f"mnt-{rev}") as mnt:
                 got = tree_listing(mnt)
                 got.pop("lost+found", None)
+                dot_git = {k: got.pop(k) for k in list(got) if k == ".git" or k.startswith(".git/")}
                 want = project.repo.archive_listing(commit)
                 assert got == want
+                # a depth-1 .git of that commit: git in the build sees the commit and a clean tree
+                assert ".git/shallow" in dot_git and ".git/index" in dot_git
+                work = tmp_path / f"work-{rev}"
+                shutil.copytree(mnt, work, symlinks=True)
+                assert git("rev-parse", "HEAD", cwd=work) == commit
+                assert git("status", "--porcelain", cwd=work) == ""
+                assert git("log", "--format=%H", cwd=work).split() == [commit]
+                assert git("cat-file", "-p", "HEAD:README.md", cwd=work) == (work / "README.md").read_text().strip()
                 if rev == "v1":
                     assert (mnt / "crlf.txt").read_bytes() == b"line\r\n"  # attributes applied, like a clone
                     assert os.readlink(mnt / "link-to-readme") == "README.md"
@@ -314,7 +324,7 @@ def test_submodules_and_empty_repositories(tmp_path, srv, daemon):
     async def main():
         img = await cache.checkout_image(daemon.url("top"), "main")
         with mounted(img.path, img.fs_type, tmp_path / "mnt") as mnt:
-            assert sorted(os.listdir(mnt)) == [".gitmodules", "vendor"]
+            assert sorted(os.listdir(mnt)) == [".git", ".gitmodules", "vendor"]
             assert os.listdir(mnt / "vendor" / "sub") == []
         for rev in ("main", "HEAD"):
             with pytest.raises(RevisionNotFound) as e:

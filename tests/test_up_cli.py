@@ -29,10 +29,10 @@ HIVED = [sys.executable, "-m", "hived"]
 
 
 class Up:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, pool: int = 1) -> None:
         self.home = home
         self.log = open(home / "up.log", "ab")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen([*HIVED, "up", "--home", str(home), "--pool", "1"],
+        self.proc = subprocess.Popen([*HIVED, "up", "--home", str(home), "--pool", str(pool)],
                                      stdout=subprocess.PIPE, stderr=self.log)
 
     def wait_ready(self, timeout=240) -> None:

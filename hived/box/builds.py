@@ -32,7 +32,22 @@ class CellBroke(Exception):
 
 
 class BadInput(Exception):
-    """A build's image or repository cannot be had; the message says which and why."""
+    """A build's image or repository cannot be had; the message says which and why.
+    `permanent`: asking again cannot help (it does not exist, or is named wrong); else the
+    cause is on the way (a registry or git server down, the cache full) and a retry may work."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def _permanent(exc: Exception) -> bool:
+    from hived.oci import errors as oci
+    from hived.repos import errors as repos
+
+    return isinstance(exc, (oci.InvalidReference, oci.NotFound, oci.AuthError, oci.UnsupportedImage,
+                            repos.InvalidUrl, repos.InvalidRevision, repos.RepoNotFound, repos.RevisionNotFound,
+                            repos.AuthError))
 
 
 @dataclasses.dataclass
@@ -59,7 +74,8 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
 
     image_ref, repo, rev = (str(options.get(k) or "") for k in ("image", "repo", "rev"))
     if rev and not repo:
-        raise BadInput(f"revision {rev!r} given without a repository: add the repository URL (--repo)")
+        raise BadInput(f"revision {rev!r} given without a repository: add the repository URL (--repo)",
+                       permanent=True)
     inputs = BuildInputs()
     t0 = time.monotonic()
     if image_ref:
@@ -70,7 +86,7 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
                 image_ref, credentials,
                 peers=peers.image_sources if peers is not None and box.config.peer_fetch else None)
         except OciError as exc:
-            raise BadInput(f"build image {image_ref}: {exc}") from None
+            raise BadInput(f"build image {image_ref}: {exc}", _permanent(exc)) from None
         except OSError as exc:
             raise BadInput(f"build image {image_ref}: cache error: {exc}") from None
         rec.update(image_digest=inputs.image.digest, image_ms=round((time.monotonic() - t0) * 1000, 2))
@@ -79,7 +95,7 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
         try:
             inputs.checkout = await box.repos.checkout_image(repo, rev or None, acquire=True)
         except RepoError as exc:
-            raise BadInput(f"repository {repo} at {rev or 'HEAD'}: {exc}") from None
+            raise BadInput(f"repository {repo} at {rev or 'HEAD'}: {exc}", _permanent(exc)) from None
         except OSError as exc:
             raise BadInput(f"repository {repo}: cache error: {exc}") from None
         rec.update(commit=inputs.checkout.commit, checkout_ms=round((time.monotonic() - t1) * 1000, 2))
@@ -113,9 +129,11 @@ async def run_build(box, client, build_id: str, msg) -> None:
                            **{k: options[k] for k in ("image", "repo", "rev") if options.get(k)})
     cancel = box.cancels[build_id]
 
-    async def finish(code: int, sig: int, reason: str, message: str, usage=None) -> None:
+    async def finish(code: int, sig: int, reason: str, message: str, usage=None, permanent=False) -> None:
         rec.update(state="done", code=code, signal=sig, reason=reason, message=message,
                    finished=time.time())
+        if permanent and hasattr(client, "permanent_failure"):
+            client.permanent_failure()  # the control plane must not try it again elsewhere
         box.metrics.builds.labels(reason).inc()
         await _tell(client, "exit", build_id=build_id, code=code, signal=sig, reason=reason,
                     message=message[:4096], usage=usage or {})
@@ -125,12 +143,12 @@ async def run_build(box, client, build_id: str, msg) -> None:
             await _tell(client, "error", code="not_found", fatal=False, ref=req["request_id"],
                         message=f"unknown shape {req['shape']!r}: this box offers "
                                 f"{', '.join(box.config.shapes)}")
-            await finish(-1, 0, "no_capacity", f"unknown shape {req['shape']!r}")
+            await finish(-1, 0, "no_capacity", f"unknown shape {req['shape']!r}", permanent=True)
             return
         try:
             inputs = await resolve_inputs(box, options, rec)
         except BadInput as exc:
-            await finish(-1, 0, "spawn_failed", str(exc))
+            await finish(-1, 0, "spawn_failed", str(exc), permanent=exc.permanent)
             return
         try:
             await _take_and_run(box, client, build_id, req, shape, cancel, rec, finish, inputs)
@@ -155,6 +173,11 @@ async def _take_and_run(box, client, build_id, req, shape, cancel, rec, finish, 
         await _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish, inputs)
     finally:
         await box.destroy(rt, "build over")
+
+
+def _cut_message(kept: int, cut: int, shape) -> str:
+    return (f"output cut after {kept} bytes: the build wrote more than the output limit of {shape.output_limit} "
+            f"bytes of shape {shape.name}; {cut} more byte(s) read and not kept, the build was stopped")
 
 
 async def _take_cell(pool, cancel: asyncio.Event, timeout: float):
@@ -204,6 +227,21 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
         lost = client.tunnel_lost()
     bucket = TokenBucket(shape.output_bytes_s, 1.0, loop.time(), shape.output_bytes_s)
     received = 0
+    per_stream = {1: 0, 2: 0}
+    cell_seq = 0  # the next output seq the cell must send
+    late: set[int] = set()  # seqs skipped so far: an older cell may send another stream's chunk late
+    out_seq = 0   # ours, to the client: output and gaps in one sequence
+
+    async def relay(name: str, **fields) -> None:
+        nonlocal out_seq
+        await _tell(client, name, build_id=build_id, seq=out_seq, **fields)
+        out_seq += 1
+
+    async def gap(stream: int, nbytes: int, reason: str, message: str) -> None:
+        """Nothing is dropped silently: a cut or a hole is a marker in the log, saying why."""
+        log.info("build %s: output gap (%s): %s", build_id, reason, message)
+        box.metrics.output_gaps.labels(reason).inc()
+        await relay("output.gap", stream=stream, bytes=nbytes, reason=reason, message=message[:512])
     deadline = None
     if req["timeout_s"] > 0:
         deadline = loop.time() + req["timeout_s"] + GRACE_S
@@ -275,26 +313,57 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
             elif msg.name == "output":
                 if cell.state is not CellState.RUNNING:
                     raise CellBroke("cell sent output before started")
-                n = len(msg["data"])
-                received += n
-                if received > shape.output_limit:
+                seq = msg["seq"]
+                if seq < cell_seq:  # each stream is in order by itself: relay a late one as it comes
+                    if seq not in late:
+                        raise CellBroke(f"cell sent output seq {seq} twice")
+                    late.discard(seq)
+                else:
+                    if seq - cell_seq > 4096:
+                        raise CellBroke(f"cell skipped from output seq {cell_seq} to {seq}")
+                    late.update(range(cell_seq, seq))
+                    cell_seq = seq + 1
+                data, stream = msg["data"], msg["stream"]
+                n = len(data)
+                if received + n > shape.output_limit:  # the cell cuts at the limit itself: a backstop
+                    keep = shape.output_limit - received
+                    if keep:
+                        await relay("output", stream=stream, data=data[:keep])
+                    received += keep
                     rec.update(output_bytes=received)
+                    await gap(stream, n - keep, "output_limit", _cut_message(received, n - keep, shape))
                     cell.transition(CellState.FINISHED, "output limit")
                     await finish(-1, 9, "output_limit", f"build wrote more than {shape.output_limit} "
                                  f"bytes; cell {cell.id} destroyed")
                     return
+                received += n
+                per_stream[stream] += n
                 wait = bucket.wait_time(n, loop.time())
                 if wait > 0:
                     await asyncio.sleep(wait)  # not reading meanwhile: back-pressure to the guest
                 bucket.consume(min(n, bucket.size), loop.time())
                 box.metrics.output_bytes.inc(n)
-                await _tell(client, "output", build_id=build_id, stream=msg["stream"], seq=msg["seq"],
-                            data=msg["data"])
+                await relay("output", stream=stream, data=data)
             elif msg.name == "exit":
                 if cell.state is CellState.ASSIGNED:  # spawn failed: it never started
                     cell.transition(CellState.RUNNING)
                 cell.transition(CellState.FINISHED, msg["reason"])
                 rec.update(output_bytes=received)
+                usage = msg["usage"]
+                if late:
+                    await gap(0, -1, "sequence", f"{len(late)} chunk(s) of output from cell {cell.id} never "
+                              "arrived")
+                for stream, key in ((1, "stdout_bytes"), (2, "stderr_bytes")):
+                    missing = int(usage.get(key, per_stream[stream])) - per_stream[stream]
+                    if missing > 0:
+                        await gap(stream, missing, "sequence", f"{missing} bytes of {key[:6]} sent by cell "
+                                  f"{cell.id} never reached the box")
+                cut = int(usage.get("output_cut_bytes", 0))
+                if msg["reason"] == "output_limit" or cut:
+                    await gap(0, cut, "output_limit", _cut_message(received, cut, shape))
+                if usage.get("output_undrained"):
+                    await gap(0, -1, "not_drained", "the build's output pipes stayed open and still after it "
+                              "ended; what was left in them is not here")
                 await finish(msg["code"], msg["signal"], msg["reason"], msg["message"], msg["usage"])
                 return
             elif msg.name == "error":

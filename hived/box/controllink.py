@@ -11,10 +11,15 @@ control plane has acknowledged it, across disconnects and control plane restarts
                                              <- cancel, pool.target
 
 Builds run through the same `run_build()` as builds from a local client: `Relay` is the
-"client" it talks to, turning build.accepted / output / exit into the messages above.
-While the link is down, output is held up to HOLD_OUTPUT_BYTES per build (beyond that it is
-dropped and the control plane's log shows a gap) and exits are held without limit; both go
-out, in order, after the next registration. A build that has not got a cell when the link
+"client" it talks to, turning build.accepted / output / output.gap / exit into the messages
+above. Output and gaps are numbered here, per build, in the order they go out (`seq`, which
+the control plane's store follows). While the link is down, output is held up to
+HOLD_OUTPUT_BYTES per build (beyond that it is dropped, and a `build.gap` saying how many
+bytes and why takes its place in the log) and exits are held without limit; both go out, in
+order, after the next registration. Output sent is also kept (up to HOLD_OUTPUT_BYTES) until
+the control plane says it is stored (`build.logged`, protocol v3), and sent again after a
+reconnect: frames in flight when a control plane dies are not lost (its store drops what it
+already has). A build that has not got a cell when the link
 has been down for half of `lost_s` is cancelled here (self-fencing): by then the control
 plane may give it to another box, and it must not run twice.
 
@@ -127,8 +132,13 @@ class HeldBuild:
     started: bool = False         # it has a cell (build.accepted)
     outbox: collections.deque = dataclasses.field(default_factory=collections.deque)
     held_bytes: int = 0
-    dropped_bytes: int = 0
+    dropped_bytes: int = 0        # output dropped while held, not yet told as a gap
+    dropped_streams: set = dataclasses.field(default_factory=set)
+    next_seq: int = 0             # of build.output / build.gap to the control plane
+    unacked: collections.deque = dataclasses.field(default_factory=collections.deque)  # (seq, name, fields)
+    unacked_bytes: int = 0
     exit: dict | None = None      # until build.ack
+    permanent: bool = False       # it can never run as asked: the control plane must not retry it
     fenced: bool = False
     options: dict = dataclasses.field(default_factory=dict, repr=False)  # may carry registry_auth
 
@@ -148,7 +158,11 @@ class Relay:
                                     cell_id=fields["cell_id"])
         elif name == "output":
             await self.link.deliver(rec, "build.output", build_id=rec.build_id, lease=rec.lease,
-                                    stream=fields["stream"], seq=fields["seq"], data=fields["data"])
+                                    stream=fields["stream"], data=fields["data"])
+        elif name == "output.gap":
+            await self.link.deliver(rec, "build.gap", build_id=rec.build_id, lease=rec.lease,
+                                    stream=fields["stream"], bytes=fields["bytes"], reason=fields["reason"],
+                                    message=fields["message"])
         elif name == "exit":
             message = fields["message"]
             if rec.fenced and not rec.started:
@@ -156,9 +170,14 @@ class Relay:
             rec.exit = dict(build_id=rec.build_id, lease=rec.lease, code=fields["code"],
                             signal=fields["signal"], reason=fields["reason"][:32], message=message[:4096],
                             usage=fields["usage"], started=rec.started)
+            if rec.permanent:
+                rec.exit["permanent"] = True
             await self.link.send_exit(rec)
         elif name == "error":
             log.warning("build %s: %s: %s", rec.build_id, fields.get("code"), fields.get("message"))
+
+    def permanent_failure(self) -> None:
+        self.rec.permanent = True
 
     # -- Secure Compute: the key exchange service is reached through the control link --------------
     async def open_tunnel(self, cell_id: str, network: str, public_key: bytes, timeout: float) -> dict:
@@ -268,19 +287,29 @@ class ControlLink(ReconnectLoop):
             self._fence = None
         log.info("box %s registered with hive %s at %s:%d (holding %d build(s))", cfg.box_id, msg["hive"],
                  cfg.host, cfg.port, len(self.records))
-        # Everything held goes out in order before anything new: then the link is ready.
+        # What was sent but not confirmed stored goes again (the store drops what it has), then
+        # everything held, in order, before anything new: then the link is ready.
+        for rec in list(self.records.values()):
+            for _, name, fields in list(rec.unacked):
+                await channel.send(name, **fields)
         while True:
-            pending = [b for b in self.records.values() if b.outbox]
+            pending = [b for b in self.records.values() if b.outbox or b.dropped_bytes]
             if not pending:
                 break
             for rec in pending:
+                self._gap_for_dropped(rec)
                 while rec.outbox:
                     name, fields = rec.outbox.popleft()
                     rec.held_bytes -= len(fields.get("data", b""))
+                    if name == "build.gap" and channel.session.version < 3:
+                        log.warning("build %s: %s (the control plane is too old to show it)", rec.build_id,
+                                    fields["message"])
+                        continue
                     await channel.send(name, **fields)
+                    self._sent(channel, rec, name, fields)
         for rec in list(self.records.values()):
             if rec.exit is not None:
-                await channel.send("build.exit", **rec.exit)
+                await channel.send("build.exit", **_exit_fields(channel, rec))
         self.ready = True
         self.registered.set()
         await self._report_holdings(channel, full=True)
@@ -360,6 +389,12 @@ class ControlLink(ReconnectLoop):
             if event is not None:
                 log.info("build %s: cancel from the control plane: %s", f["build_id"], f["reason"])
                 event.set()
+        elif msg.name == "build.logged":
+            rec = self.records.get(f["build_id"])
+            if rec is not None and rec.lease == f["lease"]:
+                while rec.unacked and rec.unacked[0][0] <= f["seq"]:
+                    _, _, fields = rec.unacked.popleft()
+                    rec.unacked_bytes -= len(fields.get("data", b""))
         elif msg.name == "build.ack":
             rec = self.records.get(f["build_id"])
             if rec is not None and rec.lease == f["lease"] and rec.exit is not None:
@@ -453,25 +488,71 @@ class ControlLink(ReconnectLoop):
 
     # -- messages to the control plane ------------------------------------------------------------------
     async def deliver(self, rec: HeldBuild, name: str, **fields) -> None:
-        """Send now if the link is up and nothing of this build is waiting; else hold it."""
-        if self.ready and not rec.outbox and self.channel is not None:
+        """Send now if the link is up and nothing of this build is waiting; else hold it.
+        Output and gaps get their seq here, in the order they will go out."""
+        size = len(fields.get("data", b""))
+        direct = self.ready and not rec.outbox and not rec.dropped_bytes and self.channel is not None
+        if name == "build.output" and not direct and rec.held_bytes + size > HOLD_OUTPUT_BYTES:
+            rec.dropped_bytes += size
+            rec.dropped_streams.add(fields["stream"])
+            return
+        if name in ("build.output", "build.gap"):
+            self._gap_for_dropped(rec)
+            fields["seq"], rec.next_seq = rec.next_seq, rec.next_seq + 1
+        if direct:
+            channel = self.channel
+            if name == "build.gap" and channel.session.version < 3:
+                log.warning("build %s: %s (the control plane is too old to show it)", rec.build_id,
+                            fields["message"])
+                return
             try:
-                await self.channel.send(name, **fields)
+                await channel.send(name, **fields)
+                self._sent(channel, rec, name, fields)
                 return
             except ChannelClosed:
                 pass
-        size = len(fields.get("data", b""))
-        if name == "build.output" and rec.held_bytes + size > HOLD_OUTPUT_BYTES:
-            rec.dropped_bytes += size
-            return
         rec.held_bytes += size
         rec.outbox.append((name, fields))
+
+    def _gap_for_dropped(self, rec: HeldBuild) -> None:
+        """Output dropped while held becomes one gap marker in its place, before what follows."""
+        if not rec.dropped_bytes:
+            return
+        streams = rec.dropped_streams
+        stream = next(iter(streams)) if len(streams) == 1 else 0
+        message = (f"{rec.dropped_bytes} bytes of output dropped here: the control plane was unreachable and the "
+                   f"box holds at most {HOLD_OUTPUT_BYTES} bytes per build meanwhile")
+        rec.outbox.append(("build.gap", dict(build_id=rec.build_id, lease=rec.lease, seq=rec.next_seq,
+                                             stream=stream, bytes=rec.dropped_bytes, reason="held_overflow",
+                                             message=message)))
+        rec.next_seq += 1
+        rec.dropped_bytes = 0
+        rec.dropped_streams = set()
+        self.box.metrics.output_gaps.labels("held_overflow").inc()
+
+    @staticmethod
+    def _sent(channel: Channel, rec: HeldBuild, name: str, fields: dict) -> None:
+        """Output sent is kept until the control plane has stored it (v3: build.logged)."""
+        if name not in ("build.output", "build.gap") or channel.session.version < 3:
+            return
+        rec.unacked.append((fields["seq"], name, fields))
+        rec.unacked_bytes += len(fields.get("data", b""))
+        while rec.unacked_bytes > HOLD_OUTPUT_BYTES:  # bounded: what goes here unconfirmed shows
+            _, _, old = rec.unacked.popleft()         # as a counted gap if it was lost after all
+            rec.unacked_bytes -= len(old.get("data", b""))
 
     async def send_exit(self, rec: HeldBuild) -> None:
         if self.ready and not rec.outbox and self.channel is not None:
             with contextlib.suppress(ChannelClosed):
-                await self.channel.send("build.exit", **rec.exit)
+                await self.channel.send("build.exit", **_exit_fields(self.channel, rec))
         # else: sent after the next registration, from self.records
+
+
+def _exit_fields(channel: Channel, rec: HeldBuild) -> dict:
+    """build.exit for this link's version (`permanent` came in v3; an older control plane retries)."""
+    if channel.session.version < 3:
+        return {k: v for k, v in rec.exit.items() if k != "permanent"}
+    return rec.exit
 
 
 def _default_capacity(box) -> int:

@@ -41,6 +41,8 @@ class BoxMetrics:
             ["shape"], registry=r,
             buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5),
         )
+        self.output_gaps = Counter("hived_box_output_gaps_total", "Markers put into build logs on this box "
+                                   "(output cut on purpose, or missing), by reason", ["reason"], registry=r)
         for state in CellState:
             self.cells.labels(state.value)
         self._server = None

@@ -29,6 +29,7 @@ from hived.protocol.session import Session
 PORT_NAME = "hived.0"
 CRUN = "/usr/bin/crun"
 CHUNK = 65536
+DRAIN_IDLE_S = 30.0  # after the build's end, its output is read to EOF while it keeps moving
 DEFAULT_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": "/work",
@@ -194,7 +195,11 @@ class Build:
         self.status: tuple[int, object] | None = None
         self.reaped = asyncio.Event()
         self.seq = 0
+        self.send_lock = asyncio.Lock()  # output frames leave in the order of their seq
         self.output_bytes = 0
+        self.stream_bytes = {1: 0, 2: 0}
+        self.cut_bytes = 0      # read but not sent: over the output limit
+        self.undrained = False  # the pipes were still open long after the build ended
         self.output_limit = int(msg["limits"].get("output_bytes", 0)) or None
         self.end_reason: str | None = None  # timeout / cancelled / output_limit
         self.end_message = ""
@@ -287,12 +292,23 @@ class Build:
         await self.reaped.wait()
         if timer:
             timer.cancel()
-        # The container's processes die with its init, so the pipes close; a moment for the rest.
-        done, pending = await asyncio.wait(readers, timeout=2.0)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        await self._drain(readers)
         await self._report()
+
+    async def _drain(self, readers) -> None:
+        """Every byte the build wrote is sent before its exit. The container's processes die
+        with its init, so both pipes reach EOF; what is still in them (and what waits for the
+        host to read, which paces us) is sent first, however long that takes while it moves."""
+        pending = set(readers)
+        while pending:
+            before = self.output_bytes
+            _, pending = await asyncio.wait(pending, timeout=DRAIN_IDLE_S)
+            if pending and self.output_bytes == before:
+                self.undrained = True  # stuck: say so in the exit rather than hang
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                return
 
     async def _pump(self, pipe, stream: int) -> None:
         loop = asyncio.get_running_loop()
@@ -305,14 +321,20 @@ class Build:
                 if not data:
                     return
                 if self.output_limit is not None and self.output_bytes + len(data) > self.output_limit:
-                    data = data[: max(0, self.output_limit - self.output_bytes)]
+                    keep = max(0, self.output_limit - self.output_bytes)
+                    self.cut_bytes += len(data) - keep
+                    data = data[:keep]
                     self.kill("output_limit", f"build wrote more than {self.output_limit} bytes")
                 self.output_bytes += len(data)
+                self.stream_bytes[stream] += len(data)
                 if data:
-                    seq, self.seq = self.seq, self.seq + 1
-                    # send() waits while the host is not reading: that is the back-pressure.
-                    await self.agent.channel.send("output", build_id=self.id, stream=stream,
-                                                  seq=seq, data=data)
+                    # One sender at a time, and the seq taken when the frame is written: two
+                    # streams waiting for the host must not overtake each other. send() waits
+                    # while the host is not reading: that is the back-pressure.
+                    async with self.send_lock:
+                        seq, self.seq = self.seq, self.seq + 1
+                        await self.agent.channel.send("output", build_id=self.id, stream=stream,
+                                                      seq=seq, data=data)
                 if self.end_reason == "output_limit":
                     return
         finally:
@@ -348,7 +370,13 @@ class Build:
             "stime_s": ru.ru_stime,
             "maxrss_kb": float(ru.ru_maxrss),
             "output_bytes": float(self.output_bytes),
+            "stdout_bytes": float(self.stream_bytes[1]),
+            "stderr_bytes": float(self.stream_bytes[2]),
+            "output_chunks": float(self.seq),
+            "output_cut_bytes": float(self.cut_bytes),
         }
+        if self.undrained:
+            usage["output_undrained"] = 1.0
         report = self._build_report()
         if report is not None and report[0] == "exec" and self.end_reason is None:
             argv0 = self.msg["argv"][:1]

@@ -39,21 +39,28 @@ def cmd_status(args) -> int:
 
 def add_parsers(sub) -> None:
     r = sub.add_parser("run", help="run a build through the API and stream its output; exits with its code")
-    r.add_argument("--home", default="/var/lib/hived/up", help="where `hived up` runs")
+    r.add_argument("--home", default="/var/lib/hived/up",
+                   help="home of the `hived up` to use (its endpoints.json; default %(default)s)")
     r.add_argument("--shape", default="", help="cell shape (default: the customer's first)")
     r.add_argument("--customer", default="", help="customer the build belongs to (default: hived up's own)")
     r.add_argument("--hive", default="", help="send it to this hive's API, not through the router")
-    r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
-    r.add_argument("--cwd", default="/work")
+    r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set an environment variable for the build (repeat for more)")
+    r.add_argument("--cwd", default="/work", metavar="DIR",
+                   help="directory the build starts in (default %(default)s, the build's home; "
+                        "/workspace, the checkout, with --repo)")
     r.add_argument("--timeout", type=float, default=0, help="seconds; 0 for none")
     r.add_argument("--secure", default="", metavar="NETWORK",
                    help="Secure Compute: reach the customer network NETWORK through a WireGuard tunnel (only)")
     r.add_argument("--image", default="", metavar="REF", help="build image (OCI reference) to run in")
     r.add_argument("--repo", default="", metavar="URL", help="git repository to check out (cwd: /workspace)")
     r.add_argument("--rev", default="", help="revision of --repo: commit, branch or tag (default: HEAD)")
-    r.add_argument("cmd", nargs=argparse.REMAINDER)
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
+                   help="the command to run in the cell, after -- (e.g. -- make test); its output streams "
+                        "here, stdout and stderr apart, and its exit code is ours")
     r.set_defaults(handler=cmd_run)
     s = sub.add_parser("status", help="the box (cells, pools, builds) and the hive (queue, builds by state)")
-    s.add_argument("--home", default="/var/lib/hived/up")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--home", default="/var/lib/hived/up",
+                   help="home of `hived up`, or state directory of `hived box` (default %(default)s)")
+    s.add_argument("--json", action="store_true", help="print the whole report as one JSON object")
     s.set_defaults(handler=cmd_status)

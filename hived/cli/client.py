@@ -32,12 +32,26 @@ QUEUED_HINT_S = 30.0   # a build still queued this long gets one line on stderr 
 def endpoints(home: str) -> dict:
     path = Path(home) / "endpoints.json"
     try:
-        return json.loads(path.read_text())
+        ep = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"no hived running at {home} ({path} missing): start one with "
                         f"`hived up --home {home}`") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(ep, dict):
+        raise UserError(f"cannot read {path}: not a JSON object")
+    return ep
+
+
+def _control_plane_dir(ep: dict) -> bool:
+    """DIR is the state directory of a `hived control` (one hive's control plane), not of `hived up`."""
+    return "hive" in ep and "api" in ep and "token" not in ep and "hives" not in ep
+
+
+def _not_for_control(home: str, ep: dict, command: str, instead: str) -> UserError:
+    return UserError(f"{home} is the state directory of `hived control` (hive {ep.get('hive')}, API "
+                     f"{ep.get('api')}), not of `hived up`: `hived {command} --home` takes a `hived up` home; "
+                     f"{instead}")
 
 
 # -- hived run ---------------------------------------------------------------------------------
@@ -46,6 +60,9 @@ def run(home, argv, *, hive="", shape="", customer="", env=None, cwd="/work", ti
     import uvloop
 
     ep = endpoints(home)
+    if _control_plane_dir(ep):
+        raise _not_for_control(home, ep, "run", f"submit to this hive with POST {ep.get('api')}/v1/builds "
+                               "and a customer's API token (hived control token)")
     customer = customer or ep.get("customer", "local")
     base, token = _api(ep, home, hive, customer)
     body = {"customer": customer, "argv": list(argv), "env": dict(env or {}), "cwd": cwd,
@@ -72,7 +89,9 @@ def _api(ep: dict, home: str, hive: str, customer: str) -> tuple[str, str]:
             raise UserError(f"unknown hive {hive!r}: the hived up at {home} runs "
                             f"{', '.join(sorted(hives)) or 'none'}")
         base = hives[hive]["api"]
-    token = ep["token"] if customer == ep.get("customer") else ep.get("admin_token", ep["token"])
+    token = ep.get("token") if customer == ep.get("customer") else ep.get("admin_token", ep.get("token"))
+    if not token:
+        raise UserError(f"{home}/endpoints.json has no API token: restart `hived up --home {home}`")
     return base.rstrip("/"), token
 
 
@@ -310,6 +329,12 @@ async def _error_text(r) -> str:
 # -- hived status ------------------------------------------------------------------------------
 async def _connect(home: str):
     ep = endpoints(home)
+    if _control_plane_dir(ep):
+        raise _not_for_control(home, ep, "status", f"ask this hive with GET {ep.get('api')}/v1/hive and an "
+                               "admin token, or run `hived status --home` on a box's state directory")
+    if "box" not in ep:
+        raise UserError(f"{home}/endpoints.json names no box socket: is {home} the home of `hived up` or "
+                        "the state directory of `hived box`?")
     try:
         return await connect_unix(ep["box"], Session("client", f"cli-{os.getpid()}", {"box", "control"}))
     except (OSError, ChannelClosed) as exc:

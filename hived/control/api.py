@@ -37,6 +37,7 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_ARGV, MAX_ITEM, MAX_ENV = 4096, 65536, 1024
 STREAMS = {1: "stdout", 2: "stderr", STREAM_MARKER: "hived"}
 KEEPALIVE_S = 15.0
+WORKSPACE = "/workspace"  # a build's checkout, and its cwd unless it names another (hived/box/builds.py)
 CONTROL = web.AppKey("control", object)
 
 
@@ -211,6 +212,8 @@ class Api:
                            f"(theirs: {have})")
         if not secure:
             options.pop("secure_compute", None)
+        if options.get("repo") and cwd == "/work":
+            cwd = WORKSPACE  # where the box runs a build with a checkout: the record says so
         return {"customer": customer, "shape": shape, "argv": argv, "env": env, "cwd": cwd,
                 "timeout_s": float(timeout), "options": options}
 
@@ -343,7 +346,7 @@ class Api:
         if repo.secure_compute:
             options["secure_compute"] = repo.secure_compute
         build = Build(id=self.cp.new_build_id(), customer=repo.customer, shape=repo.shape,
-                      argv=list(repo.command), env=env, cwd="/work", timeout_s=repo.timeout_s,
+                      argv=list(repo.command), env=env, cwd=WORKSPACE if url else "/work", timeout_s=repo.timeout_s,
                       options=options, submitted_at=self.cp.clock(),
                       idem_key=f"github:{delivery}" if delivery else None, source="github")
         return await self._submit(build)

@@ -1,9 +1,9 @@
 """The control plane's Prometheus metrics, on a registry of its own (tests run several hives)."""
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from hived.control.store import STATES
+from hived.control.store import GAP_REASONS, STATES
 
 
 class _Live:
@@ -29,6 +29,17 @@ class _Live:
                                 value=cp.scheduler.boxes_connected())
         yield GaugeMetricFamily("hived_control_is_leader", "1 if this control plane leads its hive (schedules), "
                                 "0 if it stands by", value=1 if cp.leading else 0)
+        gaps = CounterMetricFamily("hived_output_gaps", "Markers in build logs where output was cut on "
+                                   "purpose or is missing (since start), by reason", labels=["reason"])
+        cut = CounterMetricFamily("hived_output_cut_bytes", "Output bytes those markers stand for, where "
+                                  "known (since start), by reason", labels=["reason"])
+        store_gaps = getattr(cp.store, "gaps", {})
+        store_cut = getattr(cp.store, "cut_bytes", {})
+        for reason in GAP_REASONS:
+            gaps.add_metric([reason], store_gaps.get(reason, 0))
+            cut.add_metric([reason], store_cut.get(reason, 0))
+        yield gaps
+        yield cut
 
 
 class ControlMetrics:

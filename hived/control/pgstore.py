@@ -27,10 +27,14 @@ Shape:
 * Leading several replicas (hived/control/replicas.py), every commit is also fenced by the
   leader's epoch and announces the builds it changed (NOTIFY hived_builds).
 * `append_log` is SQLiteStore.append_log's rules in Python: a change to those (how output
-  is ordered by box_seq, the cap) is made in both (the store tests run on both stores).
+  is ordered by box_seq, the cap) is made in both (the store tests run on both stores). One
+  difference: chunks waiting behind a hole are kept in the live copy, not in a table; the
+  box keeps them too until `build.logged` passes them (log_position is below the hole), so a
+  restart loses nothing: the box sends them again.
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -42,6 +46,7 @@ from urllib.parse import urlsplit
 from hived.control.store import (
     ASSIGNED,
     LIVE,
+    PENDING_MAX_CHUNKS,
     QUEUED,
     RUNNING,
     STATES,
@@ -53,6 +58,7 @@ from hived.control.store import (
     Store,
     StoreError,
     _dumps,
+    _gap_marker,
 )
 
 # Each migration is applied once, in order, in one transaction; never edit one that shipped.
@@ -108,6 +114,11 @@ MIGRATIONS: tuple[str, ...] = (
         RETURN 0;
     END $$;
     """,
+    # 3: what a log holds is said in it (markers for cuts and holes): their bytes, and the output cut at the cap
+    """
+    ALTER TABLE builds ADD COLUMN log_cut_bytes BIGINT NOT NULL DEFAULT 0,
+                       ADD COLUMN log_marker_bytes BIGINT NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _MIGRATE_LOCK = 0x68697665_64000001  # pg_advisory_xact_lock key: "hived" + 1
@@ -115,19 +126,22 @@ _MIGRATE_LOCK = 0x68697665_64000001  # pg_advisory_xact_lock key: "hived" + 1
 _COLS = ("id", "customer", "shape", "argv", "env", "cwd", "timeout_s", "options", "state", "box",
          "cell", "lease", "attempts", "exit_code", "signal", "reason", "message", "usage",
          "submitted_at", "assigned_at", "started_at", "finished_at", "idem_key", "source",
-         "log_bytes", "log_truncated", "cancel_requested")
+         "log_bytes", "log_truncated", "cancel_requested", "log_cut_bytes")
 _TYPES = {"argv": "text", "env": "text", "options": "text", "usage": "text", "timeout_s": "float8",
           "submitted_at": "float8", "assigned_at": "float8", "started_at": "float8", "finished_at": "float8",
           "lease": "int8", "attempts": "int4", "exit_code": "int4", "signal": "int4", "log_bytes": "int8",
-          "log_truncated": "bool", "cancel_requested": "bool", "log_next_seq": "int8", "log_box_seq": "int8"}
+          "log_truncated": "bool", "cancel_requested": "bool", "log_next_seq": "int8", "log_box_seq": "int8",
+          "log_cut_bytes": "int8", "log_marker_bytes": "int8"}
 _JSON = {"argv", "env", "options", "usage"}
 _SELECT = f"SELECT {', '.join(_COLS)} FROM builds"
 _LIVE_SQL = f"{_SELECT} WHERE state IN ('queued', 'assigned', 'running') ORDER BY submitted_at, id"
-_LOG_COUNTERS = ("log_next_seq", "log_box_seq")
+_LOG_COUNTERS = ("log_next_seq", "log_box_seq", "log_marker_bytes")
+_LIVE_COLS = ", log_next_seq, log_box_seq, log_marker_bytes FROM"  # what _Live adds to a Build
 
 # What a write changes on a build that exists: written by one compare-and-set UPDATE per commit.
 _MUTABLE = ("state", "box", "cell", "lease", "attempts", "exit_code", "signal", "reason", "message", "usage",
-            "assigned_at", "started_at", "finished_at", "log_bytes", "log_truncated", "cancel_requested")
+            "assigned_at", "started_at", "finished_at", "log_bytes", "log_truncated", "cancel_requested",
+            "log_cut_bytes")
 _EXPECT = (("old_state", "text"), ("old_lease", "int8"), ("old_next_seq", "int8"), ("old_cancel", "bool"))
 
 
@@ -197,13 +211,16 @@ class _Live:
     build: Build
     next_seq: int = 0
     box_seq: int = -1
+    marker_bytes: int = 0
+    pending: dict = dataclasses.field(default_factory=dict)  # box_seq -> (stream, data, gap): behind a hole
 
     def snapshot(self) -> "_Live":
-        return _Live(copy.copy(self.build), self.next_seq, self.box_seq)
+        return _Live(copy.copy(self.build), self.next_seq, self.box_seq, self.marker_bytes, dict(self.pending))
 
     def same(self, other: "_Live") -> bool:
         a, b = self.build, other.build
-        return (self.next_seq, self.box_seq) == (other.next_seq, other.box_seq) and \
+        return (self.next_seq, self.box_seq, self.marker_bytes) == (other.next_seq, other.box_seq,
+                                                                    other.marker_bytes) and \
             all(getattr(a, c) == getattr(b, c) for c in _MUTABLE)
 
 
@@ -254,6 +271,9 @@ class PostgresStore(Store):
         self.in_batch = False
         self.poisoned = ""
         self._live: dict[str, _Live] = {}
+        self.gaps: collections.Counter = collections.Counter()      # markers written since start (metrics)
+        self.cut_bytes: collections.Counter = collections.Counter()
+        self.duplicates = 0
         self._idem_live: dict[tuple, str] = {}   # (customer, idem_key) -> id, for builds in _live
         self._in_flight: list[tuple] = []        # (future, ids the batch ended), oldest first
         self.broken = ""                         # why commits stopped (a pipelined commit failed)
@@ -268,8 +288,8 @@ class PostgresStore(Store):
             self._db.call(self._migrate())
             self._wlock = self._db.call(_make_lock())
             self._side_lock = self._db.call(_make_lock())
-            for build, next_seq, box_seq in self._db.call(self._load_live()):
-                self._remember(_Live(build, next_seq, box_seq))
+            for live in self._db.call(self._load_live()):
+                self._remember(live)
         except BaseException:
             self.close()
             raise
@@ -308,9 +328,9 @@ class PostgresStore(Store):
                 await w.execute("UPDATE meta SET value = $1 WHERE key = 'schema'", str(version))
 
     async def _load_live(self) -> list:
-        rows = await self.w.fetch(f"{_SELECT.replace(' FROM', ', log_next_seq, log_box_seq FROM')} "
+        rows = await self.w.fetch(f"{_SELECT.replace(' FROM', _LIVE_COLS)} "
                                   "WHERE state IN ('queued', 'assigned', 'running')")
-        return [(_build(r), r["log_next_seq"], r["log_box_seq"]) for r in rows]
+        return [_live_row(r) for r in rows]
 
     def schema_version(self) -> int:
         return int(self._read("fetchval", "SELECT value FROM meta WHERE key = 'schema'"))
@@ -361,11 +381,10 @@ class PostgresStore(Store):
         if live is None:
             # Not live here: no commit in flight touches it (ended builds stay until theirs
             # landed), so the committed row is the whole truth.
-            row = self._read("fetchrow", f"{_SELECT.replace(' FROM', ', log_next_seq, log_box_seq FROM')} "
-                             "WHERE id = $1", build_id)
+            row = self._read("fetchrow", f"{_SELECT.replace(' FROM', _LIVE_COLS)} WHERE id = $1", build_id)
             if row is None or row["state"] not in LIVE:
                 return None  # unknown or over: every write below needs a live build
-            live = _Live(_build(row), row["log_next_seq"], row["log_box_seq"])
+            live = _live_row(row)
             self._remember(live)
         if build_id not in self._before and build_id not in self._created:
             self._before[build_id] = live.snapshot()
@@ -568,8 +587,8 @@ class PostgresStore(Store):
             self._in_flight.clear()
             self._live.clear()
             self._idem_live.clear()
-            for build, next_seq, box_seq in self._db.call(self._load_live()):
-                self._remember(_Live(build, next_seq, box_seq))
+            for live in self._db.call(self._load_live()):
+                self._remember(live)
             self.epoch = epoch
 
     def queued_ids(self) -> list[str]:
@@ -693,6 +712,7 @@ class PostgresStore(Store):
                 return False
             b.state, b.exit_code, b.signal, b.reason, b.message = state, code, signal, reason, message
             b.usage, b.finished_at = dict(usage or {}), now
+            self._close_log(live)
             return True
 
     def request_cancel(self, build_id: str) -> bool:
@@ -709,34 +729,99 @@ class PostgresStore(Store):
         return counts
 
     # -- logs -----------------------------------------------------------------------------------
-    def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes) -> int | None:
-        """SQLiteStore.append_log's rules, decided on the live copy: a chunk from the box holding
-        `lease`, after the last box_seq stored, under the cap; the cap truncates with a marker."""
+    def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes,
+                   gap: tuple[str, int] | None = None) -> int | None:
+        """SQLiteStore.append_log's rules, decided on the live copy (see there)."""
         with self._tx():
             live = self._touch(build_id)
             if live is None:
                 return None
             b = live.build
-            if b.lease != lease or b.state not in LIVE or box_seq <= live.box_seq:
+            if b.lease != lease or b.state not in LIVE:
                 return None
-            if b.log_truncated:
-                live.box_seq = box_seq
+            if box_seq <= live.box_seq:
+                self.duplicates += 1
                 return None
-            seq = live.next_seq
-            if b.log_bytes + len(data) > self.log_max_bytes:
-                room = self.log_max_bytes - b.log_bytes
-                if room > 0:
-                    self._logs.append((build_id, seq, stream, bytes(data[:room])))
-                    seq += 1
-                marker = (f"\n[hived: log truncated: the control plane keeps {self.log_max_bytes} bytes "
-                          "per build]\n").encode()
-                self._logs.append((build_id, seq, STREAM_MARKER, marker))
-                b.log_bytes, b.log_truncated = self.log_max_bytes, True
-            else:
-                self._logs.append((build_id, seq, stream, bytes(data)))
-                b.log_bytes += len(data)
-            live.next_seq, live.box_seq = seq + 1, box_seq
+            if box_seq > live.box_seq + 1:  # a hole before it: wait for it to fill
+                live.pending.setdefault(box_seq, (stream, bytes(data), gap))
+                if len(live.pending) > PENDING_MAX_CHUNKS:
+                    self._flush_pending(live, holes=True)
+                return None
+            seq = self._place(live, stream, data, gap)
+            live.box_seq = box_seq
+            if live.pending:
+                self._flush_pending(live, holes=False)
             return seq
+
+    def _place(self, live: _Live, stream: int, data: bytes, gap: tuple[str, int] | None) -> int | None:
+        b = live.build
+        if gap is not None:
+            reason, lost = gap
+            self.gaps[reason] += 1
+            if lost > 0:
+                self.cut_bytes[reason] += lost
+            return self._log_write(live, STREAM_MARKER, data)
+        if b.log_truncated:
+            self.cut_bytes["log_max_bytes"] += len(data)
+            b.log_cut_bytes += len(data)
+            return None
+        output = b.log_bytes - live.marker_bytes
+        if output + len(data) <= self.log_max_bytes:
+            return self._log_write(live, stream, data)
+        room = max(0, self.log_max_bytes - output)
+        if room > 0:
+            self._log_write(live, stream, data[:room])
+        cut = len(data) - room
+        self.gaps["log_max_bytes"] += 1
+        self.cut_bytes["log_max_bytes"] += cut
+        seq = self._log_write(live, STREAM_MARKER, (
+            f"\n[hived: log truncated at {self.log_max_bytes} bytes: the hive keeps that much output per "
+            "build (hive.log_max_bytes); the rest is cut, its size follows at the end]\n").encode())
+        b.log_truncated, b.log_cut_bytes = True, b.log_cut_bytes + cut
+        return seq
+
+    def _log_write(self, live: _Live, stream: int, data: bytes) -> int:
+        seq = live.next_seq
+        self._logs.append((live.build.id, seq, stream, bytes(data)))
+        live.next_seq += 1
+        live.build.log_bytes += len(data)
+        if stream == STREAM_MARKER:
+            live.marker_bytes += len(data)
+        return seq
+
+    def _flush_pending(self, live: _Live, *, holes: bool) -> None:
+        last = live.box_seq
+        for box_seq in sorted(live.pending):
+            if box_seq > last + 1:
+                if not holes:
+                    break
+                self._place(live, STREAM_MARKER, _gap_marker(
+                    f"{box_seq - last - 1} chunk(s) of output never reached the control plane (box seq "
+                    f"{last + 1}..{box_seq - 1}); what follows came after them"), ("sequence", -1))
+            stream, data, gap = live.pending.pop(box_seq)
+            self._place(live, stream, data, gap)
+            last = box_seq
+        live.box_seq = last
+
+    def _close_log(self, live: _Live) -> None:
+        if live.pending:
+            self._flush_pending(live, holes=True)
+        b = live.build
+        if b.log_truncated:
+            self._place(live, STREAM_MARKER, _gap_marker(
+                f"{b.log_cut_bytes} bytes of output were cut after the first {self.log_max_bytes} "
+                "(hive.log_max_bytes)"), ("log_max_bytes", 0))
+            self.gaps["log_max_bytes"] -= 1  # the same cut as the first marker, counted once
+
+    def log_position(self, build_id: str) -> int:
+        with self.lock:
+            live = self._live.get(build_id)
+            return live.box_seq if live is not None else -1
+
+    @property
+    def pending_builds(self) -> set[str]:
+        with self.lock:
+            return {i for i, live in self._live.items() if live.pending}
 
     def read_log(self, build_id: str, after: int = -1, limit: int = 256) -> list[LogChunk]:
         return [LogChunk(r[0], r[1], bytes(r[2])) for r in self._read(
@@ -766,7 +851,11 @@ def _build(row) -> Build:
     return Build(**{c: row[c] for c in _COLS})
 
 
+def _live_row(row) -> _Live:
+    return _Live(_build(row), row["log_next_seq"], row["log_box_seq"], row["log_marker_bytes"])
+
+
 def _row(live: _Live, cols=_COLS) -> tuple:
     b = live.build
     values = tuple(_dumps(getattr(b, c)) if c in _JSON else getattr(b, c) for c in cols)
-    return (*values, live.next_seq, live.box_seq)
+    return (*values, live.next_seq, live.box_seq, live.marker_bytes)

@@ -193,7 +193,8 @@ class Scheduler:
         return self._held(box_id, build_id, lease) is not None
 
     def exited(self, box_id: str, build_id: str, lease: int, *, started: bool, reason: str, code: int,
-               now: float, signal: int = 0, message: str = "", usage: dict | None = None) -> list:
+               now: float, signal: int = 0, message: str = "", usage: dict | None = None,
+               permanent: bool = False) -> list:
         """The box reports the end of a build. Returns the actions; [] when the lease is stale
         (the caller acknowledges it all the same, so the box forgets it)."""
         st = self._held(box_id, build_id, lease)
@@ -202,7 +203,8 @@ class Scheduler:
         box = self.boxes[box_id]
         box.builds.discard(build_id)
         self._touch(box)
-        refused = not started and st.state == ASSIGNED and not st.cancel_requested
+        # Never started: another attempt may work, unless the box says it never can (bad input).
+        refused = not started and st.state == ASSIGNED and not st.cancel_requested and not permanent
         if refused and st.attempts < self.max_attempts:
             st.state, st.box = QUEUED, ""
             self.queues[st.shape].appendleft(st.id)  # it waited already: first in line

@@ -40,7 +40,7 @@ from hived.control.config import ControlConfig
 from hived.control.holdings import HoldingsIndex
 from hived.control.keyexchange import ConnectorLink, KeyExchange
 from hived.control.metrics import ControlMetrics
-from hived.control.store import Build, Store
+from hived.control.store import STREAM_MARKER, Build, Store
 from hived.control.stores import open_store
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.errors import ProtocolError
@@ -91,6 +91,7 @@ class BoxLink:
         self.stale_cancelled: set[str] = set()
         self.row_written = 0.0
         self.out: list[bytes] = []
+        self.logged: dict[str, int] = {}  # build id -> lease: tell the box how far its output is stored
 
     def send(self, name: str, **fields) -> None:
         try:
@@ -98,17 +99,38 @@ class BoxLink:
         except (ProtocolError, OSError, RuntimeError) as exc:
             log.warning("box %s: cannot send %s: %s", self.box_id, name, exc)
             return
-        if not self.out:
+        if not self.out and not self.logged:
             self.control._dirty(self)
         self.out.append(frame)
 
+    def output_stored(self, build_id: str, lease: int) -> None:
+        """With this turn's commit, one `build.logged` per build says how far its output is
+        durable (v3 boxes keep what they sent until then)."""
+        if self.channel.session.version < 3:
+            return
+        if not self.out and not self.logged:
+            self.control._dirty(self)
+        self.logged[build_id] = lease
+
     def take_out(self) -> list[bytes]:
+        """This turn's frames, said once its commit has landed. The log positions are read now,
+        from the batch that commit makes durable."""
         frames, self.out = self.out, []
+        logged, self.logged = self.logged, {}
+        for build_id, lease in logged.items():
+            position = self.control.store.log_position(build_id)
+            if position >= 0:
+                try:
+                    frames.append(self.channel.session.frame("build.logged", build_id=build_id, lease=lease,
+                                                             seq=position))
+                except ProtocolError:  # the link closed meanwhile: the box sends it all again
+                    break
         return frames
 
     def write_frames(self, frames: list[bytes]) -> None:
         channel = self.channel
-        if channel.closed_reason is None and channel.transport is not None and not channel.transport.is_closing():
+        if frames and channel.closed_reason is None and channel.transport is not None \
+                and not channel.transport.is_closing():
             channel.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
 
@@ -714,18 +736,25 @@ class ControlPlane:
                 self._notify(f["build_id"])
             else:
                 self._stale(link, f["build_id"], f["lease"], name)
-        elif name == "build.output":
+        elif name in ("build.output", "build.gap"):
             if self.scheduler.holds(box_id, f["build_id"], f["lease"]):
                 self._begin()
-                if self.store.append_log(f["build_id"], f["lease"], f["seq"], f["stream"], f["data"]) \
-                        is not None:
+                if name == "build.output":
+                    stored = self.store.append_log(f["build_id"], f["lease"], f["seq"], f["stream"], f["data"])
+                else:
+                    marker = f"\n[hived: {f['message']}]\n".encode()
+                    stored = self.store.append_log(f["build_id"], f["lease"], f["seq"], STREAM_MARKER, marker,
+                                                   gap=(f["reason"], f["bytes"]))
+                if stored is not None:
                     self._notify(f["build_id"])
+                link.output_stored(f["build_id"], f["lease"])
             else:
                 self._stale(link, f["build_id"], f["lease"], name)
         elif name == "build.exit":
             actions = self.scheduler.exited(box_id, f["build_id"], f["lease"], started=f["started"],
                                             reason=f["reason"], code=f["code"], signal=f["signal"],
-                                            message=f["message"], usage=f["usage"], now=now)
+                                            message=f["message"], usage=f["usage"], now=now,
+                                            permanent=f.get("permanent", False))
             if not actions:
                 self.metrics.refused.inc()
                 log.info("box %s: exit of %s with stale lease %d: acknowledged, ignored", box_id,

@@ -19,6 +19,7 @@ store implements the same methods with the same conditional UPDATEs.
 """
 
 import abc
+import collections
 import contextlib
 import dataclasses
 import json
@@ -32,8 +33,10 @@ STATES = (QUEUED, ASSIGNED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 LIVE = (QUEUED, ASSIGNED, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
-STREAM_MARKER = 0  # a log chunk written by the control plane itself (truncation notice)
-SCHEMA_VERSION = 1
+STREAM_MARKER = 0  # a log chunk written by hived itself: a cut or a gap, saying how much and why
+SCHEMA_VERSION = 2  # 2: build_log_pending, builds.log_cut_bytes and log_marker_bytes
+PENDING_MAX_CHUNKS = 256  # chunks held back behind a hole before the hole is declared a gap
+GAP_REASONS = ("output_limit", "log_max_bytes", "held_overflow", "sequence", "not_drained")
 
 
 class StoreError(Exception):
@@ -66,9 +69,10 @@ class Build:
     finished_at: float | None = None
     idem_key: str | None = None  # per customer: a second submit with the same key gets this build
     source: str = "api"
-    log_bytes: int = 0
+    log_bytes: int = 0          # bytes a reader of the whole log gets (markers included)
     log_truncated: bool = False
     cancel_requested: bool = False
+    log_cut_bytes: int = 0      # output refused beyond log_max_bytes
 
     @property
     def terminal(self) -> bool:
@@ -85,7 +89,8 @@ class Build:
             "message": self.message or None, "usage": self.usage, "submitted_at": self.submitted_at,
             "assigned_at": self.assigned_at, "started_at": self.started_at,
             "finished_at": self.finished_at, "source": self.source, "log_bytes": self.log_bytes,
-            "log_truncated": self.log_truncated, "cancel_requested": self.cancel_requested,
+            "log_truncated": self.log_truncated, "log_cut_bytes": self.log_cut_bytes,
+            "cancel_requested": self.cancel_requested,
         }
 
 
@@ -184,9 +189,18 @@ class Store(abc.ABC):
 
     # -- logs ---------------------------------------------------------------------------
     @abc.abstractmethod
-    def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes) -> int | None:
-        """Store a chunk from the box holding `lease`; duplicates (box_seq not above the last
-        one) and chunks past the build's cap are dropped. Returns the stored seq or None."""
+    def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes,
+                   gap: tuple[str, int] | None = None) -> int | None:
+        """Store a chunk from the box holding `lease`, in the order of `box_seq` (contiguous per
+        build): a duplicate (box_seq already stored) is dropped; one ahead of a hole waits
+        (durably) for the hole to fill, and a hole still open when the build ends, or too long,
+        becomes a visible marker counted in `gaps`. Past the build's cap, output is cut with
+        a marker. `gap` (reason, bytes) makes the chunk a marker the box sent (`build.gap`,
+        stream 0). Returns the log seq the chunk got now, or None."""
+
+    @abc.abstractmethod
+    def log_position(self, build_id: str) -> int:
+        """The last box_seq up to which the build's output is stored without a hole (-1: none)."""
 
     @abc.abstractmethod
     def read_log(self, build_id: str, after: int = -1, limit: int = 256) -> list[LogChunk]: ...
@@ -211,18 +225,22 @@ CREATE TABLE IF NOT EXISTS builds (
     idem_key TEXT, source TEXT NOT NULL DEFAULT 'api',
     log_bytes INTEGER NOT NULL DEFAULT 0, log_truncated INTEGER NOT NULL DEFAULT 0,
     log_next_seq INTEGER NOT NULL DEFAULT 0, log_box_seq INTEGER NOT NULL DEFAULT -1,
-    cancel_requested INTEGER NOT NULL DEFAULT 0);
+    cancel_requested INTEGER NOT NULL DEFAULT 0, log_cut_bytes INTEGER NOT NULL DEFAULT 0,
+    log_marker_bytes INTEGER NOT NULL DEFAULT 0);
 CREATE UNIQUE INDEX IF NOT EXISTS builds_idem ON builds (customer, idem_key) WHERE idem_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS builds_live ON builds (state) WHERE state IN ('queued', 'assigned', 'running');
 CREATE TABLE IF NOT EXISTS build_logs (
     build_id TEXT NOT NULL, seq INTEGER NOT NULL, stream INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (build_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS build_log_pending (
+    build_id TEXT NOT NULL, box_seq INTEGER NOT NULL, stream INTEGER NOT NULL, data BLOB NOT NULL,
+    gap_reason TEXT, gap_bytes INTEGER, PRIMARY KEY (build_id, box_seq)) WITHOUT ROWID;
 """
 
 _BUILD_COLS = ("id", "customer", "shape", "argv", "env", "cwd", "timeout_s", "options", "state", "box",
                "cell", "lease", "attempts", "exit_code", "signal", "reason", "message", "usage",
                "submitted_at", "assigned_at", "started_at", "finished_at", "idem_key", "source",
-               "log_bytes", "log_truncated", "cancel_requested")
+               "log_bytes", "log_truncated", "cancel_requested", "log_cut_bytes")
 _JSON_COLS = {"argv", "env", "options", "usage"}
 _BOOL_COLS = {"log_truncated", "cancel_requested"}
 _COLS = ", ".join(_BUILD_COLS)
@@ -232,6 +250,10 @@ _GET_IDEM = f"{_SELECT_BUILD} WHERE customer = ? AND idem_key = ?"
 _LIVE_BUILDS = f"{_SELECT_BUILD} WHERE state IN ('queued', 'assigned', 'running') ORDER BY submitted_at, id"
 _INSERT_BUILD = f"INSERT INTO builds ({_COLS}) VALUES ({', '.join('?' * len(_BUILD_COLS))})"
 _CONVERT = tuple((json.loads if c in _JSON_COLS else bool if c in _BOOL_COLS else None) for c in _BUILD_COLS)
+
+
+def _gap_marker(text: str) -> bytes:
+    return f"\n[hived: {text}]\n".encode()
 
 
 def _row_to_build(row) -> Build:
@@ -255,8 +277,8 @@ def _dumps(value) -> str:
 
 _APPEND_FAST = (  # the usual chunk: in order, under the cap; one statement decides and counts it
     "UPDATE builds SET log_bytes = log_bytes + ?, log_next_seq = log_next_seq + 1, log_box_seq = ? "
-    "WHERE id = ? AND lease = ? AND state IN ('queued', 'assigned', 'running') AND log_box_seq < ? "
-    "AND log_truncated = 0 AND log_bytes + ? <= ? RETURNING log_next_seq - 1")
+    "WHERE id = ? AND lease = ? AND state IN ('queued', 'assigned', 'running') AND log_box_seq = ? - 1 "
+    "AND log_truncated = 0 AND log_bytes - log_marker_bytes + ? <= ? RETURNING log_next_seq - 1")
 
 
 class SQLiteStore(Store):
@@ -276,6 +298,11 @@ class SQLiteStore(Store):
             raise StoreError(f"cannot open the hive's database {self.path}: {exc}") from None
         self.lock = threading.RLock()  # the writer; held from begin() to commit() by a batch
         self.rlock = threading.Lock()   # the reader
+        # Markers written since start, by reason, and output bytes they stand for (metrics).
+        self.gaps: collections.Counter = collections.Counter()
+        self.cut_bytes: collections.Counter = collections.Counter()
+        self.duplicates = 0
+        self.pending_builds: set[str] = set()  # builds with chunks waiting behind a hole
         self.rdb = None
         self.in_batch = False
         self.poisoned = ""              # why the open batch must not be committed
@@ -311,6 +338,13 @@ class SQLiteStore(Store):
                 if int(rows.get("schema", 0)) > SCHEMA_VERSION:
                     raise StoreError(f"{self.path} has schema {rows['schema']}, newer than this hived "
                                      f"({SCHEMA_VERSION}): upgrade hived")
+                if int(rows.get("schema", 0)) < SCHEMA_VERSION:  # 1 -> 2: one column (the table came above)
+                    columns = {r[1] for r in db.execute("PRAGMA table_info(builds)")}
+                    for column in ("log_cut_bytes", "log_marker_bytes"):
+                        if column not in columns:
+                            db.execute(f"ALTER TABLE builds ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+            self.pending_builds = {r[0] for r in db.execute("SELECT DISTINCT build_id FROM build_log_pending")}
         # Reads on a connection of their own: in WAL mode they see the last commit, never an
         # open batch, and never wait for the writer.
         self.rdb = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
@@ -492,7 +526,7 @@ class SQLiteStore(Store):
                   _dumps(b.options), b.state, b.box, b.cell, b.lease, b.attempts, b.exit_code, b.signal,
                   b.reason, b.message, _dumps(b.usage), b.submitted_at, b.assigned_at, b.started_at,
                   b.finished_at, b.idem_key, b.source, b.log_bytes, int(b.log_truncated),
-                  int(b.cancel_requested))
+                  int(b.cancel_requested), b.log_cut_bytes)
         with self._tx() as db:
             if build.idem_key is not None:
                 row = db.execute(_GET_IDEM, (build.customer, build.idem_key)).fetchone()
@@ -535,7 +569,11 @@ class SQLiteStore(Store):
         if lease is not None:
             sql += " AND lease = ?"
             args.append(lease)
-        return self._update(sql, args)
+        with self._tx() as db:
+            if db.execute(sql, args).rowcount != 1:
+                return False
+            self._close_log(db, build_id)
+            return True
 
     def request_cancel(self, build_id: str) -> bool:
         return self._update("UPDATE builds SET cancel_requested = 1 WHERE id = ? AND state IN "
@@ -547,45 +585,121 @@ class SQLiteStore(Store):
         return counts
 
     # -- logs -------------------------------------------------------------------------------
-    def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes) -> int | None:
+    def append_log(self, build_id: str, lease: int, box_seq: int, stream: int, data: bytes,
+                   gap: tuple[str, int] | None = None) -> int | None:
         n = len(data)
         with self._tx() as db:
-            rows = db.execute(_APPEND_FAST, (n, box_seq, build_id, lease, box_seq, n,
-                                             self.log_max_bytes)).fetchall()
-            if rows:
-                seq = rows[0][0]
-                db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)", (build_id, seq, stream, bytes(data)))
-                return seq
-            # Refused (stale lease, duplicate, over) or truncated: the slow path says which.
-            row = db.execute("SELECT lease, state, log_bytes, log_truncated, log_next_seq, log_box_seq "
-                             "FROM builds WHERE id = ?", (build_id,)).fetchone()
+            if gap is None and build_id not in self.pending_builds:
+                rows = db.execute(_APPEND_FAST, (n, box_seq, build_id, lease, box_seq, n,
+                                                 self.log_max_bytes)).fetchall()
+                if rows:
+                    seq = rows[0][0]
+                    db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)", (build_id, seq, stream, bytes(data)))
+                    return seq
+            # Not the usual chunk (stale, duplicate, ahead of a hole, over the cap, a marker): say which.
+            row = db.execute("SELECT lease, state, log_box_seq FROM builds WHERE id = ?", (build_id,)).fetchone()
             if row is None:
                 return None
-            cur_lease, state, nbytes, truncated, next_seq, last_box_seq = row
-            if cur_lease != lease or state not in LIVE or box_seq <= last_box_seq:
+            cur_lease, state, last_box_seq = row
+            if cur_lease != lease or state not in LIVE:
                 return None
-            if truncated:
-                db.execute("UPDATE builds SET log_box_seq = ? WHERE id = ?", (box_seq, build_id))
+            if box_seq <= last_box_seq:
+                self.duplicates += 1  # sent again after a reconnect: it is stored already
                 return None
-            if nbytes + len(data) > self.log_max_bytes:
-                room = self.log_max_bytes - nbytes
-                if room > 0:
-                    db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)",
-                               (build_id, next_seq, stream, bytes(data[:room])))
-                    next_seq += 1
-                marker = (f"\n[hived: log truncated: the control plane keeps {self.log_max_bytes} bytes "
-                          "per build]\n").encode()
-                db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)",
-                           (build_id, next_seq, STREAM_MARKER, marker))
-                db.execute("UPDATE builds SET log_bytes = ?, log_truncated = 1, log_next_seq = ?, "
-                           "log_box_seq = ? WHERE id = ?",
-                           (self.log_max_bytes, next_seq + 1, box_seq, build_id))
-                return next_seq
-            db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)",
-                       (build_id, next_seq, stream, bytes(data)))
-            db.execute("UPDATE builds SET log_bytes = log_bytes + ?, log_next_seq = ?, log_box_seq = ? "
-                       "WHERE id = ?", (len(data), next_seq + 1, box_seq, build_id))
-            return next_seq
+            if box_seq > last_box_seq + 1:  # a hole before it: wait for it to fill
+                db.execute("INSERT OR IGNORE INTO build_log_pending VALUES (?, ?, ?, ?, ?, ?)",
+                           (build_id, box_seq, stream, bytes(data), *(gap or (None, None))))
+                self.pending_builds.add(build_id)
+                waiting = db.execute("SELECT count(*) FROM build_log_pending WHERE build_id = ?",
+                                     (build_id,)).fetchone()[0]
+                if waiting > PENDING_MAX_CHUNKS:  # too long: the hole is a gap
+                    self._flush_pending(db, build_id, holes=True)
+                return None
+            seq = self._place(db, build_id, stream, data, gap)
+            db.execute("UPDATE builds SET log_box_seq = ? WHERE id = ?", (box_seq, build_id))
+            if build_id in self.pending_builds:
+                self._flush_pending(db, build_id, holes=False)
+            return seq
+
+    def _place(self, db, build_id: str, stream: int, data: bytes, gap: tuple[str, int] | None) -> int | None:
+        """The next chunk of the log (in order, no hole before it): stored, or cut at the cap."""
+        nbytes, markers, truncated, next_seq = db.execute(
+            "SELECT log_bytes, log_marker_bytes, log_truncated, log_next_seq FROM builds WHERE id = ?",
+            (build_id,)).fetchone()
+        output = nbytes - markers  # the cap is on the build's output; markers come on top
+        if gap is not None:  # a marker from the box: always kept (it is what tells the reader)
+            reason, lost = gap
+            self.gaps[reason] += 1
+            if lost > 0:
+                self.cut_bytes[reason] += lost
+            return self._write(db, build_id, next_seq, STREAM_MARKER, data, nbytes)
+        if truncated:
+            self.cut_bytes["log_max_bytes"] += len(data)
+            db.execute("UPDATE builds SET log_cut_bytes = log_cut_bytes + ? WHERE id = ?", (len(data), build_id))
+            return None
+        if output + len(data) <= self.log_max_bytes:
+            return self._write(db, build_id, next_seq, stream, data, nbytes)
+        room = max(0, self.log_max_bytes - output)
+        seq = None
+        if room > 0:
+            seq = self._write(db, build_id, next_seq, stream, data[:room], nbytes)
+            next_seq, nbytes = next_seq + 1, nbytes + room
+        cut = len(data) - room
+        self.gaps["log_max_bytes"] += 1
+        self.cut_bytes["log_max_bytes"] += cut
+        marker = (f"\n[hived: log truncated at {self.log_max_bytes} bytes: the hive keeps that much output per "
+                  "build (hive.log_max_bytes); the rest is cut, its size follows at the end]\n").encode()
+        seq = self._write(db, build_id, next_seq, STREAM_MARKER, marker, nbytes)
+        db.execute("UPDATE builds SET log_truncated = 1, log_cut_bytes = log_cut_bytes + ? WHERE id = ?",
+                   (cut, build_id))
+        return seq
+
+    @staticmethod
+    def _write(db, build_id: str, seq: int, stream: int, data: bytes, nbytes: int) -> int:
+        db.execute("INSERT INTO build_logs VALUES (?, ?, ?, ?)", (build_id, seq, stream, bytes(data)))
+        db.execute("UPDATE builds SET log_bytes = ?, log_next_seq = ?, log_marker_bytes = log_marker_bytes + ? "
+                   "WHERE id = ?", (nbytes + len(data), seq + 1, len(data) if stream == STREAM_MARKER else 0,
+                                    build_id))
+        return seq
+
+    def _flush_pending(self, db, build_id: str, *, holes: bool) -> None:
+        """Move chunks that waited behind a hole into the log: those now in order; with `holes`
+        (the build ended, or waited too long) all of them, each hole becoming a marker."""
+        rows = db.execute("SELECT box_seq, stream, data, gap_reason, gap_bytes FROM build_log_pending "
+                          "WHERE build_id = ? ORDER BY box_seq", (build_id,)).fetchall()
+        last = db.execute("SELECT log_box_seq FROM builds WHERE id = ?", (build_id,)).fetchone()[0]
+        for box_seq, stream, data, reason, lost in rows:
+            if box_seq > last + 1:
+                if not holes:
+                    break
+                missing = box_seq - last - 1
+                self._place(db, build_id, STREAM_MARKER, _gap_marker(
+                    f"{missing} chunk(s) of output never reached the control plane (box seq {last + 1}"
+                    f"..{box_seq - 1}); what follows came after them"), ("sequence", -1))
+            self._place(db, build_id, stream, data, (reason, lost) if reason else None)
+            last = box_seq
+            db.execute("DELETE FROM build_log_pending WHERE build_id = ? AND box_seq = ?", (build_id, box_seq))
+        db.execute("UPDATE builds SET log_box_seq = ? WHERE id = ?", (last, build_id))
+        if not db.execute("SELECT 1 FROM build_log_pending WHERE build_id = ? LIMIT 1", (build_id,)).fetchone():
+            self.pending_builds.discard(build_id)
+
+    def _close_log(self, db, build_id: str) -> None:
+        """The build ended: chunks still waiting behind a hole go in (the hole as a marker), and a
+        log cut at the cap says at its end how much was cut."""
+        if build_id in self.pending_builds:
+            self._flush_pending(db, build_id, holes=True)
+        truncated, cut = db.execute("SELECT log_truncated, log_cut_bytes FROM builds WHERE id = ?",
+                                    (build_id,)).fetchone()
+        if truncated:
+            self._place(db, build_id, STREAM_MARKER, _gap_marker(
+                f"{cut} bytes of output were cut after the first {self.log_max_bytes} "
+                "(hive.log_max_bytes)"), ("log_max_bytes", 0))
+            self.gaps["log_max_bytes"] -= 1  # the same cut as the first marker, counted once
+
+    def log_position(self, build_id: str) -> int:
+        with self.lock:
+            row = self.db.execute("SELECT log_box_seq FROM builds WHERE id = ?", (build_id,)).fetchone()
+        return row[0] if row else -1
 
     def read_log(self, build_id: str, after: int = -1, limit: int = 256) -> list[LogChunk]:
         return [LogChunk(*r) for r in self._read(

@@ -259,12 +259,12 @@ def _decode(by_id: dict[int, MessageSpec], body: bytes, version: int) -> Message
     values = raw[1:]
     out: dict[str, Any] = {}
     for i, f in enumerate(ms.fields):
-        if i < len(values):
+        if i < len(values) and f.since <= version:
             try:
                 out[f.name] = f.check(values[i])
             except ValueError as exc:
                 raise ProtocolError("bad_message", f"{ms.name}.{f.name}: {exc}") from None
-        elif f.optional or f.since > version:
+        elif f.optional or f.since > version:  # a field newer than the link is not on it, whatever was sent
             out[f.name] = f.default
         else:
             raise ProtocolError("bad_message", f"{ms.name}.{f.name} is missing")

@@ -785,6 +785,7 @@ class RepoCache(CacheDir):
             t0 = time.monotonic()
             tree_id, when = await self._commit_info(mirror, commit)
             tree = await self._checkout(mirror, commit, work)
+            await self._shallow_git_dir(mirror, commit, tree, work / f"index-{tree.name}")
             t1 = time.monotonic()
             out = work / "out"
             out.mkdir()
@@ -847,6 +848,39 @@ class RepoCache(CacheDir):
                             self.scratch_dir, commit)
                 await asyncio.to_thread(shutil.rmtree, tree, True)
         raise AssertionError("unreachable")
+
+    async def _shallow_git_dir(self, mirror: Path, commit: str, tree: Path, index: Path) -> None:
+        """`tree/.git` as a depth-1 clone would leave it (HEAD detached at the commit, its objects
+        only, marked shallow, the index of the checkout): build scripts ask git about the commit
+        (`git rev-parse HEAD`, `git status`, version stamps), as on hosted CI."""
+        dot = tree / ".git"
+        for d in ("objects/pack", "objects/info", "refs/heads", "refs/tags", "info"):
+            (dot / d).mkdir(parents=True)
+        sha256 = len(commit) == 64
+        (dot / "config").write_text(
+            f"[core]\n\trepositoryformatversion = {1 if sha256 else 0}\n\tfilemode = true\n\tbare = false\n"
+            + ("[extensions]\n\tobjectformat = sha256\n" if sha256 else ""))
+        (dot / "HEAD").write_text(commit + "\n")
+        (dot / "shallow").write_text(commit + "\n")
+        (dot / "description").write_text("a depth-1 checkout made by hived\n")
+        objects = await self._git_local(["rev-list", "--objects", "--no-object-names", "-n", "1", commit], mirror,
+                                        f"listing the objects of {commit}")
+        # Loose objects, not a pack: their bytes depend on the objects alone (a pack's deltas
+        # depend on the mirror's history), so the image stays content-addressed.
+        pack = index.with_name("dotgit.pack")
+        fd = os.open(pack, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await self._git_local(["pack-objects", "--quiet", "--stdout"], mirror, f"packing {commit} for its .git",
+                                  stdin=objects, stdout_fd=fd)
+        finally:
+            os.close(fd)
+        await self._git_local(["unpack-objects", "-q"], dot, f"unpacking {commit} into its .git",
+                              stdin=pack.read_bytes())
+        pack.unlink()
+        # An index without stat data (read-tree without -u): the same bytes every time; git in
+        # the cell refreshes it against the files on first use.
+        await self._git_local(["read-tree", commit], dot, f"indexing {commit}",
+                              env={"GIT_INDEX_FILE": str(dot / "index")})
 
     async def _build_bundle(self, remote: Remote, commit: str) -> None:
         mirror = self._mirror(remote.key)

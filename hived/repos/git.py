@@ -146,7 +146,7 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
 
 # ------------------------------------------------------------------------------- error messages
 
-_DISK = ("no space left on device", "disk quota exceeded")
+_DISK = ("no space left on device", "disk quota exceeded", "out of diskspace")  # the last: git writing to a full fd
 _PROTOCOL = ("not allowed", "unsupported protocol", "unable to find remote helper")
 _AUTH = ("authentication failed", "could not read username", "could not read password",
          "terminal prompts disabled", "permission denied (publickey", "requested url returned error: 401",

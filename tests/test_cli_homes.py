@@ -1,0 +1,39 @@
+"""`hived run` and `hived status` pointed at the wrong kind of directory say what it is and
+what to do, in one line; their --help explains every option."""
+
+import signal
+import subprocess
+import sys
+
+from test_control_restart import ControlProcess, free_port, write_config
+
+HIVED = [sys.executable, "-m", "hived"]
+
+
+def test_run_and_status_on_a_control_plane_state_dir_say_what_it_is(tmp_path):
+    config = write_config(tmp_path, free_port(), free_port())
+    proc = ControlProcess(config, tmp_path / "control.log")
+    state = tmp_path / "state"
+    try:
+        assert (state / "endpoints.json").exists()
+        for argv, hint in ((["run", "--home", str(state), "--", "true"], "POST http://"),
+                           (["status", "--home", str(state)], "GET http://")):
+            r = subprocess.run([*HIVED, *argv], capture_output=True, timeout=60)
+            err = r.stderr.decode()
+            assert r.returncode == 2 and "Traceback" not in err and err.count("\n") == 1, err
+            assert f"{state} is the state directory of `hived control` (hive r1" in err, err
+            assert "takes a `hived up` home" in err and hint in err, err
+    finally:
+        proc.kill(signal.SIGTERM)
+
+
+def test_help_explains_run_and_status_options():
+    run = subprocess.run([*HIVED, "run", "--help"], capture_output=True, timeout=60, check=True).stdout.decode()
+    text = " ".join(run.split())
+    assert "-- CMD [ARG...] the command to run in the cell" in text
+    assert "--env NAME=VALUE set an environment variable for the build" in text
+    assert "--cwd DIR directory the build starts in" in text
+    status = subprocess.run([*HIVED, "status", "--help"], capture_output=True, timeout=60, check=True).stdout.decode()
+    text = " ".join(status.split())
+    assert "--home HOME home of `hived up`, or state directory of `hived box`" in text
+    assert "--json print the whole report as one JSON object" in text
