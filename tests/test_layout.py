@@ -111,3 +111,17 @@ def test_every_import_of_a_hived_module_names_one_that_exists():
                     missing += [f"{where}: {node.module}.{a.name}" for a in node.names
                                 if not hasattr(package, a.name) and not exists(f"{node.module}.{a.name}")]
     assert missing == []
+
+
+def test_every_top_level_module_is_in_a_layer():
+    """A module no layer names escapes the contract: each package and module of hived/ is placed."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    layers = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    listed = {name.strip() for layer in layers for name in layer.replace("|", ":").split(":")}
+    present = {f"hived.{p.stem}" for p in (root / "hived").iterdir()
+               if (p.suffix == ".py" and (not p.name.startswith("_") or p.name == "__main__.py"))
+               or (p.is_dir() and (p / "__init__.py").exists())}
+    assert present - listed == set()
