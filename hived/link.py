@@ -50,6 +50,15 @@ async def dial(role: str, name: str, host: str, port: int, ctx: ssl.SSLContext |
     return channel
 
 
+def peer_address(channel: Channel) -> str:
+    """"host:port" of the other end of a channel, for log lines ("?" when the transport is gone)."""
+    try:
+        peer = channel.transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    except Exception:
+        return "?"
+
+
 def backoff(attempt: int) -> float:
     """Seconds before attempt `attempt` + 1 after a failure: doubling, capped, jittered."""
     return min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** attempt) * random.uniform(0.5, 1.0)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
+from hived.link import peer_address
 from hived.oci.errors import DigestMismatch, OciError
 from hived.protocol import peer_messages
 from hived.protocol.channel import Channel, ChannelClosed
@@ -357,7 +358,8 @@ class PeerServer:
             if not hmac.compare_digest(proof(d.token, "fetcher", nonce, auth["nonce"], auth["box_id"]),
                                        auth["proof"]):
                 d.metrics.refused.inc()
-                log.warning("peer link: refused %s (%s): not a box of hive %s", auth["box_id"], _peer(ch), d.hive)
+                log.warning("peer link: refused %s (%s): not a box of hive %s", auth["box_id"], peer_address(ch),
+                            d.hive)
                 raise ProtocolError("not_allowed", f"not a box of hive {d.hive}")
             await ch.send("peer.welcome", box_id=d.box_id,
                           proof=proof(d.token, "holder", nonce, auth["nonce"], d.box_id))
@@ -416,10 +418,3 @@ class PeerServer:
         finally:
             os.close(fd)
 
-
-def _peer(channel: Channel) -> str:
-    try:
-        peer = channel.transport.get_extra_info("peername")
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-    except Exception:
-        return "?"

@@ -42,6 +42,7 @@ from hived.control.keyexchange import ConnectorLink, KeyExchange
 from hived.control.metrics import ControlMetrics
 from hived.control.store import STREAM_MARKER, Build, Store
 from hived.control.stores import open_store
+from hived.link import peer_address
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.errors import ProtocolError
 from hived.protocol.session import Session
@@ -634,7 +635,7 @@ class ControlPlane:
                 raise ProtocolError("bad_message", f"a box must send box.register first, not {msg.name}")
             refused = self._authenticate(msg, channel)
             if refused:
-                log.warning("box link from %s refused: %s", _peer(channel), refused)
+                log.warning("box link from %s refused: %s", peer_address(channel), refused)
                 raise ProtocolError("not_allowed", refused)
             box_id = msg["box_id"]
             old = self.links.get(box_id)
@@ -651,7 +652,7 @@ class ControlPlane:
             if channel.session.version >= 3:  # box peers: the hive's peer link secret
                 link.send("peering.config", hive=self.config.hive, token=self.peer_token)
             log.info("box %s registered from %s: shapes %s, capacity %d, warm %s, holding %d build(s)",
-                     box_id, _peer(channel), msg["shapes"], msg["capacity"], msg["warm"], len(msg["builds"]))
+                     box_id, peer_address(channel), msg["shapes"], msg["capacity"], msg["warm"], len(msg["builds"]))
             self._apply(self.scheduler.box_connected(
                 box_id, shapes=msg["shapes"], capacity=msg["capacity"], warm=msg["warm"],
                 targets=msg["targets"], held=msg["builds"], now=now))
@@ -664,9 +665,9 @@ class ControlPlane:
             channel.close(str(exc))
         except (ChannelClosed, TimeoutError) as exc:
             if link is None:
-                log.info("box link from %s closed before registering: %s", _peer(channel), exc)
+                log.info("box link from %s closed before registering: %s", peer_address(channel), exc)
         except Exception:  # a bug (or the store failing) ends this link only; the box reconnects
-            log.exception("box link %s failed", link.box_id if link else _peer(channel))
+            log.exception("box link %s failed", link.box_id if link else peer_address(channel))
         finally:
             channel.close("link ended")
             if link is not None and self.links.get(link.box_id) is link:
@@ -682,12 +683,12 @@ class ControlPlane:
         f = msg.fields
         refused = self.kex.authenticate_connector(f["network"], f["token"], f["public_key"])
         if refused:
-            log.warning("connector link from %s refused: %s", _peer(channel), refused)
+            log.warning("connector link from %s refused: %s", peer_address(channel), refused)
             raise ProtocolError("not_allowed", refused)
         link = BoxLink(f"connector:{f['network']}", channel, self)
         self.connector_channels.add(channel)
         conn = ConnectorLink(f["network"], link.send, channel.close, f["public_key"], f["endpoint"],
-                             _peer(channel), self.clock())
+                             peer_address(channel), self.clock())
         try:
             link.send("connector.registered", **self.kex.connector_up(conn),
                       heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s)
@@ -842,13 +843,6 @@ class _Turn:
 class StoreFailed(Exception):
     """The store could not make a batch durable: the control plane stops."""
 
-
-def _peer(channel: Channel) -> str:
-    try:
-        peer = channel.transport.get_extra_info("peername")
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-    except Exception:
-        return "?"
 
 
 def _url_host(host: str) -> str:
