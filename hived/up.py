@@ -10,12 +10,14 @@
 
 Every part talks to the others the way it would across machines (HTTP, the box link); only
 the process is shared. One process because it is the most robust shape for a foreground
-command: SIGTERM/Ctrl-C stops the parts in order from one place, and a `kill -9` cannot
-leave an orphan behind (cells power off when the box's end of their channel closes, and the
-next start removes what is left). There are no child daemons to reap, to kill with the
-parent, or to wait for.
+command: SIGTERM/Ctrl-C stops the parts in order from one place (builds end, cells go). After
+a `kill -9` (or a crash) only the cells' VMMs remain, and they go on: the next `hived up` on
+the same DIR adopts them and their builds continue (hived/box/adopt.py); a cell left without
+a daemon for 5 minutes powers itself off. There are no child daemons to reap, to kill with
+the parent, or to wait for.
 
-DIR/endpoints.json (mode 0600) says where everything is: the router's and the hive's API
+DIR/endpoints.json (mode 0600, written as soon as the API serves; "ready" on stdout follows
+once a warm cell waits) says where everything is: the router's and the hive's API
 URL, an API token for customer "local" (and an admin token), metrics URLs, and the box's
 socket (for `hived status`). DIR/control/hive.toml is the hive's config (so `hived control
 add-box --config DIR/control/hive.toml NAME` attaches another box to this hive).
@@ -288,12 +290,14 @@ async def _up(hive: LocalHive) -> int:
     try:
         await hive.start()
         gc.freeze()  # start-up's objects live as long as we do: keep them out of full collections
+        # Where the API is, as soon as it serves: a `hived run` following a build across a restart
+        # finds it at once (the build goes on in its adopted cell), before a warm pool is ready.
+        _write_private(endpoints, json.dumps(hive.endpoints(), indent=2) + "\n")
         ready = loop.create_task(hive.wait_ready())
         failed = hive.cp.failed
         done, _ = await asyncio.wait({ready, stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
         if ready in done:
             ready.result()
-            _write_private(endpoints, json.dumps(hive.endpoints(), indent=2) + "\n")
             print("ready", flush=True)
             done, _ = await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
         else:
@@ -328,8 +332,16 @@ async def _serve(config, image, accel, endpoints: Path) -> int:
     box = BoxDaemon(config, image=image, accelerator=accel)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # SIGTERM (systemd's stop *and* restart, a plain `kill`): the daemon goes, its cells stay
+    # and the next daemon adopts them. SIGINT (Ctrl-C, `hived box stop`): builds end, cells go.
+    ending = {"how": "stop"}
+
+    def on_signal(how: str) -> None:
+        ending["how"] = how
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_signal, "detach" if config.adopt_cells else "stop")
+    loop.add_signal_handler(signal.SIGINT, on_signal, "stop")
     try:
         await box.start()
     except (CgroupError, OSError) as exc:
@@ -358,6 +370,10 @@ async def _serve(config, image, accel, endpoints: Path) -> int:
             endpoints.unlink()
         except FileNotFoundError:
             pass
-        await box.stop()
-        print("stopped", file=sys.stderr, flush=True)
+        if ending["how"] == "detach":
+            await box.detach()
+            print("detached: cells keep running for the next daemon", file=sys.stderr, flush=True)
+        else:
+            await box.stop()
+            print("stopped", file=sys.stderr, flush=True)
 

@@ -62,7 +62,7 @@ capacity = 1
                                      stdout=self.log, stderr=self.log, env=dict(os.environ, HIVED_LOG="INFO"))
         return self
 
-    def stop(self, sig=signal.SIGTERM) -> None:
+    def stop(self, sig=signal.SIGINT) -> None:  # SIGTERM would leave its cells for the next daemon
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:

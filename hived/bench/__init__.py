@@ -8,6 +8,7 @@
     hived bench cache    time to build start with an image and a repository, cold vs cached (cache.py)
     hived bench secure   Secure Compute provisioning beside plain builds (secure.py)
     hived bench peers    a build image from a neighbour box vs a shaped registry (peers.py)
+    hived bench restart  hived up SIGKILLed during a build: cells adopted, nothing lost (restart.py)
     hived bench plot REPORT.json FILE.png   the figure of a saved report (hived/benchplot.py)
 
 `hived bench boot --plot FILE.png` and `hived bench control [--sweep] --plot FILE.png` draw
@@ -38,6 +39,7 @@ BENCHMARKS = {
     "secure": "Secure Compute: tunnel provisioning per cell, beside the same build without it",
     "cache": "time to build start with a build image and a repository, cold vs cached (real box)",
     "peers": "time to build start with a build image from a neighbour box vs a shaped registry (two real boxes)",
+    "restart": "hived up SIGKILLed and started again during a build: time to adopt the cells, output lost",
 }
 
 

@@ -7,11 +7,13 @@ cell that breaks the rules or dies fails only its own build.
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import logging
 import time
 
 from hived.box.cell import CellState
+from hived.box.cellrecord import BuildFacts
 from hived.box.pool import BootFailed
 from hived.box.secure import CellTunnel, SecureComputeFailed
 from hived.protocol.channel import ChannelClosed
@@ -22,6 +24,7 @@ from hived.vmm.base import VmmError
 log = logging.getLogger(__name__)
 
 GRACE_S = 10.0  # host-side deadline beyond the build's own timeout, for a guest that ignores it
+SETTLE_S = 10.0  # how long a finished build's cell waits for its exit to be stored before it goes
 
 
 WORKSPACE = "/workspace"  # where a build's checkout is, unless it names another cwd
@@ -158,6 +161,39 @@ async def run_build(box, client, build_id: str, msg) -> None:
         box.cancels.pop(build_id, None)
 
 
+async def resume_build(box, rt, client, facts, adopted) -> None:
+    """A build a previous box daemon started, on the cell this one adopted (hived/box/adopt.py):
+    the same loop as run_build's, from the offsets the cell record kept. `adopted`: the cell's
+    `cell.adopted`; its output from facts.cell_next on and its exit (if it ended) follow."""
+    shape = box.config.shapes[facts.shape]
+    rec = box.record_build(facts.id, shape=facts.shape, customer=facts.customer, state="running", adopted=True,
+                           cell=rt.cell.id, origin=rt.origin)
+    cancel = box.cancels.setdefault(facts.id, asyncio.Event())
+
+    async def finish(code: int, sig: int, reason: str, message: str, usage=None, permanent=False) -> None:
+        rec.update(state="done", code=code, signal=sig, reason=reason, message=message, finished=time.time())
+        box.metrics.builds.labels(reason).inc()
+        await _tell(client, "exit", build_id=facts.id, code=code, signal=sig, reason=reason,
+                    message=message[:4096], usage=usage or {})
+
+    req = {"timeout_s": facts.timeout_s, "request_id": "", "options": {}}
+    try:
+        await _run_on_cell(box, rt, client, facts.id, req, shape, cancel, rec, finish, BuildInputs(),
+                           resume=(facts, adopted))
+    finally:
+        box.cancels.pop(facts.id, None)
+        await _settled(box, client)
+        await box.destroy(rt, "build over")
+
+
+async def _settled(box, client) -> None:
+    """Wait (a little) until the build's end is stored where it goes: a box that dies now
+    still has the cell, which tells the next daemon everything again."""
+    settled = getattr(client, "settled", None)
+    if settled is not None and not box.stopping:
+        await settled(SETTLE_S)
+
+
 async def _take_and_run(box, client, build_id, req, shape, cancel, rec, finish, inputs) -> None:
     pool = box.pool_for(shape, inputs.image)
     try:
@@ -172,6 +208,7 @@ async def _take_and_run(box, client, build_id, req, shape, cancel, rec, finish, 
     try:
         await _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish, inputs)
     finally:
+        await _settled(box, client)
         await box.destroy(rt, "build over")
 
 
@@ -197,20 +234,27 @@ async def _take_cell(pool, cancel: asyncio.Event, timeout: float):
         canceller.cancel()
 
 
-async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish, inputs) -> None:
+async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finish, inputs, resume=None) -> None:
     cell = rt.cell
     loop = asyncio.get_running_loop()
-    if not (rt.channel and rt.channel.is_open) or rt.vmm_status is not None:
-        await finish(-1, 0, "cell_failed", f"cell {cell.id} died while warm: {cell.reason}")
-        return
-    cell.transition(CellState.ASSIGNED)
-    cell.build_id = build_id
-    rec.update(state="assigned", cell=cell.id, origin=rt.origin)
-    await _tell(client, "build.accepted", request_id=req["request_id"], build_id=build_id, cell_id=cell.id)
     t_assigned = time.monotonic()
     network = (req.get("options") or {}).get("secure_compute") or ""
     lost = None
-    if network:
+    if resume is not None:
+        facts, adopted = resume
+    elif not (rt.channel and rt.channel.is_open) or rt.vmm_status is not None:
+        await finish(-1, 0, "cell_failed", f"cell {cell.id} died while warm: {cell.reason}")
+        return
+    else:
+        cell.transition(CellState.ASSIGNED)
+        cell.build_id = build_id
+        rec.update(state="assigned", cell=cell.id, origin=rt.origin)
+        await _tell(client, "build.accepted", request_id=req["request_id"], build_id=build_id, cell_id=cell.id)
+        facts = BuildFacts(build_id, "control" if hasattr(client, "lease") else "client",
+                           lease=getattr(client, "lease", 0), shape=shape.name, customer=rec.get("customer", ""),
+                           timeout_s=req["timeout_s"], assigned_at=time.time(), secure=bool(network))
+    rt.facts = facts
+    if network and resume is None:
         if not hasattr(client, "open_tunnel"):
             await finish(-1, 0, "secure_compute", "Secure Compute builds come through the hive's control plane "
                                                   "(its key exchange service), not a box's local socket")
@@ -226,15 +270,37 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                            "public_key": base64.b64encode(rt.tunnel.public_key).decode()})
         lost = client.tunnel_lost()
     bucket = TokenBucket(shape.output_bytes_s, 1.0, loop.time(), shape.output_bytes_s)
-    received = 0
-    per_stream = {1: 0, 2: 0}
-    cell_seq = 0  # the next output seq the cell must send
+    # Where the output stands: from the cell record when resuming (what was made safe before).
+    received = facts.received
+    per_stream = {1: facts.stream_bytes[0], 2: facts.stream_bytes[1]}
+    cell_seq = facts.cell_next  # the next output seq the cell must send
     late: set[int] = set()  # seqs skipped so far: an older cell may send another stream's chunk late
-    out_seq = 0   # ours, to the client: output and gaps in one sequence
+    out_seq = facts.control_next  # ours, to the client: output and gaps in one sequence
+    safe_via_client = hasattr(client, "lease")  # the control link says when output is stored
 
-    async def relay(name: str, **fields) -> None:
+    def made_safe(point: dict) -> None:
+        """Output up to this point is stored where it goes: the cell may forget it, and a daemon
+        that starts again resumes from here (the cell record)."""
+        if point["cell_next"] <= facts.cell_next:
+            return
+        facts.cell_next, facts.control_next = point["cell_next"], point["control_next"]
+        facts.received, facts.stream_bytes = point["received"], point["stream_bytes"]
+        box.save_cell(rt)
+        if rt.channel is not None and rt.channel.is_open:
+            with contextlib.suppress(ChannelClosed, ProtocolError, OSError):
+                rt.channel.send_nowait("output.ack", build_id=build_id, seq=facts.cell_next)
+
+    if safe_via_client:
+        client.on_safe(made_safe)
+
+    async def relay(name: str, safe: dict | None = None, **fields) -> None:
         nonlocal out_seq
-        await _tell(client, name, build_id=build_id, seq=out_seq, **fields)
+        if safe is not None and safe_via_client:
+            await _tell(client, name, build_id=build_id, seq=out_seq, safe=safe, **fields)
+        else:
+            await _tell(client, name, build_id=build_id, seq=out_seq, **fields)
+            if safe is not None:
+                made_safe(dict(safe, control_next=out_seq + 1))
         out_seq += 1
 
     async def gap(stream: int, nbytes: int, reason: str, message: str) -> None:
@@ -250,7 +316,16 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
     start_deadline = loop.time() + box.config.boot_timeout_s
     cancel_sent = False
     recv = None
-    cwd = req["cwd"] or "/work"
+    if resume is not None:
+        if facts.timeout_s > 0:  # the build's own clock started when it was assigned
+            deadline = loop.time() + facts.timeout_s + GRACE_S - (time.time() - facts.assigned_at)
+        if adopted["state"] != "warm":
+            if cell.state is CellState.ASSIGNED:
+                cell.transition(CellState.RUNNING)
+            if not facts.started:
+                facts.started = True
+                await _tell(client, "build.accepted", request_id="", build_id=build_id, cell_id=cell.id)
+    cwd = req.get("cwd") or "/work"
     source_fs = ""
     if inputs.checkout is not None:
         try:  # microvm has no hotplug: the checkout goes into the slot the cell booted with
@@ -265,11 +340,13 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
             cwd = WORKSPACE  # the checkout does not hide the build's home
     image = inputs.image
     try:
-        await rt.channel.send("run", build_id=build_id, argv=req["argv"], env=req["env"],
-                              cwd=cwd, timeout_s=req["timeout_s"],
-                              limits={"output_bytes": shape.output_limit},
-                              image=image.digest if image else "", image_fs=image.fs_type if image else "",
-                              image_env=list(image.config.env) if image else [], source_fs=source_fs)
+        if resume is None:
+            await rt.channel.send("run", build_id=build_id, argv=req["argv"], env=req["env"],
+                                  cwd=cwd, timeout_s=req["timeout_s"],
+                                  limits={"output_bytes": shape.output_limit},
+                                  image=image.digest if image else "", image_fs=image.fs_type if image else "",
+                                  image_env=list(image.config.env) if image else [], source_fs=source_fs)
+            box.save_cell(rt, "assigned")
         while True:
             recv = recv or asyncio.ensure_future(rt.channel.recv())
             waiters = {recv}
@@ -310,6 +387,8 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                 warm_start_s = time.monotonic() - t_assigned
                 rec.update(state="running", warm_start_ms=warm_start_s * 1000, started=time.time())
                 box.metrics.warm_start_seconds.labels(shape.name).observe(warm_start_s)
+                facts.started = True
+                box.save_cell(rt, "running")
             elif msg.name == "output":
                 if cell.state is not CellState.RUNNING:
                     raise CellBroke("cell sent output before started")
@@ -343,7 +422,11 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                     await asyncio.sleep(wait)  # not reading meanwhile: back-pressure to the guest
                 bucket.consume(min(n, bucket.size), loop.time())
                 box.metrics.output_bytes.inc(n)
-                await relay("output", stream=stream, data=data)
+                # Once this chunk is safe, so is everything the cell sent before it (unless a
+                # chunk is late: then the cell keeps it all until the build's end).
+                safe = None if late else {"cell_next": cell_seq, "received": received,
+                                          "stream_bytes": (per_stream[1], per_stream[2])}
+                await relay("output", stream=stream, data=data, safe=safe)
             elif msg.name == "exit":
                 if cell.state is CellState.ASSIGNED:  # spawn failed: it never started
                     cell.transition(CellState.RUNNING)

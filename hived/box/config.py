@@ -48,6 +48,7 @@ class BoxConfig:
     disk_bytes_s: int = 0            # the box's disk bandwidth to share out; 0: not partitioned
     net_bits_s: int = 0              # the box's network bandwidth to share out; 0: not partitioned
     overcommit: bool = False         # allow cells to share cores / exceed memory
+    adopt_cells: bool = True         # a daemon that starts again adopts the cells left running (hived/box/adopt.py)
     vmm_uid_base: int = 0            # VMMs run as uid base+slot; 0: as root (no confinement)
     network: bool = True             # each cell gets a netns, a tap and a NIC (hived/box/network.py)
     net_subnet: str = "10.213.0.0/16"
@@ -112,6 +113,7 @@ BOX_KEYS = {
     "disk_bytes_s": Key(0, integer(0)),
     "net_bits_s": Key(0, integer(0)),
     "overcommit": Key(False, boolean()),
+    "adopt_cells": Key(True, boolean(), "false: a daemon that starts again destroys what it finds"),
     "vmm_uid_base": Key(0, integer(0)),
     "network": Key(True, boolean()),
     "net_subnet": Key("10.213.0.0/16", string()),

@@ -141,6 +141,9 @@ class HeldBuild:
     permanent: bool = False       # it can never run as asked: the control plane must not retry it
     fenced: bool = False
     options: dict = dataclasses.field(default_factory=dict, repr=False)  # may carry registry_auth
+    safe: collections.deque = dataclasses.field(default_factory=collections.deque)  # (seq, safe point)
+    on_safe: object = None        # callable(point): output up to the point is stored (builds.py)
+    acked: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # build.ack: the exit is stored
 
 
 class Relay:
@@ -150,6 +153,23 @@ class Relay:
         self.link = link
         self.rec = rec
 
+    @property
+    def lease(self) -> int:
+        return self.rec.lease
+
+    def on_safe(self, callback) -> None:
+        """callback(point) once the output sent with `safe=point` (and all before it) is stored."""
+        self.rec.on_safe = callback
+
+    async def settled(self, timeout: float) -> bool:
+        """Until the control plane has stored the build's exit (build.ack), at most `timeout` s."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.rec.acked.wait()
+            return True
+        except TimeoutError:
+            return False
+
     async def send(self, name: str, **fields) -> None:
         rec = self.rec
         if name == "build.accepted":
@@ -158,7 +178,7 @@ class Relay:
                                     cell_id=fields["cell_id"])
         elif name == "output":
             await self.link.deliver(rec, "build.output", build_id=rec.build_id, lease=rec.lease,
-                                    stream=fields["stream"], data=fields["data"])
+                                    stream=fields["stream"], data=fields["data"], safe=fields.get("safe"))
         elif name == "output.gap":
             await self.link.deliver(rec, "build.gap", build_id=rec.build_id, lease=rec.lease,
                                     stream=fields["stream"], bytes=fields["bytes"], reason=fields["reason"],
@@ -395,10 +415,12 @@ class ControlLink(ReconnectLoop):
                 while rec.unacked and rec.unacked[0][0] <= f["seq"]:
                     _, _, fields = rec.unacked.popleft()
                     rec.unacked_bytes -= len(fields.get("data", b""))
+                _stored(rec, f["seq"])
         elif msg.name == "build.ack":
             rec = self.records.get(f["build_id"])
             if rec is not None and rec.lease == f["lease"] and rec.exit is not None:
                 del self.records[rec.build_id]
+                rec.acked.set()
         elif msg.name == "pool.target":
             for shape, n in f["targets"].items():
                 pool = self._shape_pools().get(shape)
@@ -440,6 +462,22 @@ class ControlLink(ReconnectLoop):
             "options": {k: v for k, v in rec.options.items()
                         if k in ("image", "repo", "rev", "secure_compute", "registry_auth")}})
         self.box.spawn(run_build(self.box, Relay(self, rec), rec.build_id, request))
+
+    # -- builds a previous box daemon started (hived/box/adopt.py) ----------------------------------
+    def adopt_build(self, facts) -> Relay:
+        """A running build of an adopted cell: held under its lease (box.register names it), its
+        output numbered on from where the control plane has it."""
+        rec = HeldBuild(facts.id, facts.lease, facts.shape, started=facts.started, next_seq=facts.control_next)
+        self.records[rec.build_id] = rec
+        self.box.cancels.setdefault(rec.build_id, asyncio.Event())
+        return Relay(self, rec)
+
+    def fail_adopted(self, facts, reason: str, message: str) -> None:
+        """A build whose cell did not survive the daemon's absence: its end goes out at registration."""
+        rec = HeldBuild(facts.id, facts.lease, facts.shape, started=facts.started, next_seq=facts.control_next)
+        rec.exit = dict(build_id=rec.build_id, lease=rec.lease, code=-1, signal=0, reason=reason[:32],
+                        message=message[:4096], usage={}, started=facts.started)
+        self.records[rec.build_id] = rec
 
     # -- Secure Compute ---------------------------------------------------------------------------------
     async def open_tunnel(self, rec: HeldBuild, cell_id: str, network: str, public_key: bytes,
@@ -490,6 +528,7 @@ class ControlLink(ReconnectLoop):
     async def deliver(self, rec: HeldBuild, name: str, **fields) -> None:
         """Send now if the link is up and nothing of this build is waiting; else hold it.
         Output and gaps get their seq here, in the order they will go out."""
+        safe = fields.pop("safe", None)
         size = len(fields.get("data", b""))
         direct = self.ready and not rec.outbox and not rec.dropped_bytes and self.channel is not None
         if name == "build.output" and not direct and rec.held_bytes + size > HOLD_OUTPUT_BYTES:
@@ -499,6 +538,8 @@ class ControlLink(ReconnectLoop):
         if name in ("build.output", "build.gap"):
             self._gap_for_dropped(rec)
             fields["seq"], rec.next_seq = rec.next_seq, rec.next_seq + 1
+            if safe is not None:
+                rec.safe.append((fields["seq"], safe))
         if direct:
             channel = self.channel
             if name == "build.gap" and channel.session.version < 3:
@@ -533,7 +574,10 @@ class ControlLink(ReconnectLoop):
     @staticmethod
     def _sent(channel: Channel, rec: HeldBuild, name: str, fields: dict) -> None:
         """Output sent is kept until the control plane has stored it (v3: build.logged)."""
-        if name not in ("build.output", "build.gap") or channel.session.version < 3:
+        if name not in ("build.output", "build.gap"):
+            return
+        if channel.session.version < 3:  # no build.logged: sent is as safe as it gets
+            _stored(rec, fields["seq"])
             return
         rec.unacked.append((fields["seq"], name, fields))
         rec.unacked_bytes += len(fields.get("data", b""))
@@ -546,6 +590,16 @@ class ControlLink(ReconnectLoop):
             with contextlib.suppress(ChannelClosed):
                 await self.channel.send("build.exit", **_exit_fields(self.channel, rec))
         # else: sent after the next registration, from self.records
+
+
+def _stored(rec: HeldBuild, seq: int) -> None:
+    """The control plane stored this build's output up to `seq`: tell the build's run."""
+    point = None
+    while rec.safe and rec.safe[0][0] <= seq:
+        done_seq, point = rec.safe.popleft()
+        point = dict(point, control_next=done_seq + 1)
+    if point is not None and rec.on_safe is not None:
+        rec.on_safe(point)
 
 
 def _exit_fields(channel: Channel, rec: HeldBuild) -> dict:

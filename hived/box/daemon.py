@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from hived import sdnotify
-from hived.box import leftovers
+from hived.box import adopt, cellrecord, leftovers
 from hived.box.builds import run_build
 from hived.box.cell import Cell, CellState, new_cell_id
 from hived.box.cgroups import CellLimits, CgroupError, open_cgroups
@@ -78,6 +78,11 @@ class CellRuntime:
     template: str = ""    # the template a restored cell came from
     start_ms: float = 0.0  # VMM start -> cell.hello
     start_stages_ms: dict = dataclasses.field(default_factory=dict)  # host side: VMM start -> each step
+    facts: object = None   # hived.box.cellrecord.BuildFacts of the build it runs
+    record_state: str = "warm"  # warm / assigned / running, in its cell record
+    vmm_start_ticks: int = 0
+    saved: bool = False    # it has a cell record: a new daemon may adopt it
+    adopted: bool = False  # taken over from a previous box daemon (hived/box/adopt.py)
 
 
 _VERB = {"boot": "boot", "restore": "restore", "template": "boot as a template"}
@@ -102,6 +107,9 @@ class BoxDaemon:
         self.metrics.watch_partition(self.partition)
         self.metrics_port = 0
         self.leftovers_cleaned: list[str] = []
+        self.adoption: dict = {}  # what start() adopted (hived/box/adopt.py)
+        self.detaching = False    # stopping without ending the cells (detach())
+        self.stopping = False
         self._server = None
         self._watchdog: asyncio.Task | None = None
         self._clients: set[Channel] = set()
@@ -126,14 +134,22 @@ class BoxDaemon:
             if os.geteuid() == 0:
                 raise
             log.warning("running without per-cell cgroups: %s", exc)
-        self.leftovers_cleaned = leftovers.clean(cfg.cells_dir, self.cgroups)
+        # Cells a previous daemon left running are adopted; what is left of the others goes.
+        alive, dead = adopt.find(cfg.cells_dir) if cfg.adopt_cells else ([], [])
+        keep = {rec.cell_id for rec in alive}
+        self.leftovers_cleaned = leftovers.clean(cfg.cells_dir, self.cgroups, keep=keep)
         if cfg.network:
             from hived.box.network import DEFAULT_DENY, CellNetwork
 
             try:
                 self.network = CellNetwork(cfg.name, cfg.net_subnet, cfg.net_uplink or None,
                                            deny=(*DEFAULT_DENY, *cfg.net_deny))
+                for rec in alive:
+                    if rec.net is not None:
+                        self.network.adopt(rec.cell_id, rec.net)
                 for cell_id in self.network.cells():  # after the VMMs above are gone
+                    if cell_id in keep:
+                        continue
                     await self.network.teardown(cell_id)
                     if cell_id not in self.leftovers_cleaned:
                         self.leftovers_cleaned.append(cell_id)
@@ -145,19 +161,31 @@ class BoxDaemon:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(self._client_factory, str(cfg.client_socket))
         os.chmod(cfg.client_socket, 0o660)
-        for shape in cfg.shapes.values():
-            pool = WarmPool(shape, self.boot_cell, self.metrics)
-            self.pools[shape.name] = pool
-            pool.start()
-        interval = sdnotify.watchdog_interval()
-        if interval:
-            self._watchdog = loop.create_task(self._watchdog_loop(interval))
         link = cfg.extra.get("control")
         if link is not None:
             from hived.box.controllink import ControlLink
 
-            await self._start_peers(link.box_id)
             self.control_link = ControlLink(self, link)
+        t0 = time.monotonic()
+        adopt.fail_lost_builds(self, dead)
+        warm = await adopt.adopt_all(self, alive)
+        self.adoption = {"cells": len(alive), "adopted": sum(1 for rt in self.cells.values() if rt.adopted),
+                         "warm": len(warm), "lost": [why for _, rec, why in dead if rec is not None],
+                         "ms": round((time.monotonic() - t0) * 1000, 1), "since_process_start_ms": _process_age_ms()}
+        if alive or dead:
+            log.warning("box %s: adopted %d of %d cell(s) a previous daemon left running in %.0f ms "
+                        "(%.0f ms after the process started)", cfg.name, self.adoption["adopted"], len(alive),
+                        self.adoption["ms"], self.adoption["since_process_start_ms"])
+        for shape in cfg.shapes.values():
+            pool = WarmPool(shape, self.boot_cell, self.metrics)
+            self.pools[shape.name] = pool
+            pool.warm.extend(rt for rt in warm if rt.cell.shape == shape.name)
+            pool.start()
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            self._watchdog = loop.create_task(self._watchdog_loop(interval))
+        if self.control_link is not None:
+            await self._start_peers(link.box_id)
             self.control_link.start()
 
     async def _start_peers(self, box_id: str) -> None:
@@ -192,7 +220,16 @@ class BoxDaemon:
             sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
+    async def detach(self) -> None:
+        """Go away and leave the cells running, each with its record: the next daemon adopts
+        them (a restart that loses no build). Cells still booting have no record: they go."""
+        self.detaching = True
+        log.info("box %s: detaching; %d cell(s) keep running for the next daemon", self.config.name,
+                 sum(1 for rt in self.cells.values() if rt.saved))
+        await self.stop()
+
     async def stop(self) -> None:
+        self.stopping = True
         sdnotify.notify("STOPPING=1")
         if self.control_link is not None:
             await self.control_link.stop()
@@ -202,9 +239,8 @@ class BoxDaemon:
             self._server.close()
         for ch in list(self._clients):
             ch.close("box stopping")
-        warm = []
         for pool in self.pools.values():
-            warm += await pool.stop()
+            await pool.stop()
         if self.templates is not None:
             await self.templates.close()  # clones keep running on their own private copies
         for task in list(self._tasks):
@@ -215,10 +251,14 @@ class BoxDaemon:
         if self._watchdog:
             self._watchdog.cancel()
         unlink_socket(str(self.config.client_socket))
-        if self.cgroups is not None:
+        kept = [rt for rt in self.cells.values() if rt.saved]
+        if self.cgroups is not None and not kept:
             self.cgroups.remove_parent()
         if self.network is not None:
-            await self.network.close()
+            if kept:
+                self.network.leave()
+            else:
+                await self.network.close()
         for cache in (self._images, self._repos):
             if cache is not None:
                 cache.close()
@@ -396,6 +436,8 @@ class BoxDaemon:
                     self.network.release_fd(cell.id)  # the VMM has its own copy now
                 stage = functools.partial(_stage, rt.start_stages_ms, t_vmm)
                 stage("launched")
+                # Connected before a clone is restored: its guest never sees the port close.
+                await rt.driver.connect(self.config.boot_timeout_s)
                 if origin == "restore":
                     os.close(memory_fd)  # QEMU has its own
                     memory_fd = -1
@@ -426,6 +468,7 @@ class BoxDaemon:
                 cell.boot = dict(msg["boot"], kernel=msg["kernel"])
                 rt.start_ms = stage("hello")
                 cell.transition(CellState.WARM)
+                self.save_cell(rt, "warm")
                 if template is not None:
                     log.info("cell %s restored from template %s in %.0f ms", cell.id, template.id, rt.start_ms)
             except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError,
@@ -458,6 +501,36 @@ class BoxDaemon:
             self.metrics.boot_seconds.labels(shape.name).observe(cell.boot_seconds())
         return rt
 
+    def new_runtime(self, cell: Cell, **fields) -> CellRuntime:
+        return CellRuntime(cell, self.driver_factory(), **fields)
+
+    def save_cell(self, rt: CellRuntime, state: str | None = None) -> None:
+        """The cell's durable facts, for a daemon that starts again (hived/box/cellrecord.py)."""
+        from hived.vmm.qemu import process_start_ticks
+
+        cell = rt.cell
+        if not cell.alive or not cell.pid or not self.config.adopt_cells:
+            return
+        if state is not None:
+            rt.record_state = state
+        alloc = dataclasses.asdict(rt.alloc) if rt.alloc else {}
+        net = None
+        if rt.net is not None:
+            net = {k: v for k, v in dataclasses.asdict(rt.net).items() if k != "tap_fd"}
+        shape = cell.shape.split("@", 1)[0]
+        record = cellrecord.CellRecord(
+            cell_id=cell.id, pool=cell.shape, shape=shape, origin=rt.origin, vmm_pid=cell.pid,
+            vmm_start_ticks=rt.vmm_start_ticks or process_start_ticks(cell.pid), alloc=alloc, net=net,
+            cgroup=rt.cgroup, image=cell.shape.split("@", 1)[1] if "@" in cell.shape else "",
+            template=rt.template, boot=cell.boot, state=rt.record_state,
+            build=rt.facts if rt.record_state != "warm" else None)
+        rt.vmm_start_ticks = record.vmm_start_ticks
+        try:
+            cellrecord.write(self.config.cells_dir / cell.id, record)
+            rt.saved = True
+        except OSError as exc:  # the cell runs on; only a restart of the daemon would lose it
+            log.error("cell %s: cannot write its record: %s", cell.id, exc)
+
     async def _watch_vmm(self, rt: CellRuntime) -> None:
         status = await rt.driver.wait_exit()
         rt.vmm_status = status
@@ -477,6 +550,9 @@ class BoxDaemon:
         """Remove everything the cell owns; safe in any state, and twice."""
         cell = rt.cell
         if cell.state is CellState.DESTROYED:
+            return
+        if self.detaching and rt.saved and cell.alive:
+            rt.driver.detach()  # the cell and all it owns stay for the next daemon
             return
         t0 = time.monotonic()
         if cell.alive:
@@ -575,7 +651,7 @@ class BoxDaemon:
                  "cores": list(rt.alloc.cores) if rt.alloc else [],
                  "net": {"netns": rt.net.netns, "ip": rt.net.guest_ip} if rt.net else None,
                  "vcpu_threads": {str(k): v for k, v in rt.vcpu_threads.items()},
-                 "origin": rt.origin, "template": rt.template, "start_ms": round(rt.start_ms, 1),
+                 "origin": rt.origin, "template": rt.template, "adopted": rt.adopted, "start_ms": round(rt.start_ms, 1),
                  "start_stages_ms": rt.start_stages_ms,
                  "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
                 for rt in self.cells.values()
@@ -585,6 +661,7 @@ class BoxDaemon:
             "partition": self.partition.describe(),
             "builds": list(self.builds.values())[-50:],
             "leftovers_cleaned_at_start": self.leftovers_cleaned,
+            "adopted_at_start": self.adoption,
             "metrics_port": self.metrics_port,
             "control": self.control_link.describe() if self.control_link is not None else None,
             "peers": {"addr": self.peers.peer_addr, "hive": self.peers.hive,
@@ -594,6 +671,15 @@ class BoxDaemon:
     def status_line(self) -> str:
         warm = sum(len(p.warm) for p in self.pools.values())
         return f"{len(self.cells)} cells, {warm} warm"
+
+
+def _process_age_ms() -> float:
+    """How long this process has run (its start time in /proc: clock ticks since boot)."""
+    from hived.vmm.qemu import process_start_ticks
+
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return round((uptime - process_start_ticks(os.getpid()) / os.sysconf("SC_CLK_TCK")) * 1000, 1)
 
 
 def _stage(stages: dict, t0: float, name: str) -> float:

@@ -47,10 +47,11 @@ def vmm_pids(cells_dir: Path) -> dict[int, str]:
     return found
 
 
-def clean(cells_dir: Path, cgroups: Cgroups | None) -> list[str]:
-    """Kill leftover VMMs, remove cgroups and cell directories; returns the cell ids cleaned."""
+def clean(cells_dir: Path, cgroups: Cgroups | None, keep: set[str] = frozenset()) -> list[str]:
+    """Kill leftover VMMs, remove cgroups and cell directories, but those of the cells in
+    `keep` (being adopted: hived/box/adopt.py); returns the cell ids cleaned."""
     cleaned: set[str] = set()
-    pids = vmm_pids(cells_dir)
+    pids = {pid: cell for pid, cell in vmm_pids(cells_dir).items() if cell not in keep}
     for pid, cell_id in pids.items():
         try:
             os.kill(pid, signal.SIGKILL)
@@ -64,10 +65,14 @@ def clean(cells_dir: Path, cgroups: Cgroups | None) -> list[str]:
         time.sleep(0.01)
     if cgroups is not None:
         for name in cgroups.cells():
+            if name in keep:
+                continue
             cgroups.remove(name)
             cleaned.add(name)
     if cells_dir.is_dir():
         for d in cells_dir.iterdir():
+            if d.name in keep:
+                continue
             shutil.rmtree(d, ignore_errors=True)
             cleaned.add(d.name)
     if cleaned:

@@ -242,6 +242,7 @@ class CellNetwork:
         self._router_ready = False
         self._home_ino = 0       # the worker thread's own namespace (inode), for _check_home
         self._closed = False
+        self._keep_router = False  # cells were adopted: their router namespace stays
 
     # -- names ---------------------------------------------------------------------------
     def netns_name(self, cell_id: str) -> str:
@@ -366,6 +367,21 @@ class CellNetwork:
         finally:
             self._cells.pop(cell_id, None)
 
+    def adopt(self, cell_id: str, fields: dict) -> None:
+        """A cell a previous daemon set up, still running (hived/box/adopt.py): known again, and
+        the router namespace it hangs off is kept rather than made anew."""
+        info = CellNetInfo(**{**fields, "tap_fd": -1})
+        index = (int(ipaddress.IPv4Address(info.guest_ip)) - int(self.subnet.network_address)) // CELL_BLOCK
+        self._cells[check_cell_id(cell_id)] = _CellState(cell_id, index, -1, info)
+        self._keep_router = True
+
+    def adopted(self, cell_id: str) -> CellNetInfo | None:
+        """The adopted cell's network, if its namespace is still there."""
+        state = self._cells.get(cell_id)
+        if state is None or not netns_exists(self.netns_name(cell_id)):
+            return None
+        return state.info
+
     def release_fd(self, cell_id: str) -> None:
         """Close the box's copy of the tap fd (once the VMM has its own)."""
         state = self._cells.get(cell_id)
@@ -399,6 +415,17 @@ class CellNetwork:
         for r in routes:
             ipaddress.IPv4Network(r)
         return await self._run(self._secure_route_blocking, cell_id, ifname, address, list(routes))
+
+    def leave(self) -> None:
+        """The daemon goes and its cells stay (detach): close our sockets and thread, remove nothing."""
+        for state in self._cells.values():
+            if state.tap_fd >= 0:
+                os.close(state.tap_fd)
+                state.tap_fd = -1
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._closed = True
 
     async def close(self) -> bool:
         """Remove the router namespace (and the uplink's host side) if no cells remain.
@@ -444,6 +471,11 @@ class CellNetwork:
         if not os.path.exists(TUN_PATH):
             raise MissingCapability(f"{TUN_PATH} does not exist: the kernel needs tun (CONFIG_TUN; "
                                     "`modprobe tun`) for cell taps")
+        if netns_exists(name) and self._keep_router:
+            with entered(name):  # adopted cells' veths live there: reuse it as it is
+                self._router_ipr = self._iproute()
+            self._router_ready = True
+            return self._router_ipr
         if netns_exists(name):
             log.warning("box %s: removing leftover router namespace %s", self.box_name, name)
             self._remove_host_side()

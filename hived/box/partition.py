@@ -125,6 +125,18 @@ class Partition:
         self.cells[cell_id] = alloc
         return alloc
 
+    def readmit(self, alloc: Allocation) -> Allocation:
+        """An adopted cell keeps the cores, memory and slot it had (hived/box/adopt.py)."""
+        if alloc.cell_id in self.cells:
+            raise PartitionError(f"cell {alloc.cell_id} is already admitted")
+        if not set(alloc.cores) <= set(self.cell_cores):
+            raise PartitionError(f"cell {alloc.cell_id} runs on cores {alloc.cpuset}, not all of which are cell "
+                                 f"cores of this box now ({','.join(map(str, self.cell_cores))})")
+        if any(a.slot == alloc.slot for a in self.cells.values()):
+            raise PartitionError(f"cell {alloc.cell_id}'s slot {alloc.slot} is taken")
+        self.cells[alloc.cell_id] = alloc
+        return alloc
+
     def release(self, cell_id: str) -> None:
         self.cells.pop(cell_id, None)
 

@@ -5,16 +5,24 @@ it), says hello, announces itself with `cell.hello` (the host never polls a gues
 is not listening yet), then runs exactly one build: in a crun container (see
 container.py) as the unprivileged `build` user, stream stdout/stderr as bounded
 `output` chunks with back-pressure, report `exit` with usage, honour `cancel` and
-`shutdown`. When the host goes away, the build is killed and the guest powers off: a cell never outlives its box daemon.
+`shutdown`.
+
+The cell outlives its box daemon (protocol v4): when the host goes away the build goes on,
+its output waits (up to OUTPUT_WINDOW bytes not yet acknowledged by the box; beyond that
+the build is held back), and the next daemon that connects adopts the cell (`cell.adopt`)
+and gets everything from its last acknowledged chunk again. Every connection starts with
+the resync marker (hived/protocol/resync.py). A cell with no host for ORPHAN_S powers off.
 
 Being PID 1, it reaps every child (orphans included) from one SIGCHLD handler, so
 it must not use asyncio's child watchers.
 """
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -24,6 +32,7 @@ import time
 from hived import __version__
 from hived.cell import container, identity
 from hived.protocol.channel import Channel, ChannelClosed
+from hived.protocol.resync import MarkerScanner, ResyncError, marker
 from hived.protocol.session import Session
 
 PORT_NAME = "hived.0"
@@ -37,6 +46,9 @@ DEFAULT_ENV = {
     "LANG": "C.UTF-8",
 }
 RB_AUTOBOOT = 0x01234567  # with `reboot=t` and QEMU -no-reboot this ends the VMM
+OUTPUT_WINDOW = 2 << 20  # output kept until the box acknowledges it; below the box's own hold (4 MiB)
+ORPHAN_S = 300.0         # no box daemon for this long: the build is killed and the cell powers off
+HOST_POLL_S = 0.02       # how often a cell without a host looks for one
 
 
 def log(msg: str) -> None:
@@ -101,32 +113,72 @@ class PipePairTransport:
         self._rt.close()
         self._wt.close()
 
+    def abort(self) -> None:
+        """Drop what is buffered: half a frame must not reach the next host (it resyncs anyway)."""
+        self._rt.close()
+        self._wt.abort()
+
     def is_closing(self) -> bool:
         return self._rt.is_closing()
 
 
 class _ReadSide(asyncio.Protocol):
-    """Bytes that arrive before the channel has its transport wait here (the read pipe
-    starts reading before the write side exists, and pause_reading() does not stop that
-    on every 3.11 release)."""
+    """The read half of one host connection. It ignores everything up to the host's resync
+    marker (the tail of an earlier connection), then answers it with the same nonce and the
+    channel's hello, and from then on feeds the channel. Bytes that arrive before the write
+    half exists wait (the read pipe starts reading at once)."""
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self.early: list[bytes] | None = []
-        self.silent_until_spoken_to = None  # the transport of a channel that speaks once its peer has
+        self.transport: PipePairTransport | None = None
+        self.early: list[bytes] = []
+        self.scanner: MarkerScanner | None = MarkerScanner()
+        self.nonce = b""
+        self.repeats: bytes | None = None  # the box's marker repeats not yet skipped
 
-    def attached(self) -> None:
-        early, self.early = self.early, None
+    def attached(self, transport: PipePairTransport) -> None:
+        self.transport = transport
+        early, self.early = self.early, []
         for data in early:
-            self.channel.data_received(data)
+            self.data_received(data)
+
+    def next_host(self, channel: Channel) -> None:
+        """Same open port, a new peer: look for its marker again (a template's clone)."""
+        self.channel = channel
+        self.scanner = MarkerScanner()
+        self.repeats = None
 
     def data_received(self, data: bytes) -> None:
-        if self.silent_until_spoken_to is not None:
-            transport, self.silent_until_spoken_to = self.silent_until_spoken_to, None
-            self.channel.connection_made(transport)  # our hello, to the host that spoke first
-        if self.early is not None:
+        if self.transport is None:
             self.early.append(data)
-        else:
+            return
+        if self.scanner is not None:
+            try:
+                rest = self.scanner.feed(data)
+            except ResyncError as exc:
+                log(f"host channel: {exc}")
+                self.transport.abort()
+                return
+            if rest is None:
+                return
+            self.nonce = self.scanner.nonce
+            self.transport.write(marker(self.nonce))
+            self.scanner = None
+            self.repeats = b""
+            self.channel.connection_made(self.transport)  # our hello, after the echo
+            data = rest
+        if self.repeats is not None:
+            # The box sends its marker again until it has our echo, and only then its hello:
+            # drop those repeats (whole or cut) before the first frame.
+            data = self.repeats + data
+            again = marker(self.nonce)
+            while data.startswith(again):
+                data = data[len(again):]
+            if len(data) < len(again) and again.startswith(data):
+                self.repeats = data
+                return
+            self.repeats = None
+        if data:
             self.channel.data_received(data)
 
     def eof_received(self):
@@ -137,51 +189,108 @@ class _ReadSide(asyncio.Protocol):
 
 
 class _WriteSide(asyncio.BaseProtocol):
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
+    def __init__(self, read_side: _ReadSide) -> None:
+        self.read_side = read_side
 
     def pause_writing(self) -> None:
-        self.channel.pause_writing()
+        self.read_side.channel.pause_writing()
 
     def resume_writing(self) -> None:
-        self.channel.resume_writing()
+        self.read_side.channel.resume_writing()
 
     def connection_lost(self, exc) -> None:
-        self.channel.connection_lost(exc)
+        self.read_side.channel.connection_lost(exc)
 
 
-class PortLink:
-    """The virtio-serial port and the channel that speaks on it (replaced in a restored clone)."""
+class Port:
+    """The virtio-serial port, open for the cell's whole life (only one opener is allowed, and
+    closing it would tell the host the guest left); each host connection gets transports of
+    its own on duplicates of it."""
 
-    def __init__(self, transport: PipePairTransport, reader: _ReadSide, writer: _WriteSide) -> None:
-        self.transport, self.reader, self.writer = transport, reader, writer
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.transport: PipePairTransport | None = None
+        self.reader: _ReadSide | None = None
 
-    def for_next_host(self, session: Session) -> Channel:
-        """A fresh channel on the same open port, silent until a host says hello.
+    def host_connected(self) -> bool:
+        """The port reports POLLHUP while no host has its end open (virtio_console)."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN | select.POLLOUT)
+        return not any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
-        The snapshot point of a template: the box that made the template is gone once a
-        clone runs, and the clone's box is a new peer on a new host socket (the port itself
-        stays open: QEMU connects the clone's socket before restoring, so the guest never
-        sees the port close). Speaking only when spoken to means the template's box never
-        gets this hello, and every clone's box does.
-        """
-        channel = Channel(session, hello_timeout=None, queue_max=64)
-        self.reader.channel = self.writer.channel = channel
-        self.reader.silent_until_spoken_to = self.transport
+    async def wait_host(self, give_up_s: float) -> bool:
+        """Until a host has the port open again (True), or give_up_s went by (False)."""
+        deadline = time.monotonic() + give_up_s
+        while not self.host_connected():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(HOST_POLL_S)
+        return True
+
+    async def attach(self, session: Session) -> Channel:
+        """Fresh transports and a channel that speaks once the host's marker arrives."""
+        self.drop()
+        loop = asyncio.get_running_loop()
+        channel = Channel(session, hello_timeout=30.0, queue_max=64)
+        reader = _ReadSide(channel)
+        rt, _ = await loop.connect_read_pipe(lambda: reader, os.fdopen(os.dup(self.fd), "rb", 0))
+        wt, _ = await loop.connect_write_pipe(lambda: _WriteSide(reader), os.fdopen(os.dup(self.fd), "wb", 0))
+        self.transport, self.reader = PipePairTransport(rt, wt), reader
+        reader.attached(self.transport)
         return channel
 
+    def next_host(self, session: Session) -> Channel:
+        """A fresh channel on the same transports, silent until a new host's marker.
 
-async def open_port_channel(path: str, session: Session) -> tuple[Channel, PortLink]:
-    loop = asyncio.get_running_loop()
-    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    channel = Channel(session, hello_timeout=30.0, queue_max=64)
-    rt, reader = await loop.connect_read_pipe(lambda: _ReadSide(channel), os.fdopen(fd, "rb", 0))
-    wfd = os.dup(fd)
-    wt, writer = await loop.connect_write_pipe(lambda: _WriteSide(channel), os.fdopen(wfd, "wb", 0))
-    transport = PipePairTransport(rt, wt)
-    channel.connection_made(transport)
-    reader.attached()
-    return channel, PortLink(transport, reader, writer)
+        The snapshot point of a template: the box that made it is gone once a clone runs, and
+        the clone's box is a new peer (QEMU connects it before restoring, so the guest may not
+        see the port close at all). Only the marker tells the two apart.
+        """
+        channel = Channel(session, hello_timeout=30.0, queue_max=64)
+        self.reader.next_host(channel)
+        return channel
+
+    def drop(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = self.reader = None
+
+
+class OutputLog:
+    """A build's output chunks from the first one the box has not acknowledged on.
+
+    `put` waits while the unacknowledged bytes fill the window: that is the build's
+    back-pressure, whether the host is slow or away."""
+
+    def __init__(self, window: int = OUTPUT_WINDOW) -> None:
+        self.window = window
+        self.chunks: collections.deque = collections.deque()  # (seq, stream, data)
+        self.first = 0      # seq of chunks[0]: everything below was acknowledged
+        self.next = 0       # seq of the next chunk
+        self.bytes = 0
+        self.changed = asyncio.Event()  # a chunk added, or room made
+
+    async def put(self, stream: int, data: bytes) -> int:
+        while self.bytes and self.bytes + len(data) > self.window:
+            self.changed.clear()
+            await self.changed.wait()
+        seq, self.next = self.next, self.next + 1
+        self.chunks.append((seq, stream, data))
+        self.bytes += len(data)
+        self.changed.set()
+        return seq
+
+    def ack(self, upto: int) -> None:
+        while self.chunks and self.chunks[0][0] < upto:
+            self.bytes -= len(self.chunks.popleft()[2])
+        self.first = self.chunks[0][0] if self.chunks else max(self.first, min(upto, self.next))
+        self.changed.set()
+
+    def since(self, seq: int):
+        for chunk in self.chunks:
+            if chunk[0] >= seq:
+                yield chunk
 
 
 class Build:
@@ -194,8 +303,8 @@ class Build:
         self.pid: int | None = None  # the container's init (hived-buildinit), our child once crun exits
         self.status: tuple[int, object] | None = None
         self.reaped = asyncio.Event()
-        self.seq = 0
-        self.send_lock = asyncio.Lock()  # output frames leave in the order of their seq
+        self.log = OutputLog()
+        self.exit_fields: dict | None = None   # kept until the cell dies: a new box gets it again
         self.output_bytes = 0
         self.stream_bytes = {1: 0, 2: 0}
         self.cut_bytes = 0      # read but not sent: over the output limit
@@ -279,9 +388,10 @@ class Build:
         if why is not None:
             stdout.close()
             stderr.close()
-            await self.agent.send_exit(self.id, 127, 0, "spawn_failed", why, {})
+            self.set_exit(127, 0, "spawn_failed", why, {})
             return
-        await self.agent.channel.send("started", build_id=self.id, pid=self.pid, uptime=uptime())
+        with contextlib.suppress(ChannelClosed):  # a box that is away learns it from cell.adopted
+            await self.agent.channel.send("started", build_id=self.id, pid=self.pid, uptime=uptime())
         loop = asyncio.get_running_loop()
         timer = None
         if msg["timeout_s"] > 0:
@@ -328,13 +438,9 @@ class Build:
                 self.output_bytes += len(data)
                 self.stream_bytes[stream] += len(data)
                 if data:
-                    # One sender at a time, and the seq taken when the frame is written: two
-                    # streams waiting for the host must not overtake each other. send() waits
-                    # while the host is not reading: that is the back-pressure.
-                    async with self.send_lock:
-                        seq, self.seq = self.seq, self.seq + 1
-                        await self.agent.channel.send("output", build_id=self.id, stream=stream,
-                                                      seq=seq, data=data)
+                    # One log, one sender (send_output): the seq is taken here, in the order the
+                    # chunks go out. put() waits while the window is full: the back-pressure.
+                    await self.log.put(stream, data)
                 if self.end_reason == "output_limit":
                     return
         finally:
@@ -372,7 +478,7 @@ class Build:
             "output_bytes": float(self.output_bytes),
             "stdout_bytes": float(self.stream_bytes[1]),
             "stderr_bytes": float(self.stream_bytes[2]),
-            "output_chunks": float(self.seq),
+            "output_chunks": float(self.log.next),
             "output_cut_bytes": float(self.cut_bytes),
         }
         if self.undrained:
@@ -380,8 +486,7 @@ class Build:
         report = self._build_report()
         if report is not None and report[0] == "exec" and self.end_reason is None:
             argv0 = self.msg["argv"][:1]
-            await self.agent.send_exit(self.id, 127, 0, "spawn_failed",
-                                       f"cannot start {argv0}: {container.exec_error(report[1])}", usage)
+            self.set_exit(127, 0, "spawn_failed", f"cannot start {argv0}: {container.exec_error(report[1])}", usage)
             return
         if report is not None and report[0] == "status" and self.end_reason is None:
             status = report[1]  # the build's own status, seen by its init (PID 1 of the container)
@@ -393,13 +498,40 @@ class Build:
             code, sig = os.WEXITSTATUS(status), 0
             reason = self.end_reason or "exited"
             message = self.end_message or f"exited with code {code}"
-        await self.agent.send_exit(self.id, code, sig, reason, message, usage)
+        self.set_exit(code, sig, reason, message, usage)
+
+    def set_exit(self, code, sig, reason, message, usage) -> None:
+        self.exit_fields = dict(build_id=self.id, code=code, signal=sig, reason=reason, message=message[:4096],
+                                usage=usage)
+        self.log.changed.set()
+
+    async def send_output(self, channel: Channel, start: int) -> None:
+        """Everything from seq `start` on, then new chunks as they come, then the exit: on one
+        host connection (a new one starts a new sender from what that box asks for)."""
+        seq = max(start, self.log.first)
+        exit_sent = False
+        with contextlib.suppress(ChannelClosed):
+            while True:
+                self.log.changed.clear()
+                for chunk_seq, stream, data in list(self.log.since(seq)):
+                    await channel.send("output", build_id=self.id, stream=stream, seq=chunk_seq, data=data)
+                    seq = chunk_seq + 1
+                if self.exit_fields is not None and seq >= self.log.next and not exit_sent:
+                    await channel.send("exit", **self.exit_fields)
+                    exit_sent = True
+                if seq < self.log.next:
+                    continue
+                await self.log.changed.wait()
 
 
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by signal {os.WTERMSIG(status)}"
     return f"exit {os.WEXITSTATUS(status)}"
+
+
+class AdoptRefused(Exception):
+    """A box that started again asked for another cell or build than this one."""
 
 
 class Agent:
@@ -409,6 +541,8 @@ class Agent:
         self.channel: Channel | None = None
         self.build: Build | None = None
         self.children: dict[int, object] = {}  # pid -> callback(wait status, rusage)
+        self.port: Port | None = None
+        self.sender: asyncio.Task | None = None  # the build's output sender on the current host link
 
     def reap(self) -> None:
         """Reap every exited child; orphans re-parented to PID 1 included."""
@@ -435,58 +569,97 @@ class Agent:
         self.children[proc.pid] = done
         return await fut
 
-    async def send_exit(self, build_id, code, sig, reason, message, usage) -> None:
-        await self.channel.send("exit", build_id=build_id, code=code, signal=sig, reason=reason,
-                                message=message[:4096], usage=usage)
-
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
-        port = find_port()
-        session = Session("cell", self.cell_id, {"box"})
-        self.channel, link = await open_port_channel(port, session)
+        self.port = Port(find_port())
         t_agent = uptime()
-        await self.channel.handshake()
+        said_hello = said_template = False
+        restored = not self.template
+        while True:
+            channel = self.channel = await self.port.attach(Session("cell", self.cell_id, {"box"}))
+            try:
+                await channel.handshake()
+                if not restored:
+                    if not said_template:
+                        boot = self.boot_stages(t_agent)
+                        await channel.send("cell.template", kernel=os.uname().release, boot=boot,
+                                           agent_version=__version__)
+                        said_template = True
+                        # The snapshot point: from here on everything runs once per clone.
+                        channel = self.channel = self.port.next_host(Session("cell", "clone", {"box"}))
+                        await channel.handshake()
+                    boot = await self.become_clone(channel, boot if said_template else {})
+                    restored = said_hello = True
+                    await channel.send("cell.hello", cell_id=self.cell_id, kernel=os.uname().release,
+                                       boot=boot, agent_version=__version__)
+                elif not said_hello:
+                    said_hello = True
+                    await channel.send("cell.hello", cell_id=self.cell_id, kernel=os.uname().release,
+                                       boot=self.boot_stages(t_agent), agent_version=__version__)
+                else:
+                    await self.adopted(channel, await channel.recv())
+                while True:
+                    await self.handle(await channel.recv())
+            except ChannelClosed as exc:
+                log(f"host channel closed ({exc.reason}); waiting up to {ORPHAN_S:g} s for a box daemon")
+            except AdoptRefused as exc:
+                log(f"refused adoption: {exc}")
+            if self.sender is not None:
+                self.sender.cancel()
+            self.port.drop()
+            await asyncio.sleep(HOST_POLL_S)  # the port reports the host gone a moment after EOF
+            if not await self.port.wait_host(ORPHAN_S):
+                log(f"no box daemon for {ORPHAN_S:g} s; powering off")
+                if self.build:
+                    self.build.kill("cancelled", "the box daemon went away and did not come back")
+                return
+
+    def boot_stages(self, t_agent: float) -> dict:
         boot = {"agent": t_agent, "hello": uptime()}
         for stage in ("init", "modules", "net", "root"):
             value = os.environ.get(f"HIVED_T_{stage.upper()}")
             if value:
                 boot[stage] = float(value)
-        if self.template:
-            boot = await self.wait_for_restore(link, boot)
-        await self.channel.send("cell.hello", cell_id=self.cell_id, kernel=os.uname().release,
-                                boot=boot, agent_version=__version__)
-        try:
-            while True:
-                msg = await self.channel.recv()
-                await self.handle(msg)
-        except ChannelClosed as exc:
-            log(f"host channel closed ({exc.reason}); powering off")
-            if self.build:
-                self.build.kill("cancelled", "host went away")
+        return boot
 
-    async def wait_for_restore(self, link: PortLink, boot: dict) -> dict:
-        """The snapshot point, then (in each clone) becoming a cell of its own.
+    async def become_clone(self, channel: Channel, boot: dict) -> dict:
+        """In each clone of a template: become a cell of its own (hived/cell/identity.py).
 
-        The box pauses the VM once it has `cell.template`: from here on everything runs
-        once per clone. Nothing per cell has been touched yet (no scratch disk, network,
-        hostname; the build runs later in a container of its own).
+        Nothing per cell has been touched before this (no scratch disk, network, hostname; the
+        build runs later in a container of its own).
         """
-        await self.channel.send("cell.template", kernel=os.uname().release, boot=boot,
-                                agent_version=__version__)
-        self.channel = link.for_next_host(Session("cell", "clone", {"box"}))
-        await self.channel.handshake()
-        msg = await self.channel.recv()
+        msg = await channel.recv()
         if msg.name != "cell.restore":
             raise RuntimeError(f"a restored clone expects cell.restore first, got {msg.name}")
         t0 = uptime()
         self.cell_id = msg["cell_id"]
-        self.channel.session.name = self.cell_id
+        channel.session.name = self.cell_id
         try:
             steps = identity.become(msg)
         except identity.IdentityError as exc:
             raise RuntimeError(f"restored clone {self.cell_id} cannot become a cell: {exc}") from None
-        return {"restore": t0, **steps, "hello": uptime()}
+        return {**boot, "restore": t0, **steps, "hello": uptime()}
+
+    async def adopted(self, channel: Channel, msg) -> None:
+        """A box daemon that started again takes this cell over (`cell.adopt`)."""
+        if msg.name != "cell.adopt":
+            raise AdoptRefused(f"a cell that had a box expects cell.adopt from the next one, got {msg.name}")
+        build = self.build
+        if msg["cell_id"] != self.cell_id or msg["build_id"] != (build.id if build else ""):
+            await channel.send("error", code="not_found", fatal=True, ref=msg["build_id"],
+                               message=f"this is cell {self.cell_id} running build "
+                                       f"{build.id if build else '(none)'}, not cell {msg['cell_id']} "
+                                       f"running {msg['build_id'] or '(none)'}")
+            raise AdoptRefused(f"box asked for cell {msg['cell_id']} build {msg['build_id']!r}")
+        state = "warm" if build is None else ("exited" if build.exit_fields is not None else "running")
+        await channel.send("cell.adopted", cell_id=self.cell_id, build_id=build.id if build else "", state=state,
+                           output_next=build.log.next if build else 0, output_kept=build.log.first if build else 0)
+        if build is not None:
+            log(f"adopted by a new box daemon: build {build.id} {state}, output again from "
+                f"{max(msg['output_from'], build.log.first)} to {build.log.next}")
+            build.log.ack(msg["output_from"])
+            self.sender = asyncio.get_running_loop().create_task(build.send_output(channel, msg["output_from"]))
 
     async def handle(self, msg) -> None:
         if msg.name == "run":
@@ -495,7 +668,12 @@ class Agent:
                                         message="this cell already ran its one build")
                 return
             self.build = Build(self, msg)
-            asyncio.get_running_loop().create_task(self.build.run())
+            loop = asyncio.get_running_loop()
+            loop.create_task(self.build.run())
+            self.sender = loop.create_task(self.build.send_output(self.channel, 0))
+        elif msg.name == "output.ack":
+            if self.build and self.build.id == msg["build_id"]:
+                self.build.log.ack(msg["seq"])
         elif msg.name == "cancel":
             if self.build and self.build.id == msg["build_id"]:
                 self.build.kill("cancelled", f"cancelled: {msg['reason']}")

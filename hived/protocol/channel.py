@@ -13,6 +13,7 @@ import socket
 
 from hived.protocol.errors import ProtocolError
 from hived.protocol.framing import FrameDecoder
+from hived.protocol.resync import NONCE_BYTES, MarkerScanner, ResyncError, marker
 from hived.protocol.session import LinkState, Session
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,64 @@ class Channel(asyncio.Protocol):
     @property
     def is_open(self) -> bool:
         return self.closed_reason is None and self.session.state is LinkState.OPEN
+
+
+class ResyncChannel(Channel):
+    """The cell channel's box side (hived/protocol/resync.py): every connection starts with the
+    resync marker and a fresh nonce, sent again every MARKER_REPEAT_S until the cell echoes it;
+    only then does our hello go. What arrives before the echo is a cut frame or a stale marker
+    of an earlier connection, ignored; the repeats let a cell that answered a stale marker
+    first find ours (it only ever skips them before the hello)."""
+
+    MARKER_REPEAT_S = 0.1
+
+    def __init__(self, session: Session, **kw) -> None:
+        super().__init__(session, **kw)
+        self.nonce = os.urandom(NONCE_BYTES)
+        self._scanner: MarkerScanner | None = MarkerScanner(self.nonce)
+        self._repeat: asyncio.TimerHandle | None = None
+        self._raw = None
+
+    def connection_made(self, transport) -> None:
+        self._raw = transport
+        self._send_marker()
+
+    def _send_marker(self) -> None:
+        if self._scanner is None or self.closed_reason is not None or self._raw.is_closing():
+            return
+        self._raw.write(marker(self.nonce))
+        self._repeat = asyncio.get_running_loop().call_later(self.MARKER_REPEAT_S, self._send_marker)
+
+    def data_received(self, data: bytes) -> None:
+        if self._scanner is not None:
+            try:
+                rest = self._scanner.feed(data)
+            except ResyncError as exc:
+                self.transport = self._raw
+                self._protocol_failed(ProtocolError("bad_frame", str(exc)))
+                return
+            if rest is None:
+                return
+            if self._scanner.skipped:
+                log.info("cell channel: skipped %d byte(s) of an earlier connection", self._scanner.skipped)
+            self._scanner = None
+            if self._repeat is not None:
+                self._repeat.cancel()
+            super().connection_made(self._raw)  # our hello, after the cell echoed our nonce
+            if not rest:
+                return
+            data = rest
+        super().data_received(data)
+
+    def connection_lost(self, exc) -> None:
+        if self._repeat is not None:
+            self._repeat.cancel()
+        super().connection_lost(exc)
+
+    def close(self, reason: str = "closed by us") -> None:
+        if self.transport is None and self._raw is not None:
+            self.transport = self._raw
+        super().close(reason)
 
 
 async def connect_unix(path: str, session: Session, **kw) -> Channel:

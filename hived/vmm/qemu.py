@@ -1,12 +1,15 @@
 """QEMU `microvm` driver.
 
-The cell's channel: virtio-serial port `hived.0` on a Unix socket the box listens on
-(QEMU connects at start, before the guest runs, so nothing is lost and nobody polls);
-vhost-vsock where /dev/vhost-vsock exists is the faster path on hosts that have it
-(guest CID = a number derived from the cell id; not available on this machine kind).
+The cell's channel: virtio-serial port `hived.0` on a Unix socket QEMU serves in the cell's
+directory (`server=on,wait=off`). The box connects to it, and a box daemon that starts again
+connects to the same socket: the cell outlives the daemon (protocol v4: the resync marker,
+`cell.adopt`). The guest's writes block while no box is connected, so nothing is lost before
+the first connection either. vhost-vsock where /dev/vhost-vsock exists is the faster path on
+hosts that have it (guest CID = a number derived from the cell id; not on this machine kind).
 """
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
@@ -16,7 +19,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from hived.protocol.channel import Channel
+from hived.protocol.channel import Channel, ResyncChannel
 from hived.protocol.session import Session
 from hived.vmm.base import CellSpec, VmmDriver, VmmError
 from hived.vmm.qmp import Qmp, QmpBlocking, QmpError
@@ -111,7 +114,9 @@ def build_cmdline(spec: CellSpec, chan: Path, qmp: Path, console: Path, scratch:
         "-drive", f"id=scratch,file={scratch},format=raw,if=none,discard=unmap{throttle}",
         "-device", "virtio-blk-device,drive=scratch,serial=hived-scratch",
         "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=chan,path={chan}",
+        # QEMU serves the channel and takes the next box after one goes (server=on): the cell
+        # outlives its daemon. wait=off: QEMU does not wait for a box before it runs the guest.
+        "-chardev", f"socket,id=chan,path={chan},server=on,wait=off",
         "-device", "virtserialport,chardev=chan,name=hived.0",
         "-qmp", f"unix:{qmp},server=on,wait=off",
         "-pidfile", str(pidfile),
@@ -214,16 +219,20 @@ class QemuMicrovm(VmmDriver):
 
     def __init__(self) -> None:
         self.spec: CellSpec | None = None
+        self.cell_dir: Path | None = None
         self.proc: asyncio.subprocess.Process | None = None
-        self._listener: socket.socket | None = None
+        self.pid = 0
+        self.pidfd = -1       # an adopted VMM (not our child): watched and killed through a pidfd
+        self._gone: asyncio.Future | None = None  # resolved when the adopted VMM exits
         self.channel: Channel | None = None
 
     # paths, all named after the cell inside its own directory
     def _p(self, name: str) -> Path:
-        return self.spec.cell_dir / name
+        return self.cell_dir / name
 
     async def prepare(self, spec: CellSpec) -> None:
         self.spec = spec
+        self.cell_dir = spec.cell_dir
         for need in (spec.kernel, spec.initrd, spec.rootfs):
             if not need.exists():
                 raise VmmError(f"cell image file {need} is missing: run `hived image build`")
@@ -236,14 +245,10 @@ class QemuMicrovm(VmmDriver):
         if spec.source_slot_mib:
             with open(self._p("source.img"), "wb") as f:
                 f.truncate(spec.source_slot_mib << 20)  # sparse: costs nothing until filled
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._listener.bind(str(chan))
-        self._listener.listen(1)
-        self._listener.setblocking(False)
         if spec.vmm_uid:
             # The confined VMM owns its cell's files and nothing else.
             (spec.cell_dir / "jail").mkdir()
-            for path in (spec.cell_dir, chan, self._p("scratch.ext4")):
+            for path in (spec.cell_dir, self._p("scratch.ext4")):
                 os.chown(path, spec.vmm_uid, spec.vmm_uid)
             if spec.source_slot_mib:
                 os.chmod(self._p("source.img"), 0o644)  # root writes it, the VMM only reads
@@ -286,35 +291,83 @@ class QemuMicrovm(VmmDriver):
         finally:
             if image_fd >= 0:
                 os.close(image_fd)
+        self.pid = self.proc.pid
         return self.proc.pid
 
-    async def accept(self, timeout: float) -> Channel:
+    async def connect(self, timeout: float) -> Channel:
+        """Connect to the channel QEMU serves (its socket appears while QEMU starts); the box's
+        resync marker and hello go out at once, the guest reads them when its daemon opens the port."""
         loop = asyncio.get_running_loop()
-        exited = loop.create_task(self.proc.wait())
-        accepted = loop.create_task(loop.sock_accept(self._listener))
-        hello = None
+        path = self._p("chan.sock")
+        deadline = loop.time() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:  # not made, or not listening yet
+                sock.close()
+                if not self.alive() or loop.time() > deadline:
+                    raise VmmError(f"cannot connect to the cell channel {path}: {exc.strerror}; "
+                                   f"QEMU said: {_tail(self._p('qemu.stderr'), 3) or 'nothing'}") from None
+                await asyncio.sleep(0.002)
+            except OSError as exc:
+                sock.close()
+                raise VmmError(f"cannot connect to the cell channel {path}: {exc}") from None
+        session = Session("box", "box", {"cell"})
+        _, channel = await loop.create_unix_connection(
+            lambda: ResyncChannel(session, hello_timeout=None, queue_max=32), sock=sock)
+        self.channel = channel
+        return channel
+
+    async def accept(self, timeout: float) -> Channel:
+        """The guest's hello on the connected channel (connect() first), or why there is none."""
+        loop = asyncio.get_running_loop()
+        if self.channel is None:
+            await self.connect(timeout)
+        exited = loop.create_task(self.wait_exit())
+        hello = loop.create_task(self.channel.handshake())
         try:
-            done, _ = await asyncio.wait({exited, accepted}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if accepted not in done:
-                raise VmmError(self._why_no_hello("QEMU never connected the cell channel", exited))
-            conn, _ = accepted.result()
-            session = Session("box", "box", {"cell"})
-            _, channel = await loop.create_unix_connection(
-                lambda: Channel(session, hello_timeout=None, queue_max=32), sock=conn)
-            self.channel = channel
-            hello = loop.create_task(channel.handshake())
-            done, _ = await asyncio.wait({exited, hello}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({exited, hello}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if hello not in done:
                 raise VmmError(self._why_no_hello("the guest never said hello", exited, timeout))
             hello.result()
-            return channel
+            return self.channel
         finally:
-            for task in (exited, accepted, hello):
-                if task is not None and not task.done():
+            for task in (exited, hello):
+                if not task.done():
                     task.cancel()
-            self._listener.close()
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.returncode is None
+        return self.pid > 0 and os.path.exists(f"/proc/{self.pid}")
+
+    def adopt(self, cell_dir: Path, pid: int, start_ticks: int) -> None:
+        """Take over a VMM a previous box daemon started: the same process (pid and start time,
+        so a reused pid is refused), watched through a pidfd since it is not our child."""
+        self.cell_dir = cell_dir
+        if process_start_ticks(pid) != start_ticks:
+            raise VmmError(f"process {pid} is not the cell's VMM any more (it exited; the pid was reused)")
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            raise VmmError(f"cannot watch VMM process {pid}: {exc.strerror}") from None
+        if process_start_ticks(pid) != start_ticks:  # reused between the check and the pidfd
+            os.close(self.pidfd)
+            self.pidfd = -1
+            raise VmmError(f"process {pid} is not the cell's VMM any more (the pid was reused)")
+        self.pid = pid
+        loop = asyncio.get_running_loop()
+        self._gone = loop.create_future()
+
+        def exited() -> None:  # a pidfd is readable once its process has exited
+            loop.remove_reader(self.pidfd)
+            if not self._gone.done():
+                self._gone.set_result(None)
+
+        loop.add_reader(self.pidfd, exited)
 
     def _why_no_hello(self, what: str, exited, timeout: float | None = None) -> str:
         if exited.done():
@@ -334,7 +387,7 @@ class QemuMicrovm(VmmDriver):
         path = self._p("qmp.sock")
         deadline = asyncio.get_running_loop().time() + 5
         while not path.exists():  # QEMU makes the socket while it starts
-            if self.proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
+            if not self.alive() or asyncio.get_running_loop().time() > deadline:
                 raise VmmError(f"QMP socket {path} did not appear: {_tail(self._p('qemu.stderr'), 3)}")
             await asyncio.sleep(0.005)
         try:
@@ -353,14 +406,19 @@ class QemuMicrovm(VmmDriver):
         return threads
 
     async def wait_exit(self) -> int:
-        return await self.proc.wait()
+        """The VMM's exit status; -1 for an adopted VMM (not our child: its status is not ours to read)."""
+        if self.proc is not None:
+            return await self.proc.wait()
+        if self._gone is not None:
+            await asyncio.shield(self._gone)
+        return -1
 
     async def _wait_qmp(self, timeout: float) -> str:
         path = self._p("qmp.sock")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not path.exists():  # QEMU makes the socket while it starts
-            if self.proc.returncode is not None or loop.time() > deadline:
+            if not self.alive() or loop.time() > deadline:
                 raise VmmError(f"QMP socket {path} did not appear: {_tail(self._p('qemu.stderr'), 3)}")
             await asyncio.sleep(0.002)
         return str(path)
@@ -424,19 +482,37 @@ class QemuMicrovm(VmmDriver):
             raise VmmError(f"restoring from the template failed: {exc}; "
                            f"QEMU said: {_tail(self._p('qemu.stderr'), 3) or 'nothing'}") from None
 
+    def detach(self) -> None:
+        """Let go of the VMM without ending it (the box daemon goes, the cell stays)."""
+        if self.channel is not None:
+            self.channel.close("box daemon detaching")
+        if self.pidfd >= 0:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+
     async def destroy(self) -> None:
         if self.channel is not None:
             self.channel.close("cell destroyed")
-        if self._listener is not None:
-            self._listener.close()
         if self.proc is not None and self.proc.returncode is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             await self.proc.wait()
-        if self.spec is not None:
-            shutil.rmtree(self.spec.cell_dir, ignore_errors=True)
+        if self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)  # the pidfd cannot hit a reused pid
+            except ProcessLookupError:
+                pass
+            await self.wait_exit()
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.cell_dir is not None:
+            shutil.rmtree(self.cell_dir, ignore_errors=True)
 
     def fill_source(self, checkout: Path) -> float:
         """Copy a checkout image into the source slot before `run`; returns the ms it took."""
@@ -460,9 +536,21 @@ class QemuMicrovm(VmmDriver):
         return (time.monotonic() - t0) * 1000
 
     def console_tail(self, lines: int = 20) -> str:
-        if self.spec is None:
+        if self.cell_dir is None:
             return ""
         return _tail(self._p("console.log"), lines)
+
+
+def process_start_ticks(pid: int) -> int:
+    """When the process started (clock ticks since boot, /proc/PID/stat field 22); 0 if gone.
+    With the pid it names one process for good: a pid can be reused, the pair cannot."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    # comm (field 2) may hold spaces and parentheses: count from the last ")"
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
 def _wait_migration(qmp: QmpBlocking, timeout: float) -> None:
