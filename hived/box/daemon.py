@@ -275,6 +275,7 @@ class BoxDaemon:
         return CellSpec(
             cores=alloc.cores if alloc else (), vmm_uid=uid,
             tap_fd=net.tap_fd if net else -1, mac=net.mac if net else "", net_cmdline=_net_cmdline(net, mode),
+            netns=net.netns_path if net else "",
             cell_id=cell.id, cell_dir=self.config.cells_dir / cell.id, vcpus=shape.vcpus,
             memory_mib=shape.memory_mib, scratch_mib=shape.scratch_mib,
             kernel=self.image.kernel, initrd=self.image.initrd, rootfs=self.image.rootfs,
