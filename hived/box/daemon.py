@@ -22,11 +22,12 @@ from hived import sdnotify
 from hived.box import leftovers
 from hived.box.builds import run_build
 from hived.box.cell import Cell, CellState, new_cell_id
-from hived.box.cgroups import CellLimits, CgroupError, open_cgroups
+from hived.box.cgroups import CellLimits, CgroupError
 from hived.box.config import BoxConfig
 from hived.box.metrics import BoxMetrics
 from hived.box.network import NetworkError
 from hived.box.partition import NoCapacity, Partition
+from hived.box.placement import place as place_cgroups
 from hived.box.pool import BootFailed, NoRoom, WarmPool
 from hived.box.templates import (
     Template,
@@ -121,7 +122,7 @@ class BoxDaemon:
         self.partition.check_shapes(cfg.shapes.values())  # PartitionError: refuse to start
         cfg.cells_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.cgroups = open_cgroups(cfg.cgroup_parent)
+            self.cgroups = place_cgroups(cfg.cgroup_placement, cfg.name)  # hived/box/placement.py
         except CgroupError as exc:
             if os.geteuid() == 0:
                 raise
