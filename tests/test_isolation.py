@@ -168,6 +168,64 @@ def test_vmm_runs_confined(box):
     assert len(uids) == len(cells)  # one uid per cell: a VMM cannot signal or ptrace another
 
 
+def _netns_inode(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def _host_netns() -> set[int]:
+    """The network namespace the box runs in (this process's), and PID 1's where it may be read."""
+    found = {_netns_inode(os.getpid())}
+    try:
+        found.add(_netns_inode(1))
+    except PermissionError:  # a container that hides its PID 1's namespaces
+        pass
+    return found
+
+
+def _interfaces(pid: int) -> set[str]:
+    """The interfaces the process sees: /proc/PID/net/dev is read in its network namespace."""
+    lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    return {line.split(":", 1)[0].strip() for line in lines}
+
+
+def test_each_vmm_runs_in_its_cells_network_namespace(box):
+    """A VMM escape must not land on the host's network: each VMM lives in its cell's netns."""
+    box.wait_pool_full()
+    cells = [c for c in box.status()["cells"] if c["state"] == "warm"]
+    assert len(cells) >= 2
+    host = _host_netns()
+    seen = set()
+    for c in cells:
+        pid, netns = c["pid"], c["net"]["netns"]
+        assert Path(f"/proc/{pid}/exe").resolve().name.startswith("qemu-system"), pid
+        assert _netns_inode(pid) == os.stat(f"/run/netns/{netns}").st_ino, (c["id"], netns)
+        assert _netns_inode(pid) not in host
+        seen.add(_netns_inode(pid))
+        # what the VMM can see: the cell's own links, none of the host's
+        assert _interfaces(pid) <= {"lo", "tap0", "ifb0", f"v{c['id'][1:]}b"}, _interfaces(pid)
+        assert "tap0" in _interfaces(pid)
+    assert len(seen) == len(cells)
+
+
+def test_each_vmm_without_networking_gets_an_empty_network_namespace():
+    """`network = false`: no cell netns, yet the VMM is still not on the host's network."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    with BoxHarness({"one": {"vcpus": 1, "memory_mib": 256, "scratch_mib": 64, "pool_target": 2}},
+                    box={"network": False, "vmm_uid_base": VMM_UID_BASE + 100}) as nonet:
+        nonet.wait_pool_full()
+        cells = [c for c in nonet.status()["cells"] if c["state"] == "warm"]
+        assert len(cells) == 2 and all(c["net"] is None for c in cells)
+        inodes = {_netns_inode(c["pid"]) for c in cells}
+        assert len(inodes) == 2 and not inodes & _host_netns()
+        for c in cells:
+            assert Path(f"/proc/{c['pid']}/exe").resolve().name.startswith("qemu-system")
+            assert _interfaces(c["pid"]) == {"lo"}
+            # ... and the build still runs over the channel, which is a Unix socket found by path
+        r = nonet.build(["sh", "-c", "echo through the channel"], timeout_s=120)
+        assert r.exit["code"] == 0 and r.stdout == b"through the channel\n", r
+
+
 def test_more_builds_than_room_wait_for_it(box):
     """Two cores, no overcommit: a third build waits until a cell is destroyed, then runs."""
     results = box.builds_at_once(*[(["sh", "-c", f"sleep 1; echo {i}"], {}) for i in range(3)])

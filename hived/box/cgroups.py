@@ -34,12 +34,28 @@ def _write(path: Path, value: str) -> None:
         raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}") from None
 
 
+def _enable(d: Path, controllers: list[str]) -> None:
+    """Enable `controllers` for the children of cgroup `d` (v2), writing only those not yet on."""
+    try:
+        on = set((d / "cgroup.subtree_control").read_text().split())
+    except FileNotFoundError:  # a directory just made under a stand-in root (tests)
+        on = set()
+    todo = [c for c in controllers if c not in on]
+    if todo:
+        _write(d / "cgroup.subtree_control", " ".join(f"+{c}" for c in todo))
+
+
 class Cgroups(abc.ABC):
     version = 0
 
-    def __init__(self, root: Path, parent: str) -> None:
+    def __init__(self, root: Path, parent: str, anchor: str = "") -> None:
         self.root = Path(root)
         self.parent = parent
+        # The highest cgroup (relative to root) whose attributes the box may write: "" is the
+        # root itself; under systemd, the unit's delegated cgroup (hived/box/placement.py).
+        self.anchor = anchor
+        if anchor and not Path(parent).is_relative_to(anchor):
+            raise CgroupError(f"cells' parent cgroup {parent} is not below {anchor}, the subtree the box may manage")
 
     @abc.abstractmethod
     def dirs(self, name: str) -> list[Path]: ...
@@ -94,9 +110,10 @@ class Cgroups(abc.ABC):
     def remove_parent(self) -> None:
         """Remove the box's own parent groups once its cells are gone (best effort:
         a parent shared with another box, or still holding cells, stays)."""
+        top = self.root / self.anchor
         for d in self.parent_dirs():
             for p in [d, *d.parents]:
-                if p in (self.root, *self.root.parents) or p.parent == self.root:
+                if p in (self.root, *self.root.parents) or p.parent == self.root or p == top:
                     break
                 try:
                     p.rmdir()
@@ -185,19 +202,22 @@ class CgroupV2(Cgroups):
         return [self.root / self.parent]
 
     def _ensure_parent(self) -> None:
-        available = set((self.root / "cgroup.controllers").read_text().split())
+        """Make the parent and hand the controllers down to it, from the anchor on: nothing
+        above the anchor is written (under systemd that is systemd's), and a controller already
+        enabled is not written again."""
+        top = self.root / self.anchor
+        available = set((top / "cgroup.controllers").read_text().split())
         missing = [c for c in ("memory", "pids") if c not in available]
         if missing:
-            raise CgroupError(f"cgroup v2 at {self.root} lacks controllers {missing}: "
+            raise CgroupError(f"cgroup v2 at {top} lacks controllers {missing}: "
                               "enable them (systemd: Delegate=yes in the unit)")
-        d = self.root
-        for part in Path(self.parent).parts:
-            wanted = " ".join(f"+{c}" for c in self.CONTROLLERS if c in available)
-            _write(d / "cgroup.subtree_control", wanted)
+        wanted = [c for c in self.CONTROLLERS if c in available]
+        d = top
+        for part in Path(self.parent).relative_to(self.anchor).parts:
+            _enable(d, wanted)
             d = d / part
             d.mkdir(exist_ok=True)
-        wanted = " ".join(f"+{c}" for c in self.CONTROLLERS if c in available)
-        _write(d / "cgroup.subtree_control", wanted)
+        _enable(d, wanted)
 
     def create(self, name: str, limits: CellLimits) -> list[Path]:
         self._ensure_parent()
@@ -254,10 +274,10 @@ def detect(root: Path = Path("/sys/fs/cgroup")) -> int:
     return 0
 
 
-def open_cgroups(parent: str, root: Path = Path("/sys/fs/cgroup")) -> Cgroups:
+def open_cgroups(parent: str, root: Path = Path("/sys/fs/cgroup"), anchor: str = "") -> Cgroups:
     version = detect(root)
     if version == 2:
-        return CgroupV2(root, parent)
+        return CgroupV2(root, parent, anchor)
     if version == 1:
         return CgroupV1(root, parent)
     raise CgroupError(f"no usable cgroup hierarchy at {root}: need v2 with controllers, "

@@ -70,6 +70,9 @@ class BoxConfig:
     templates: bool = True           # fill warm pools by restoring clones of a template (hived/box/templates.py)
     template_max_age_s: float = 3600.0  # a template is replaced after this long (0: no limit)
     template_max_clones: int = 500   # ... or after this many clones (0: no limit)
+    # [box] cgroup_parent: "auto" (hived/box/placement.py decides) or the cells' parent cgroup,
+    # an absolute path below the cgroup root
+    cgroup_placement: str = "auto"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -82,6 +85,10 @@ class BoxConfig:
 
     @property
     def cgroup_parent(self) -> str:
+        """The cells' parent below the cgroup root, unless systemd delegated the daemon a subtree
+        (then hived/box/placement.py puts them in it: the daemon's `cgroups.parent` says where)."""
+        if self.cgroup_placement != "auto":
+            return self.cgroup_placement.strip("/")
         return f"hived/{self.name}"
 
 
@@ -95,6 +102,9 @@ def _int(where: str, value, minimum: int = 0) -> int:
 
 
 ADDR_RE = re.compile(r"^(|[^\s]+:\d{1,5})$")  # box peers: "" or HOST:PORT
+# "auto", or an absolute cgroup path: no empty, "." or ".." parts, nothing starting with "."
+# (systemd's own .control), only characters a unit or cgroup name uses
+CGROUP_PARENT_RE = re.compile(r"^(auto|(/[A-Za-z0-9_@:+\-][A-Za-z0-9_.@:+\-]*)+)$")
 
 # The [box] table, key by key: default and check (hived/configspec.py). None: computed below.
 BOX_KEYS = {
@@ -134,6 +144,8 @@ BOX_KEYS = {
     "templates": Key(True, boolean()),
     "template_max_age_s": Key(3600.0, number(0.0)),
     "template_max_clones": Key(500, integer(0)),
+    "cgroup_parent": Key("auto", string(CGROUP_PARENT_RE, '"auto" or an absolute cgroup path such as '
+                                        '"/hived/box1" (below the cgroup root, no "." or ".." parts)')),
 }
 
 
@@ -175,7 +187,8 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
             raise ConfigError(str(exc)) from None
     paths = ("state_dir", "oci_dir", "repos_dir")
     return BoxConfig(
-        **{k: v for k, v in box.items() if k not in ("name", "image_dir", *paths)},
+        **{k: v for k, v in box.items() if k not in ("name", "image_dir", "cgroup_parent", *paths)},
+        cgroup_placement=box["cgroup_parent"],
         **{k: Path(box[k]) for k in paths},
         name=name,
         image_dir=Path(box["image_dir"] or os.environ.get("HIVED_IMAGE_DIR", "/var/lib/hived/images")),

@@ -22,11 +22,12 @@ from hived import sdnotify
 from hived.box import adopt, cellrecord, leftovers
 from hived.box.builds import run_build
 from hived.box.cell import Cell, CellState, new_cell_id
-from hived.box.cgroups import CellLimits, CgroupError, open_cgroups
+from hived.box.cgroups import CellLimits, CgroupError
 from hived.box.config import BoxConfig
 from hived.box.metrics import BoxMetrics
 from hived.box.network import NetworkError
 from hived.box.partition import NoCapacity, Partition
+from hived.box.placement import place as place_cgroups
 from hived.box.pool import BootFailed, NoRoom, WarmPool
 from hived.box.templates import (
     Template,
@@ -129,7 +130,7 @@ class BoxDaemon:
         self.partition.check_shapes(cfg.shapes.values())  # PartitionError: refuse to start
         cfg.cells_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.cgroups = open_cgroups(cfg.cgroup_parent)
+            self.cgroups = place_cgroups(cfg.cgroup_placement, cfg.name)  # hived/box/placement.py
         except CgroupError as exc:
             if os.geteuid() == 0:
                 raise
@@ -315,6 +316,7 @@ class BoxDaemon:
         return CellSpec(
             cores=alloc.cores if alloc else (), vmm_uid=uid,
             tap_fd=net.tap_fd if net else -1, mac=net.mac if net else "", net_cmdline=_net_cmdline(net, mode),
+            netns=net.netns_path if net else "",
             cell_id=cell.id, cell_dir=self.config.cells_dir / cell.id, vcpus=shape.vcpus,
             memory_mib=shape.memory_mib, scratch_mib=shape.scratch_mib,
             kernel=self.image.kernel, initrd=self.image.initrd, rootfs=self.image.rootfs,

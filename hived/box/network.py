@@ -142,6 +142,11 @@ class CellNetInfo:
     setup_ms: float = 0.0
 
     @property
+    def netns_path(self) -> str:
+        """The cell's namespace as a file: its VMM joins it (hived/vmm/qemu.py)."""
+        return netns_path(self.netns)
+
+    @property
     def cmdline(self) -> str:
         """Kernel command line arguments for hived/guest/init.sh."""
         args = f"hived.ip={self.guest_ip}/{self.guest_prefix} hived.gw={self.gateway}"

@@ -35,6 +35,8 @@ class CellSpec:
     cores: tuple[int, ...] = ()  # host cores the vCPUs are pinned to (one each, round robin)
     vmm_uid: int = 0             # run the VMM confined as this uid (0: as root, unconfined)
     tap_fd: int = -1             # the cell's tap (in its own netns), handed to the VMM; -1: no NIC
+    netns: str = ""              # the VMM runs in this network namespace (/run/netns/NAME, the cell's);
+    #                              "": in a fresh, empty one of its own. Never in the host's.
     mac: str = ""
     net_cmdline: str = ""        # hived.ip=... hived.gw=... for the guest's init
     image_file: Path | None = None  # build image filesystem, attached read-only (serial hived-image)

@@ -214,6 +214,43 @@ def confine(spec: CellSpec, argv: list[str], jail: Path) -> list[str]:
             "fds" if spec.memory_fd >= 0 else "", *argv]
 
 
+def network_namespace_step(netns: str):
+    """The step that puts a VMM into its network namespace between fork and exec.
+
+    `netns` is the cell's namespace (/run/netns/NAME): the VMM joins it (setns), so it sees
+    only the cell's tap, veth and routes. "": the VMM gets a fresh namespace of its own
+    (unshare), holding only a loopback that is down, which dies with it. Either way a VMM
+    escape does not land on the host's network (Firecracker's jailer --netns). Unix sockets
+    (QMP, the cell channel) are reached by path, which no network namespace changes.
+
+    Returns (step, fd): the parent closes `fd` (-1: none) once the child is started.
+    """
+    try:
+        from hived import _sys
+    except ImportError:
+        raise VmmError("native module hived._sys is not compiled: run `pip install -e .` "
+                       "(each VMM enters its network namespace through it)") from None
+    lib, ffi = _sys.lib, _sys.ffi
+    if not netns:
+        def fresh() -> None:
+            # safe: runs in the forked child only, before exec; it moves no other process
+            if lib.unshare(lib.CLONE_NEWNET) < 0:
+                raise OSError(ffi.errno, f"unshare(CLONE_NEWNET): {os.strerror(ffi.errno)}")
+        return fresh, -1
+    try:
+        # O_CLOEXEC: the namespace is joined before exec, so QEMU never holds this fd
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VmmError(f"cell network namespace {netns} cannot be opened: {exc.strerror}") from None
+
+    def join() -> None:
+        # safe: runs in the forked child only, before exec; CLONE_NEWNET makes the kernel
+        # refuse an fd that is not a network namespace
+        if lib.setns(fd, lib.CLONE_NEWNET) < 0:
+            raise OSError(ffi.errno, f"setns into {netns}: {os.strerror(ffi.errno)}")
+    return join, fd
+
+
 class QemuMicrovm(VmmDriver):
     name = "qemu-microvm"
 
@@ -269,13 +306,20 @@ class QemuMicrovm(VmmDriver):
         if spec.vmm_uid:
             argv = confine(spec, argv, self._p("jail"))
         procs = [str(p) for p in spec.cgroup_procs]
+        try:
+            enter_netns, netns_fd = network_namespace_step(spec.netns)
+        except VmmError:
+            if image_fd >= 0:
+                os.close(image_fd)
+            raise
 
-        def enter_cgroup() -> None:
-            # Runs in the child between fork and exec: the VMM is in its cgroup before
-            # it runs any guest code.
+        def enter_cell() -> None:
+            # Runs in the child between fork and exec: the VMM is in its cgroup and its
+            # network namespace before it runs any guest code.
             for path in procs:
                 with open(path, "w") as f:
                     f.write("0")
+            enter_netns()
 
         # the tap and image fds are O_CLOEXEC in the box: only this VMM inherits them
         pass_fds = tuple(fd for fd in (spec.tap_fd, image_fd, spec.memory_fd) if fd >= 0)
@@ -283,14 +327,15 @@ class QemuMicrovm(VmmDriver):
             with open(self._p("qemu.stderr"), "wb") as stderr:
                 self.proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                    stderr=stderr, preexec_fn=enter_cgroup if procs else None,
-                    start_new_session=True, pass_fds=pass_fds,
+                    stderr=stderr, preexec_fn=enter_cell, start_new_session=True, pass_fds=pass_fds,
                 )
-        except OSError as exc:
-            raise VmmError(f"cannot start {argv[0]}: {exc}") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            where = f"network namespace {spec.netns}" if spec.netns else "a network namespace of its own"
+            raise VmmError(f"cannot start {argv[0]} in its cgroup and {where}: {exc}") from None
         finally:
-            if image_fd >= 0:
-                os.close(image_fd)
+            for fd in (image_fd, netns_fd):
+                if fd >= 0:
+                    os.close(fd)
         self.pid = self.proc.pid
         return self.proc.pid
 
