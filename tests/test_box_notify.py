@@ -1,5 +1,7 @@
 """`hived box` under a (stand-in) systemd: the real daemon, a real notify socket.
-READY=1 only once a warm cell waits; WATCHDOG=1 while serving; STOPPING=1 on SIGTERM."""
+READY=1 only once a warm cell waits; WATCHDOG=1 while serving; STOPPING=1 on SIGTERM, which
+restarts without ending cells: the next daemon adopts the warm cell (same VMM, no reboot) and
+says READY=1 at once; SIGINT (Ctrl-C, `hived box stop`) ends them."""
 
 import os
 import signal
@@ -34,34 +36,70 @@ def test_ready_watchdog_stopping():
     sock.settimeout(1)
     env = {**os.environ, "NOTIFY_SOCKET": str(d / "notify"), "WATCHDOG_USEC": "2000000"}
     env.pop("WATCHDOG_PID", None)
-    proc = subprocess.Popen([sys.executable, "-m", "hived", "box", "--config", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def start():
+        return subprocess.Popen([sys.executable, "-m", "hived", "box", "--config", str(config)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_for(prefix, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not any(m.startswith(prefix) for m in got):
+            try:
+                got.append(sock.recv(4096).decode())
+            except TimeoutError:
+                assert proc.poll() is None or prefix == "STOPPING=1", proc.stderr.read().decode()
+        return next((m for m in got if m.startswith(prefix)), None)
+
+    proc = start()
     got = []
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not any(m.startswith("READY=1") for m in got):
-            try:
-                got.append(sock.recv(4096).decode())
-            except TimeoutError:
-                assert proc.poll() is None, proc.stderr.read().decode()
-        ready = next(m for m in got if m.startswith("READY=1"))
+        ready = wait_for("READY=1", 180)
+        assert ready is not None
         assert "1 warm" in ready  # STATUS= says what it is serving
         cfg = parse({"box": {"name": "x", "state_dir": f"{d}/s"}, "shapes": {"s": {}}})
-        assert len(vmm_pids(cfg.cells_dir)) >= 1  # READY came with a cell already booted
+        first = vmm_pids(cfg.cells_dir)
+        assert len(first) >= 1  # READY came with a cell already booted
         assert any(m == "WATCHDOG=1" for m in got)  # pings start before READY, at half the timeout
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(m.startswith("STOPPING=1") for m in got):
-            try:
-                got.append(sock.recv(4096).decode())
-            except TimeoutError:
-                pass
-        assert any(m.startswith("STOPPING=1") for m in got)
+        proc.send_signal(signal.SIGTERM)  # a restart: the cells stay
+        assert wait_for("STOPPING=1", 60) is not None
+        assert proc.wait(60) == 0
+        assert b"detached: cells keep running" in proc.stderr.read()
+        assert set(vmm_pids(cfg.cells_dir)) == set(first)
+        got.clear()
+        proc = start()
+        ready = wait_for("READY=1", 60)
+        assert ready is not None and "1 warm" in ready, got
+        assert set(vmm_pids(cfg.cells_dir)) == set(first)  # the same VMM: adopted, not booted again
+        proc.send_signal(signal.SIGINT)  # a stop: builds end, cells go
+        assert wait_for("STOPPING=1", 60) is not None
         assert proc.wait(60) == 0
         assert vmm_pids(cfg.cells_dir) == {}
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        _clean(config)
         sock.close()
         subprocess.run(["rm", "-rf", str(d)])
+
+
+def _clean(config: Path) -> None:
+    """What a failed run may have left (a detached daemon's cells): what the box's next start removes."""
+    import asyncio
+
+    from hived.box.cgroups import open_cgroups
+    from hived.box.config import load
+    from hived.box.leftovers import clean
+    from hived.box.network import CellNetwork
+
+    cfg = load(str(config))
+    cgroups = open_cgroups(cfg.cgroup_parent)
+    clean(cfg.cells_dir, cgroups)
+
+    async def network():
+        net = CellNetwork(cfg.name)
+        for cell_id in net.cells():
+            await net.teardown(cell_id)
+        await net.close()
+
+    asyncio.run(network())
+    cgroups.remove_parent()

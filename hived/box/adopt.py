@@ -142,11 +142,13 @@ async def adopt_one(box, rec: CellRecord):
         if build is None:
             if msg["state"] != "warm":
                 raise NotAdopted(f"the cell says it is {msg['state']} with no build")
+            rt.saved = True
             box.save_cell(rt, "warm")
             log.info("cell %s adopted: warm", cell.id)
             return rt
         cell.transition(CellState.ASSIGNED)
         cell.build_id = build.id
+        rt.record_state, rt.facts, rt.saved = rec.state, build, True
         if build.via != "control" or box.control_link is None:
             raise NotAdopted(f"build {build.id} came through the box's local socket, whose client left with the "
                              "old daemon")

@@ -325,6 +325,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
             if not facts.started:
                 facts.started = True
                 await _tell(client, "build.accepted", request_id="", build_id=build_id, cell_id=cell.id)
+            box.save_cell(rt, "running")
     cwd = req.get("cwd") or "/work"
     source_fs = ""
     if inputs.checkout is not None:
