@@ -24,3 +24,14 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and int(pid) != os.getpid()):
         return None
     return int(usec) / 2e6
+
+
+def pending_job(list_jobs: str, unit: str) -> str:
+    """The type of the job systemd runs for `unit` (`systemctl list-jobs --no-legend --plain`:
+    "JOB UNIT TYPE STATE" per line), or "" if none: "stop" versus "restart" is how a box's
+    ExecStop= tells a stop, which ends builds, from a restart, which keeps them."""
+    for line in list_jobs.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[1] == unit:
+            return words[2]
+    return ""

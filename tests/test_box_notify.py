@@ -1,7 +1,7 @@
 """`hived box` under a (stand-in) systemd: the real daemon, a real notify socket.
 READY=1 only once a warm cell waits; WATCHDOG=1 while serving; STOPPING=1 on SIGTERM, which
 restarts without ending cells: the next daemon adopts the warm cell (same VMM, no reboot) and
-says READY=1 at once; SIGINT (Ctrl-C, `hived box stop`) ends them."""
+says READY=1 at once; `hived box stop` (SIGINT, as Ctrl-C) ends them."""
 
 import os
 import signal
@@ -69,7 +69,10 @@ def test_ready_watchdog_stopping():
         ready = wait_for("READY=1", 60)
         assert ready is not None and "1 warm" in ready, got
         assert set(vmm_pids(cfg.cells_dir)) == set(first)  # the same VMM: adopted, not booted again
-        proc.send_signal(signal.SIGINT)  # a stop: builds end, cells go
+        # a stop: builds end, cells go (the unit's ExecStop=, without --unless-restarting here)
+        stop = subprocess.run([sys.executable, "-m", "hived", "box", "stop", "--config", str(config)],
+                              capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0 and "stopped; its builds ended and its cells are gone" in stop.stdout, stop
         assert wait_for("STOPPING=1", 60) is not None
         assert proc.wait(60) == 0
         assert vmm_pids(cfg.cells_dir) == {}

@@ -188,7 +188,10 @@ def test_systemd_analyze_verify(path, tmp_path):
     """Each shipped unit, ExecStart pointed at a real file (`make install` puts the real
     command in place: tests/test_install.py verifies the installed units as they are)."""
     copy = tmp_path / path.name
-    copy.write_text(path.read_text().replace("ExecStart=/usr/local/bin/hived ", "ExecStart=/bin/true "))
+    text = path.read_text()
+    for key in ("ExecStart", "ExecStop"):
+        text = text.replace(f"{key}=/usr/local/bin/hived ", f"{key}=/bin/true ")
+    copy.write_text(text)
     verify_unit(copy)
 
 
@@ -234,6 +237,27 @@ def test_example_documents_every_key():
         pytest.fail("parse() accepted an unknown key")
     for key in [*known, *box_config.SHAPE_INTS]:
         assert re.search(rf"^#?\s*{re.escape(key)}\s*=", text, re.MULTILINE), key
+
+
+def test_box_unit_stop_ends_builds_but_a_restart_keeps_them():
+    """ExecStop= is `hived box stop --unless-restarting %n`: systemd runs it on a stop and on a
+    restart (and after a crash); only a stop may end the builds."""
+    unit = (ROOT / "systemd" / "hived-box.service").read_text()
+    [stop] = [ln for ln in unit.splitlines() if ln.startswith("ExecStop=")]
+    argv = shlex.split(stop.split("=", 1)[1])
+    assert argv[1:3] == ["box", "stop"] and argv[argv.index("--unless-restarting") + 1] == "%n"
+    assert "KillMode=process" in unit
+
+
+def test_pending_job_tells_a_restart_from_a_stop():
+    from hived.sdnotify import pending_job
+
+    jobs = ("1432 hived-box.service restart running\n"
+            "1433 hived-control.service stop waiting\n")
+    assert pending_job(jobs, "hived-box.service") == "restart"
+    assert pending_job(jobs, "hived-control.service") == "stop"
+    assert pending_job(jobs, "hived-router.service") == ""
+    assert pending_job("", "hived-box.service") == ""
 
 
 # ---- hived/sdnotify.py ------------------------------------------------------------------

@@ -69,9 +69,10 @@ def find(cells_dir: Path) -> tuple[list[CellRecord], list[tuple[str, CellRecord 
     return alive, dead
 
 
-def fail_lost_builds(box, dead) -> None:
-    """The builds of cells that died while the daemon was away fail, each with its reason."""
+def report_dead(box, dead) -> None:
+    """Each cell that cannot be adopted is named with why; its build fails with that reason."""
     for cell_id, rec, why in dead:
+        log.warning("cell %s not adopted: %s", cell_id, why)
         if rec is None or rec.build is None:
             continue
         message = f"cell {cell_id} running build {rec.build.id} is gone: {why}"

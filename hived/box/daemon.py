@@ -168,7 +168,7 @@ class BoxDaemon:
 
             self.control_link = ControlLink(self, link)
         t0 = time.monotonic()
-        adopt.fail_lost_builds(self, dead)
+        adopt.report_dead(self, dead)
         warm = await adopt.adopt_all(self, alive)
         self.adoption = {"cells": len(alive), "adopted": sum(1 for rt in self.cells.values() if rt.adopted),
                          "warm": len(warm), "lost": [why for _, rec, why in dead if rec is not None],
