@@ -13,7 +13,12 @@ def notify(state: str) -> bool:
         addr = "\0" + addr[1:]  # abstract namespace
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         sock.connect(addr)
-        sock.sendall(state.encode())
+        try:
+            # Never block the daemon's loop on a reader that is behind (a full datagram queue
+            # blocks a Unix sender): a dropped ping is harmless, a stuck box is not.
+            sock.send(state.encode(), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
     return True
 
 

@@ -70,10 +70,16 @@ def test_ready_watchdog_stopping():
         assert ready is not None and "1 warm" in ready, got
         assert set(vmm_pids(cfg.cells_dir)) == set(first)  # the same VMM: adopted, not booted again
         # a stop: builds end, cells go (the unit's ExecStop=, without --unless-restarting here)
-        stop = subprocess.run([sys.executable, "-m", "hived", "box", "stop", "--config", str(config)],
-                              capture_output=True, text=True, timeout=120)
-        assert stop.returncode == 0 and "stopped; its builds ended and its cells are gone" in stop.stdout, stop
+        while True:  # what systemd would have read by now
+            try:
+                sock.recv(4096)
+            except TimeoutError:
+                break
+        stop = subprocess.Popen([sys.executable, "-m", "hived", "box", "stop", "--config", str(config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert wait_for("STOPPING=1", 60) is not None
+        out, err = stop.communicate(timeout=120)
+        assert stop.returncode == 0 and "stopped; its builds ended and its cells are gone" in out, (out, err)
         assert proc.wait(60) == 0
         assert vmm_pids(cfg.cells_dir) == {}
     finally:

@@ -36,17 +36,23 @@ for d in /sys/class/virtio-ports/*; do [ "$(cat $d/name)" = hived.0 ] && port=/d
 # Hold the port open throughout: virtio_console drops what arrives while it is closed.
 exec 3<>"$port"
 echo "hostile init: $mode on $port" > /dev/console
+# The resync marker (protocol/SPEC.md, v4): echo the box's marker and nonce, then drop what
+# follows for a moment (its repeats, and its hello once it has our echo).
+resync() {
+    busybox head -c 28 <&3 > /tmp/marker; cat /tmp/marker >&3
+    busybox timeout 1 cat <&3 > /dev/null
+}
 case $mode in
     silent) ;;
-    mute) echo $pre | busybox xxd -r -p >&3 ;;   # announces itself, then ignores `run`
-    garbage) printf '\000\000\000\010garbage!' >&3 ;;
-    oversize) printf '\177\377\377\377' >&3 ;;
+    mute) resync; echo $pre | busybox xxd -r -p >&3 ;;   # announces itself, then ignores `run`
+    garbage) resync; printf '\000\000\000\010garbage!' >&3 ;;
+    oversize) resync; printf '\177\377\377\377' >&3 ;;
     midbuild)
-        echo $pre | busybox xxd -r -p >&3
-        busybox head -c $skip <&3 > /dev/null   # the box's hello, then the first byte of its run
+        resync; echo $pre | busybox xxd -r -p >&3
+        busybox head -c $skip <&3 > /dev/null   # the first byte of the box's run
         printf '\000\000\000\003\301\301\301' >&3 ;;
     wrongbuild)
-        echo $pre | busybox xxd -r -p >&3
+        resync; echo $pre | busybox xxd -r -p >&3
         busybox head -c $skip <&3 > /dev/null
         echo $wrong | busybox xxd -r -p >&3 ;;
 esac
@@ -95,7 +101,7 @@ class HostileBox(BoxDaemon):
         spec = super().cell_spec(cell, shape, cgroup_procs, mode, **kw)
         if shape.name == "good":
             return spec
-        skip = len(Session("box", "box", {"cell"}).hello_frame()) + 1  # the box's hello + 1 byte of run
+        skip = 1  # the first byte of the box's run (resync() dropped its marker repeats and hello)
         extra = f"hostile={shape.name} hostile.pre={announce_frames(cell.id)} hostile.skip={skip}"
         if shape.name == "wrongbuild":
             wrong = pack_frame(codec.encode("started", build_id="someone-else", pid=1, uptime=1.0), 4096)

@@ -41,6 +41,8 @@ class WarmPool:
         self.ready = asyncio.Event()      # set once a cell has been warm (for READY=1)
 
     def start(self) -> None:
+        if self.warm:  # cells adopted from a previous daemon (hived/box/adopt.py)
+            self.ready.set()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-{self.key}")
         self._publish()
 
