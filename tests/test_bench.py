@@ -318,3 +318,26 @@ def test_peers_tiny_run_and_nothing_left():
     assert not {n for n in netns_after - netns_before if n.startswith("hvbp")}
     left = subprocess.run(["pgrep", "-f", "hived.bench.delayline|bpa-"], capture_output=True, text=True).stdout
     assert left.strip() == "", left
+
+
+def test_restart_two_kills_nothing_lost_and_nothing_left():
+    try:
+        boot.resolve_image(None)
+    except common.BenchError as exc:
+        reason = f"no cell image for the restart benchmark: {exc}"
+        print(reason)
+        pytest.skip(reason)
+    if os.geteuid() != 0:
+        pytest.skip("needs root: cells get cgroups and network namespaces")
+    before = {p for p in os.listdir("/tmp") if p.startswith("hvbr")}
+    r = _run([sys.executable, "-m", "hived", "bench", "restart", "--json", "--restarts", "2", "--pool", "1",
+              "--every", "0.5"], 900)
+    assert r.returncode == 0, r.stderr
+    report = _one_json_object(r.stdout)
+    assert report["bench"] == "restart" and report["restarts"] == 2
+    a = report["adopt_ms"]
+    assert len(a["all"]) == 2 and 0 < a["p50"] <= a["max"]
+    assert all(n >= 1 for n in report["cells_adopted"])  # at least the build's cell, each time
+    assert (report["output_lost_bytes"], report["output_duplicated_lines"], report["builds_lost"]) == (0, 0, 0), report
+    assert report["baseline_ready_ms"] > 0 and report["baseline_over_adopt"] > 0
+    assert {p for p in os.listdir("/tmp") if p.startswith("hvbr")} == before  # its home removed

@@ -135,7 +135,7 @@ def run(args) -> dict:
         shutil.rmtree(home, ignore_errors=True)
     p50 = percentile(adopt_ms, 0.5)
     return {
-        "benchmark": "restart",
+        "bench": "restart",
         "machine": machine_info(),
         "restarts": args.restarts,
         "cells_adopted": adopted,

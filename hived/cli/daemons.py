@@ -67,12 +67,22 @@ def stop_box(config, unless_restarting: str = "") -> int:
         print(f"hived box stop: the box daemon (pid {pid}) is not running")
         return 0
     deadline = time.monotonic() + STOP_WAIT_S
-    while os.path.exists(f"/proc/{pid}"):
+    while _running(int(pid)):
         if time.monotonic() > deadline:
             raise UserError(f"the box daemon (pid {pid}) did not stop within {STOP_WAIT_S:g} s")
         time.sleep(0.1)
     print(f"hived box stop: box {config.name} stopped; its builds ended and its cells are gone")
     return 0
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waits for its parent, not for us)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
 
 
 def cmd_control(args, rest) -> int:
