@@ -36,10 +36,10 @@ for d in /sys/class/virtio-ports/*; do [ "$(cat $d/name)" = hived.0 ] && port=/d
 # Hold the port open throughout: virtio_console drops what arrives while it is closed.
 exec 3<>"$port"
 echo "hostile init: $mode on $port" > /dev/console
-# The resync marker (protocol/SPEC.md, v4): echo the box's marker and nonce, then drop what
+# The resync marker (protocol/SPEC.md, v4): echo the box's marker and nonce (14 + 16 bytes), then drop what
 # follows for a moment (its repeats, and its hello once it has our echo).
 resync() {
-    busybox head -c 28 <&3 > /tmp/marker; cat /tmp/marker >&3
+    m=$(busybox head -c 30 <&3 | busybox xxd -p); echo $m | busybox xxd -r -p >&3
     busybox timeout 1 cat <&3 > /dev/null
 }
 case $mode in
