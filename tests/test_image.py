@@ -347,7 +347,9 @@ def test_bad_mode_fails_loudly_and_exits(image_dir, tmpdir_clean):
 
 @pytest.mark.vm
 def test_agent_mode_reaches_the_agent(image_dir, tmpdir_clean):
-    """The agent (PID 1 after switch_root) speaks first on the hived.0 port."""
+    """The agent (PID 1 after switch_root) answers on the hived.0 port: the box's resync marker
+    echoed (protocol/SPEC.md, v4), then its hello."""
+    from hived.protocol.resync import NONCE_BYTES, marker
     _need(QEMU, "qemu-system-x86")
     tmp = tmpdir_clean
     disk = image.scratch_disk(tmp / "scratch.ext4", 256 << 20)
@@ -364,16 +366,24 @@ def test_agent_mode_reaches_the_agent(image_dir, tmpdir_clean):
                     assert p.poll() is None, "QEMU exited before opening the channel"
                     assert time.monotonic() < deadline
                     time.sleep(0.01)
+            nonce = os.urandom(NONCE_BYTES)
+            sock.sendall(marker(nonce))
             sock.settimeout(max(1.0, deadline - time.monotonic()))
+            first = b""
             try:
-                first = sock.recv(4096)
+                while len(first) < len(marker(nonce)) + 4:
+                    got = sock.recv(4096)
+                    if not got:
+                        break
+                    first += got
             except TimeoutError:
-                first = b""
+                pass
             took = time.monotonic() - t0
         finally:
             sock.close()
         console = (tmp / "console.log").read_text(errors="replace")
         assert first, f"no bytes from the agent within {BOOT_LIMIT_S:.0f} s; console:\n{console}"
+        assert first.startswith(marker(nonce)), first[:64]  # the echo, then the agent's hello frame
         assert "hived-init-error" not in console, console
         print(f"agent spoke after {took:.2f} s wall")
 
