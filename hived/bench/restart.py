@@ -133,15 +133,15 @@ def run(args) -> dict:
             follower.kill()
         up.kill(signal.SIGINT)
         shutil.rmtree(home, ignore_errors=True)
-    p50 = percentile(adopt_ms, 0.5)
+    p50 = percentile(adopt_ms, 50)
     return {
         "bench": "restart",
         "machine": machine_info(),
         "restarts": args.restarts,
         "cells_adopted": adopted,
-        "adopt_ms": {"p50": round(p50, 1), "p95": round(percentile(adopt_ms, 0.95), 1),
+        "adopt_ms": {"p50": round(p50, 1), "p95": round(percentile(adopt_ms, 95), 1),
                      "max": round(max(adopt_ms), 1), "all": adopt_ms},
-        "adopt_phase_ms": {"p50": round(percentile(phase_ms, 0.5), 1), "max": round(max(phase_ms), 1)},
+        "adopt_phase_ms": {"p50": round(percentile(phase_ms, 50), 1), "max": round(max(phase_ms), 1)},
         "baseline_ready_ms": round(baseline_ms, 1),
         "baseline_over_adopt": round(baseline_ms / p50, 2) if p50 else None,
         "build_lines": lines,
