@@ -155,6 +155,8 @@ class Channel(asyncio.Protocol):
         await self._can_write.wait()
         if self.closed_reason is not None:
             raise ChannelClosed(self.closed_reason)
+        if self.transport is None:  # a cell channel waiting for its peer's resync marker
+            raise ChannelClosed("not connected yet")
         self.transport.write(frame)
 
     def send_nowait(self, name: str, **fields) -> None:
