@@ -68,7 +68,10 @@ def _leaks(paths: list[Path]) -> list[str]:
     needle = PASSWORD.encode()
     found = []
     for root in paths:
-        for p in [root] if root.is_file() else root.rglob("*"):
+        # os.walk, not rglob: the image cache removes its work directories in the background,
+        # and a directory gone between listing and entering it is no leak
+        files = [root] if root.is_file() else [Path(d) / f for d, _, names in os.walk(root) for f in names]
+        for p in files:
             try:
                 if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
                     found.append(str(p))
