@@ -3,6 +3,7 @@ READY=1 only once a warm cell waits; WATCHDOG=1 while serving; STOPPING=1 on SIG
 restarts without ending cells: the next daemon adopts the warm cell (same VMM, no reboot) and
 says READY=1 at once; `hived box stop` (SIGINT, as Ctrl-C) ends them."""
 
+import json
 import os
 import signal
 import socket
@@ -69,6 +70,14 @@ def test_ready_watchdog_stopping():
         ready = wait_for("READY=1", 60)
         assert ready is not None and "1 warm" in ready, got
         assert set(vmm_pids(cfg.cells_dir)) == set(first)  # the same VMM: adopted, not booted again
+        status = subprocess.run([sys.executable, "-m", "hived", "status", "--home", f"{d}/s", "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        [cell] = report["cells"] if "cells" in report else report["box"]["cells"]
+        assert cell["adopted"] and cell["state"] == "warm" and cell["pid"] in first
+        threads = {int(t) for t in os.listdir(f"/proc/{cell['pid']}/task")}
+        assert cell["vcpu_threads"] and set(cell["vcpu_threads"].values()) <= threads  # QMP asked again
         # a stop: builds end, cells go (the unit's ExecStop=, without --unless-restarting here)
         while True:  # what systemd would have read by now
             try:

@@ -129,6 +129,10 @@ async def adopt_one(box, rec: CellRecord):
         cell.transition(CellState.BOOTING)
         rt.watcher = asyncio.get_running_loop().create_task(box._watch_vmm(rt))
         rt.channel = await rt.driver.accept(ADOPT_TIMEOUT_S)
+        try:  # QMP again: the vCPU threads, pinned to the cell's cores as at its start
+            rt.vcpu_threads = await rt.driver.pin_vcpus(rt.alloc.cores)
+        except (VmmError, OSError) as exc:  # the cell runs on unpinned; say so, do not fail it
+            log.warning("cell %s: vCPU threads not pinned again: %s", cell.id, exc)
         build = rec.build
         await rt.channel.send("cell.adopt", cell_id=cell.id, build_id=build.id if build else "",
                               output_from=build.cell_next if build else 0)
