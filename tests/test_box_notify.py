@@ -78,6 +78,11 @@ def test_ready_watchdog_stopping():
         assert cell["adopted"] and cell["state"] == "warm" and cell["pid"] in first
         threads = {int(t) for t in os.listdir(f"/proc/{cell['pid']}/task")}
         assert cell["vcpu_threads"] and set(cell["vcpu_threads"].values()) <= threads  # QMP asked again
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{report['metrics_port']}/metrics", timeout=30) as r:
+            metrics = r.read().decode()
+        assert 'hived_cell_adoptions_total{result="warm"} 1.0' in metrics, metrics[-2000:]
         # a stop: builds end, cells go (the unit's ExecStop=, without --unless-restarting here)
         while True:  # what systemd would have read by now
             try:

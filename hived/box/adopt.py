@@ -73,6 +73,7 @@ def report_dead(box, dead) -> None:
     """Each cell that cannot be adopted is named with why; its build fails with that reason."""
     for cell_id, rec, why in dead:
         log.warning("cell %s not adopted: %s", cell_id, why)
+        box.metrics.adoptions.labels("not_adopted").inc()
         if rec is None or rec.build is None:
             continue
         message = f"cell {cell_id} running build {rec.build.id} is gone: {why}"
@@ -149,6 +150,7 @@ async def adopt_one(box, rec: CellRecord):
                 raise NotAdopted(f"the cell says it is {msg['state']} with no build")
             rt.saved = True
             box.save_cell(rt, "warm")
+            box.metrics.adoptions.labels("warm").inc()
             log.info("cell %s adopted: warm", cell.id)
             return rt
         cell.transition(CellState.ASSIGNED)
@@ -166,6 +168,7 @@ async def adopt_one(box, rec: CellRecord):
         log.info("cell %s adopted: build %s %s, output again from chunk %d", cell.id, build.id, msg["state"],
                  build.cell_next)
         box.spawn(resume_build(box, rt, relay, build, dict(msg.fields)))
+        box.metrics.adoptions.labels("running").inc()
         return rt
     except (NotAdopted, VmmError, CgroupError, PartitionError, ProtocolError, ChannelClosed, TimeoutError,
             OSError) as exc:
@@ -175,6 +178,7 @@ async def adopt_one(box, rec: CellRecord):
         why = f"cell {cell.id} not adopted: internal error: {exc!r}"
     log.warning("%s", why)
     box.metrics.cell_failures.labels("adopt").inc()
+    box.metrics.adoptions.labels("not_adopted").inc()
     if rec.build is not None and rec.build.via == "control" and box.control_link is not None:
         box.control_link.fail_adopted(rec.build, "cell_failed", why)
     with contextlib.suppress(Exception):

@@ -43,8 +43,13 @@ class BoxMetrics:
         )
         self.output_gaps = Counter("hived_box_output_gaps_total", "Markers put into build logs on this box "
                                    "(output cut on purpose, or missing), by reason", ["reason"], registry=r)
+        self.adoptions = Counter("hived_cell_adoptions_total", "Cells a previous box daemon left running, at "
+                                 "this daemon's start: adopted (warm or running a build) or not (removed, with why)",
+                                 ["result"], registry=r)
         for state in CellState:
             self.cells.labels(state.value)
+        for result in ("warm", "running", "not_adopted"):
+            self.adoptions.labels(result)
         self._server = None
 
     def watch_partition(self, partition) -> None:
