@@ -262,7 +262,9 @@ def test_ctrl_c_cancels_the_build_and_two_runs_queue_with_a_pool_of_1(home):
         assert len(two) == 2 and all(x["state"] == "succeeded" and x["attempts"] == 1 for x in two), two
         assert two[0]["cell"] != two[1]["cell"]
         waited = sorted(x["assigned_at"] - x["submitted_at"] for x in two)
-        assert waited[0] < 1.0 and waited[1] > 1.0, waited  # one took the warm cell, one was queued
+        # one took the warm cell at once; the other was queued until a cell was free or warm again
+        # (a template's clone can be warm in ~0.7 s: sooner than the first build's 1 s)
+        assert waited[0] < 0.3 < waited[1], waited
         hive = api(home, "/v1/hive", admin=True)
         assert hive["queue"] == {"small": 0} and hive["builds_by_state"]["succeeded"] == 2
     finally:
