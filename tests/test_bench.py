@@ -41,6 +41,16 @@ def _one_json_object(stdout: str) -> dict:
     return report
 
 
+def _need_image(bench: str) -> None:
+    """Skip, saying why, when there is no cell image for this code."""
+    try:
+        boot.resolve_image(None)
+    except common.BenchError as exc:
+        reason = f"no cell image for the {bench} benchmark: {exc}"
+        print(reason)
+        pytest.skip(reason)
+
+
 # -- pure helpers ---------------------------------------------------------------------------
 def test_percentile_interpolates_between_ranks():
     assert common.percentile([5.0], 50) == 5.0
@@ -198,12 +208,7 @@ def _bench_qemus() -> set[int]:
 
 @pytest.mark.vm
 def test_boot_two_cells_and_nothing_left():
-    try:
-        boot.resolve_image(None)
-    except common.BenchError as exc:
-        reason = f"no cell image for the boot benchmark: {exc}"
-        print(reason)
-        pytest.skip(reason)
+    _need_image("boot")
     if shutil.which("qemu-system-x86_64") is None:
         reason = "qemu-system-x86_64 not installed (Debian package qemu-system-x86)"
         print(reason)
@@ -257,12 +262,7 @@ def test_boot_two_cells_and_nothing_left():
 
 @pytest.mark.vm
 def test_secure_two_builds_each_and_nothing_left():
-    try:
-        boot.resolve_image(None)
-    except common.BenchError as exc:
-        reason = f"no cell image for the secure benchmark: {exc}"
-        print(reason)
-        pytest.skip(reason)
+    _need_image("secure")
     if os.geteuid() != 0 or shutil.which("wireguard-go") is None:
         reason = "needs root and wireguard-go (Debian package wireguard-go)"
         print(reason)
@@ -299,10 +299,7 @@ def test_peers_bad_arguments_are_one_line():
 
 @pytest.mark.vm
 def test_peers_tiny_run_and_nothing_left():
-    try:
-        boot.resolve_image(None)
-    except common.BenchError as exc:
-        pytest.skip(f"no cell image for the peers benchmark: {exc}")
+    _need_image("peers")
     if os.geteuid() != 0 or not os.path.exists("/usr/bin/docker-registry"):
         pytest.skip("needs root and docker-registry (apt-get install docker-registry)")
     netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
@@ -321,12 +318,7 @@ def test_peers_tiny_run_and_nothing_left():
 
 
 def test_restart_two_kills_nothing_lost_and_nothing_left():
-    try:
-        boot.resolve_image(None)
-    except common.BenchError as exc:
-        reason = f"no cell image for the restart benchmark: {exc}"
-        print(reason)
-        pytest.skip(reason)
+    _need_image("restart")
     if os.geteuid() != 0:
         pytest.skip("needs root: cells get cgroups and network namespaces")
     before = {p for p in os.listdir("/tmp") if p.startswith("hvbr")}

@@ -105,24 +105,11 @@ def test_ready_watchdog_stopping():
         subprocess.run(["rm", "-rf", str(d)])
 
 
+
 def _clean(config: Path) -> None:
     """What a failed run may have left (a detached daemon's cells): what the box's next start removes."""
-    import asyncio
+    from test_up_cli import clean_box_config
 
-    from hived.box.cgroups import open_cgroups
     from hived.box.config import load
-    from hived.box.leftovers import clean
-    from hived.box.network import CellNetwork
 
-    cfg = load(str(config))
-    cgroups = open_cgroups(cfg.cgroup_parent)
-    clean(cfg.cells_dir, cgroups)
-
-    async def network():
-        net = CellNetwork(cfg.name)
-        for cell_id in net.cells():
-            await net.teardown(cell_id)
-        await net.close()
-
-    asyncio.run(network())
-    cgroups.remove_parent()
+    clean_box_config(load(str(config)))

@@ -8,20 +8,16 @@ Real cells: the VMMs outlive the killed daemon, the next one adopts them from th
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from test_up_cli import Up, clean_box, host_leftovers, start_run, stored, wait_for
+from test_up_cli import Up, cell_records, host_leftovers, running_cell, start_run, stored, up_home, wait_for
 
 from hived.box.config import embedded
 from hived.vmm.qemu import process_start_ticks
-
-from boxharness import find_image
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -30,33 +26,11 @@ LINES = 150
 
 @pytest.fixture
 def home():
-    if os.geteuid() != 0:
-        pytest.skip("needs root: cells get cgroups")
-    find_image()
-    d = Path(tempfile.mkdtemp(prefix="hvrs", dir="/tmp"))
-    yield d
-    clean_box(d)  # whatever a failed test left (a passing test asserts there was nothing)
-    shutil.rmtree(d, ignore_errors=True)
+    yield from up_home("hvrs")
 
 
 def numbered(n: int, pause: float, code: int) -> list[str]:
     return ["sh", "-c", f"for i in $(seq 1 {n}); do echo \"line $i\"; sleep {pause}; done; exit {code}"]
-
-
-def cell_records(home: Path) -> dict:
-    cells = embedded(home).cells_dir
-    out = {}
-    for d in cells.iterdir() if cells.exists() else ():
-        try:
-            out[d.name] = json.loads((d / "cell.json").read_text())
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-def running_cell(home: Path) -> dict:
-    return wait_for(lambda: next((r for r in cell_records(home).values() if r["state"] == "running"), None),
-                    120, "a cell record of a running build")
 
 
 def restart(up: Up, home: Path) -> Up:

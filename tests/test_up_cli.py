@@ -140,9 +140,14 @@ def host_leftovers(home: Path) -> list[str]:
 
 def clean_box(home: Path) -> None:
     """What the box's next start would remove: for a test that failed half-way."""
+    clean_box_config(embedded(home))
+
+
+def clean_box_config(config) -> None:
+    """What a box with this config would remove at its next start (its cells, kept by a
+    detached or killed daemon, included): for a test that failed half-way."""
     import asyncio
 
-    config = embedded(home)
     cgroups = open_cgroups(config.cgroup_parent)
     clean(config.cells_dir, cgroups)
 
@@ -156,15 +161,37 @@ def clean_box(home: Path) -> None:
     cgroups.remove_parent()
 
 
-@pytest.fixture
-def home():
+def up_home(prefix: str = "hvup"):
+    """A fresh `hived up` home; afterwards whatever a failed test left is removed (a passing
+    test asserts there was nothing)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: cells get cgroups")
     find_image()
-    d = Path(tempfile.mkdtemp(prefix="hvup", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     yield d
-    clean_box(d)  # whatever a failed test left (a passing test asserts there was nothing)
+    clean_box(d)
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def home():
+    yield from up_home()
+
+
+def cell_records(home: Path) -> dict:
+    """cell id -> its record (cells/<id>/cell.json), for the cells that have one."""
+    out = {}
+    for path in embedded(home).cells_dir.glob("*/cell.json"):
+        try:
+            out[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def running_cell(home: Path) -> dict:
+    return wait_for(lambda: next((r for r in cell_records(home).values() if r["state"] == "running"), None),
+                    120, "a cell record of a running build")
 
 
 def test_up_run_status_and_exit_codes(home):
@@ -280,9 +307,7 @@ def test_kill_9_then_restart_adopts_the_cells_and_leaves_nothing(home):
     # a build in flight when everything is killed
     follower = start_run(home, "sh", "-c", "echo running; sleep 20; echo done")
     assert follower.stdout.readline() == b"running\n"
-    cells = embedded(home).cells_dir
-    rec = wait_for(lambda: next((r for r in (json.loads(p.read_text()) for p in cells.glob("*/cell.json"))
-                                 if r["state"] == "running"), None), 60, "the running cell's record")
+    rec = running_cell(home)
     up.stop(signal.SIGKILL)
     # One process: nothing of hived up outlives it but the cells' VMMs (with the stages that
     # start them), which the next start adopts (hived/box/adopt.py).

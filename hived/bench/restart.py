@@ -60,11 +60,11 @@ class _Up:
                 self.proc.kill()
                 self.proc.wait()
 
-    def wait_log(self, pattern, after: int, timeout: float, what: str):
+    def wait_log(self, pattern: re.Pattern, after: int, timeout: float, what: str):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")[after:]
-            m = pattern.search(text) if hasattr(pattern, "search") else (pattern in text)
+            m = pattern.search(text)
             if m:
                 return m
             if self.proc.poll() is not None:

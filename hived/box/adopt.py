@@ -148,7 +148,6 @@ async def adopt_one(box, rec: CellRecord):
         if build is None:
             if msg["state"] != "warm":
                 raise NotAdopted(f"the cell says it is {msg['state']} with no build")
-            rt.saved = True
             box.save_cell(rt, "warm")
             box.metrics.adoptions.labels("warm").inc()
             log.info("cell %s adopted: warm", cell.id)

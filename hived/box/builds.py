@@ -123,15 +123,8 @@ async def _tell(client, name: str, **fields) -> bool:
         return False
 
 
-async def run_build(box, client, build_id: str, msg) -> None:
-    req = msg.fields
-    shape = box.config.shapes.get(req["shape"] or next(iter(box.config.shapes)))
-    options = req.get("options") or {}
-    rec = box.record_build(build_id, shape=req["shape"], customer=req["customer"], state="queued",
-                           argv=req["argv"][:8], submitted=time.time(),
-                           **{k: options[k] for k in ("image", "repo", "rev") if options.get(k)})
-    cancel = box.cancels[build_id]
-
+def _finisher(box, client, build_id: str, rec: dict):
+    """The one way a build ends on the box: its record, the metric, `exit` to its client."""
     async def finish(code: int, sig: int, reason: str, message: str, usage=None, permanent=False) -> None:
         rec.update(state="done", code=code, signal=sig, reason=reason, message=message,
                    finished=time.time())
@@ -141,6 +134,19 @@ async def run_build(box, client, build_id: str, msg) -> None:
         await _tell(client, "exit", build_id=build_id, code=code, signal=sig, reason=reason,
                     message=message[:4096], usage=usage or {})
 
+    return finish
+
+
+async def run_build(box, client, build_id: str, msg) -> None:
+    req = msg.fields
+    shape = box.config.shapes.get(req["shape"] or next(iter(box.config.shapes)))
+    options = req.get("options") or {}
+    rec = box.record_build(build_id, shape=req["shape"], customer=req["customer"], state="queued",
+                           argv=req["argv"][:8], submitted=time.time(),
+                           **{k: options[k] for k in ("image", "repo", "rev") if options.get(k)})
+    cancel = box.cancels[build_id]
+
+    finish = _finisher(box, client, build_id, rec)
     try:
         if shape is None:
             await _tell(client, "error", code="not_found", fatal=False, ref=req["request_id"],
@@ -170,12 +176,7 @@ async def resume_build(box, rt, client, facts, adopted) -> None:
                            cell=rt.cell.id, origin=rt.origin)
     cancel = box.cancels.setdefault(facts.id, asyncio.Event())
 
-    async def finish(code: int, sig: int, reason: str, message: str, usage=None, permanent=False) -> None:
-        rec.update(state="done", code=code, signal=sig, reason=reason, message=message, finished=time.time())
-        box.metrics.builds.labels(reason).inc()
-        await _tell(client, "exit", build_id=facts.id, code=code, signal=sig, reason=reason,
-                    message=message[:4096], usage=usage or {})
-
+    finish = _finisher(box, client, facts.id, rec)
     req = {"timeout_s": facts.timeout_s, "request_id": "", "options": {}}
     try:
         await _run_on_cell(box, rt, client, facts.id, req, shape, cancel, rec, finish, BuildInputs(),

@@ -467,17 +467,21 @@ class ControlLink(ReconnectLoop):
     def adopt_build(self, facts) -> Relay:
         """A running build of an adopted cell: held under its lease (box.register names it), its
         output numbered on from where the control plane has it."""
-        rec = HeldBuild(facts.id, facts.lease, facts.shape, started=facts.started, next_seq=facts.control_next)
-        self.records[rec.build_id] = rec
+        rec = self._hold_adopted(facts)
         self.box.cancels.setdefault(rec.build_id, asyncio.Event())
         return Relay(self, rec)
 
     def fail_adopted(self, facts, reason: str, message: str) -> None:
         """A build whose cell did not survive the daemon's absence: its end goes out at registration."""
-        rec = HeldBuild(facts.id, facts.lease, facts.shape, started=facts.started, next_seq=facts.control_next)
+        rec = self._hold_adopted(facts)
         rec.exit = dict(build_id=rec.build_id, lease=rec.lease, code=-1, signal=0, reason=reason[:32],
                         message=message[:4096], usage={}, started=facts.started)
+
+    def _hold_adopted(self, facts) -> HeldBuild:
+        """A build from a cell record, held under its lease, numbered on from its control seq."""
+        rec = HeldBuild(facts.id, facts.lease, facts.shape, started=facts.started, next_seq=facts.control_next)
         self.records[rec.build_id] = rec
+        return rec
 
     # -- Secure Compute ---------------------------------------------------------------------------------
     async def open_tunnel(self, rec: HeldBuild, cell_id: str, network: str, public_key: bytes,

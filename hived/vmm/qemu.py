@@ -443,12 +443,7 @@ class QemuMicrovm(VmmDriver):
                 qmp.close()
         except (QmpError, OSError, ValueError, TimeoutError) as exc:
             raise VmmError(f"cannot read vCPU threads over QMP ({path}): {exc}") from None
-        threads = {}
-        for cpu in cpus:
-            index, tid = cpu["cpu-index"], cpu["thread-id"]
-            os.sched_setaffinity(tid, {cores[index % len(cores)]})
-            threads[index] = tid
-        return threads
+        return _pin(cpus, cores)
 
     async def wait_exit(self) -> int:
         """The VMM's exit status; -1 for an adopted VMM (not our child: its status is not ours to read)."""
@@ -482,9 +477,7 @@ class QemuMicrovm(VmmDriver):
         def run() -> int:
             qmp = QmpBlocking(path, timeout)
             try:
-                qmp.execute("migrate-set-capabilities",
-                            capabilities=[{"capability": "x-ignore-shared", "state": True}])
-                qmp.execute("getfd", fd=state_fd, fdname="state")
+                _migration_through(qmp, state_fd)
                 qmp.execute("migrate", uri="fd:state")
                 _wait_migration(qmp, timeout)
             finally:
@@ -504,9 +497,7 @@ class QemuMicrovm(VmmDriver):
         def run() -> dict[int, int]:
             qmp = QmpBlocking(path, timeout)
             try:
-                qmp.execute("migrate-set-capabilities",
-                            capabilities=[{"capability": "x-ignore-shared", "state": True}])
-                qmp.execute("getfd", fd=state_fd, fdname="state")
+                _migration_through(qmp, state_fd)
                 qmp.execute("migrate-incoming", uri="fd:state")
                 _wait_migration(qmp, timeout)
                 # A loaded VM stays paused (QEMU 7.2 only autostarts after `-incoming URI`).
@@ -514,12 +505,7 @@ class QemuMicrovm(VmmDriver):
                 cpus = qmp.execute("query-cpus-fast") if cores else []
             finally:
                 qmp.close()
-            threads = {}
-            for cpu in cpus:
-                index, tid = cpu["cpu-index"], cpu["thread-id"]
-                os.sched_setaffinity(tid, {cores[index % len(cores)]})
-                threads[index] = tid
-            return threads
+            return _pin(cpus, cores)
 
         try:
             return await asyncio.to_thread(run)
@@ -596,6 +582,22 @@ def process_start_ticks(pid: int) -> int:
         return 0
     # comm (field 2) may hold spaces and parentheses: count from the last ")"
     return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def _pin(cpus: list, cores: tuple[int, ...]) -> dict[int, int]:
+    """Each vCPU thread (QMP query-cpus-fast) to one of the cell's cores, round robin."""
+    threads = {}
+    for cpu in cpus:
+        index, tid = cpu["cpu-index"], cpu["thread-id"]
+        os.sched_setaffinity(tid, {cores[index % len(cores)]})
+        threads[index] = tid
+    return threads
+
+
+def _migration_through(qmp: QmpBlocking, state_fd: int) -> None:
+    """Device state only (the RAM is the shared memfd), through `state_fd` handed over QMP."""
+    qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    qmp.execute("getfd", fd=state_fd, fdname="state")
 
 
 def _wait_migration(qmp: QmpBlocking, timeout: float) -> None:
