@@ -143,3 +143,43 @@ def test_peer_config_errors_name_the_key():
         parse({"box": {"peer_serve_bytes_s": -1}, "shapes": shapes}, "t")
     with pytest.raises(ConfigError, match=r"registry_credentials\[0\]\.username"):
         parse({"box": {}, "shapes": shapes, "registry_credentials": [{"registry": "r", "password": "p"}]}, "t")
+
+
+def test_peer_tls_material_is_checked_and_errors_name_the_fix(tmp_path):
+    """The peer link's TLS material (the box's control link files): the real files of
+    `hived control init`; each wrong one named with its fix. (The link itself: test_peers.py.)"""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from hived.box import peertls
+    from hived.control import tls
+
+    d = tmp_path / "tls"
+    tls.init(d, "h1", boxes=["box-a"])
+    ok = peertls.load(d / "ca.pem", d / "box-box-a.pem", d / "box-box-a.key", "box-a")
+    assert ok.box_id == "box-a" and ok.hive_org == "hived hive h1"
+    with pytest.raises(peertls.PeerTlsError, match=r"no cert_file: make one with `hived control init"):
+        peertls.load(d / "ca.pem", None, None, "box-a")
+    with pytest.raises(peertls.PeerTlsError, match=r"is of 'box-a', this box is 'box-z'"):
+        peertls.load(d / "ca.pem", d / "box-box-a.pem", d / "box-box-a.key", "box-z")
+    # a box certificate made before the peer link: a client's only
+    ca_key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    old = (x509.CertificateBuilder().subject_name(tls._name("box-a", "h1")).issuer_name(ca.subject)
+           .public_key(key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+           .sign(ca_key, hashes.SHA256()))
+    (d / "old.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(peertls.PeerTlsError, match=r"a client's only \(made before the peer link\)"):
+        peertls.load(d / "ca.pem", d / "old.pem", d / "box-box-a.key", "box-a")
+    # a key that is not the certificate's
+    tls.init(d, "h1", boxes=["box-b"])
+    with pytest.raises(peertls.PeerTlsError, match=r"unusable"):
+        peertls.load(d / "ca.pem", d / "box-box-a.pem", d / "box-box-b.key", "box-a")

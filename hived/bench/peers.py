@@ -132,9 +132,10 @@ class ShapedRegistry:
 class BoxA:
     """`hived box --config` holding the image, serving its peer link; no cells."""
 
-    def __init__(self, work: Path, control_port: int, token: str, registry_host: str) -> None:
+    def __init__(self, work: Path, control_port: int, token: str, registry_host: str, tls_dir: Path) -> None:
         self.work = work
         self.control_port, self.token, self.registry_host = control_port, token, registry_host
+        self.tls_dir = tls_dir
         self.peer_port, self.metrics_port = _free_port(), _free_port()
         self.proc = None
 
@@ -163,6 +164,9 @@ pool_target = 0
 address = "127.0.0.1:{self.control_port}"
 token = "{self.token}"
 box_id = "box-a"
+ca_file = "{self.tls_dir / 'ca.pem'}"
+cert_file = "{self.tls_dir / 'box-box-a.pem'}"
+key_file = "{self.tls_dir / 'box-box-a.key'}"
 """)
         with open(self.work / "box.log", "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "hived", "box", "--config", str(cfg)], stdout=log,
@@ -207,6 +211,7 @@ class Hive:
         from hived import image as cell_image
         from hived.box.config import parse as parse_box
         from hived.box.daemon import BoxDaemon, CellImage
+        from hived.control import tls
         from hived.control.config import parse as parse_hive
         from hived.control.server import ControlPlane
         from hived.kvm import accelerator
@@ -214,9 +219,13 @@ class Hive:
         def sha(t: str) -> str:
             return hashlib.sha256(t.encode()).hexdigest()
 
+        # the hive's TLS material: the box links and the peer link (TLS only) use it
+        self.tls_dir = self.work / "tls"
+        tls.init(self.tls_dir, "bench", boxes=list(self.tokens))
         self.cp = ControlPlane(parse_hive({
             "hive": {"name": "bench", "state_dir": str(self.work / "hive"), "api_listen": "127.0.0.1:0",
-                     "box_listen": "127.0.0.1:0", "heartbeat_s": 0.5, "box_lost_s": 10.0},
+                     "box_listen": "127.0.0.1:0", "heartbeat_s": 0.5, "box_lost_s": 10.0,
+                     "tls_dir": str(self.tls_dir)},
             "shapes": {"small": {}, "holder": {}},
             "customers": {CUSTOMER: {"api_tokens_sha256": [sha(self.api_token)]}},
             "boxes": {b: {"token_sha256": sha(t)} for b, t in self.tokens.items()},
@@ -233,7 +242,9 @@ class Hive:
                     "oci_insecure": [self.registry.host], "image_pool_target": 0, "peer_listen": "127.0.0.1:0"},
             "shapes": {"small": {"vcpus": 1, "memory_mib": 384, "scratch_mib": 512, "pool_target": 1}},
             "control": {"address": f"127.0.0.1:{self.cp.box_port}", "token": self.tokens["box-b"],
-                        "box_id": "box-b"}}, "bench")
+                        "box_id": "box-b", "ca_file": str(self.tls_dir / "ca.pem"),
+                        "cert_file": str(self.tls_dir / "box-box-b.pem"),
+                        "key_file": str(self.tls_dir / "box-box-b.key")}}, "bench")
         self.b = BoxDaemon(config, image=CellImage.at(found), accelerator=accelerator())
         await self.b.start()
         await asyncio.wait_for(self.b.wait_ready(), 300)
@@ -316,7 +327,7 @@ async def _measure(work: Path, args, registry: ShapedRegistry, ref: str, digest:
             progress(f"from the registry {i + 1}/{args.runs} ...")
             out["registry"].append(await hive.build(ref))
             await hive.drop_image(digest)
-        a = BoxA(work / "a", hive.cp.box_port, hive.tokens["box-a"], registry.host)
+        a = BoxA(work / "a", hive.cp.box_port, hive.tokens["box-a"], registry.host, hive.tls_dir)
         a.start(args.peer_serve_mib << 20)
         await hive.wait_holder(digest, "box-a")
         for i in range(args.runs):

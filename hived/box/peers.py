@@ -17,9 +17,16 @@ half-written is used), is counted (`hived_peer_fetches_total{result}`), and the 
 the registry serves the image. Why layers and not the holder's erofs: the erofs cannot be
 checked against anything the registry signed; layers can, at the cost of a local conversion.
 
-Membership: both ends prove they hold the hive's peer token (handed out by the control plane
-in `peering.config`) with an HMAC over both nonces; the token never travels, so a box of
-another hive (or anyone else) is refused before it can ask for anything.
+Membership: the peer link is TLS only, with the hive's CA and each box's own certificate
+(hived/box/peertls.py): everything on it is encrypted; a fetcher must show a certificate of
+the hive's CA (CN = its box id, O = the hive), and it checks the holder's is the box the
+control plane named. Inside TLS both ends also prove they hold the hive's peer token (handed
+out by the control plane in `peering.config`) with an HMAC over both nonces and the box id
+their certificate names. Why both: a box certificate lives for years and the hive has no
+revocation list, and its key is a file on the box's disk; the peer token is handed out only
+to a box that has just authenticated to the control plane with its own box token (which the
+hive's config can take away) and is kept in memory only. So a copied certificate and key
+alone do not make a peer, nor does the token alone.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ import itertools
 import logging
 import os
 import secrets
+import ssl
 from pathlib import Path
 
 from prometheus_client import Counter
 
+from hived.box.peertls import PeerTls, peer_identity
 from hived.link import peer_address
 from hived.oci.errors import DigestMismatch, OciError
 from hived.protocol import peer_messages
@@ -94,11 +103,12 @@ class PeerDirectory:
     """This box's side of the hive's who-has index (through its control link) and its peer
     credentials. Reports what the image cache can serve, bounded per message."""
 
-    def __init__(self, box, box_id: str, peer_addr: str, metrics: PeerMetrics) -> None:
+    def __init__(self, box, box_id: str, peer_addr: str, metrics: PeerMetrics, tls: PeerTls | None = None) -> None:
         self.box = box
         self.box_id = box_id
         self.peer_addr = peer_addr
         self.metrics = metrics
+        self.tls = tls  # None: this box has no hive certificate and takes no part in the peer link
         self.hive = ""
         self.token = ""
         self.token_set = asyncio.Event()
@@ -147,7 +157,7 @@ class PeerDirectory:
     async def find(self, key: str) -> list[dict]:
         link = getattr(self.box, "control_link", None)
         channel = getattr(link, "channel", None)
-        if channel is None or not link.ready or channel.session.version < 3 or not self.token:
+        if channel is None or not link.ready or channel.session.version < 3 or not self.token or self.tls is None:
             return []
         request_id = f"f{next(self._ids)}"
         fut = self._finds[request_id] = asyncio.get_running_loop().create_future()
@@ -180,15 +190,28 @@ class PeerSource:
 
     async def _connect(self) -> Channel:
         d = self.directory
+        if d.tls is None:
+            raise PeerFailed("this box has no hive certificate: it takes no part in the peer link")
         host, port = split_addr(self.addr)
         loop = asyncio.get_running_loop()
         session = Session("fetcher", d.box_id, {"holder"}, schema=PEER)
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-            _, channel = await loop.create_connection(
-                lambda: Channel(session, hello_timeout=HANDSHAKE_TIMEOUT_S), host, port)
             try:
+                _, channel = await loop.create_connection(
+                    lambda: Channel(session, hello_timeout=HANDSHAKE_TIMEOUT_S), host, port, ssl=d.tls.client,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            except ssl.SSLError as exc:  # e.g. a holder whose certificate is not of the hive's CA
+                raise PeerFailed(f"peer {self.name} ({self.addr}): TLS refused: {exc.reason or exc}: "
+                                 f"not a box of this hive, or we are not") from None
+            try:
+                who = peer_identity(channel.transport)
+                if who != (self.name, d.tls.hive_org):
+                    raise PeerFailed(f"peer at {self.addr} shows the certificate of {who!r}, not of box "
+                                     f"{self.name!r} of {d.tls.hive_org!r}")
                 await channel.handshake()
                 challenge = await channel.recv()
+                if challenge.name == "error":
+                    raise PeerFailed(f"peer {self.name} refused us: {challenge['message']}")
                 if challenge.name != "peer.challenge":
                     raise PeerFailed(f"peer {self.name} sent {challenge.name}, not peer.challenge")
                 if challenge["hive"] != d.hive:
@@ -199,9 +222,14 @@ class PeerSource:
                 welcome = await channel.recv()
                 if welcome.name == "error":
                     raise PeerFailed(f"peer {self.name} refused us: {welcome['message']}")
-                want = proof(d.token, "holder", challenge["nonce"], nonce, welcome.get("box_id", ""))
-                if welcome.name != "peer.welcome" or not hmac.compare_digest(want, welcome["proof"]):
+                want = proof(d.token, "holder", challenge["nonce"], nonce, self.name)
+                if welcome.name != "peer.welcome" or welcome["box_id"] != self.name \
+                        or not hmac.compare_digest(want, welcome["proof"]):
                     raise PeerFailed(f"peer {self.name} did not prove it is of this hive")
+            except ChannelClosed as exc:  # TLS 1.3: a refused certificate shows on the first read
+                channel.close("handshake failed")
+                tls = " (TLS refused: is this box's certificate of the hive's CA?)" if "SSL" in str(exc) else ""
+                raise PeerFailed(f"peer {self.name} ({self.addr}) closed the link: {exc}{tls}") from None
             except BaseException:
                 channel.close("handshake failed")
                 raise
@@ -324,7 +352,11 @@ class PeerServer:
         loop = asyncio.get_running_loop()
         if self.rate_bytes_s > 0:
             self.bucket = TokenBucket(self.rate_bytes_s, 1.0, loop.time())
-        self._server = await loop.create_server(self._factory, host, port, reuse_address=True)
+        if self.directory.tls is None:
+            raise PeerFailed("the peer link is TLS only, and this box has no hive certificate")
+        self._server = await loop.create_server(self._factory, host, port, reuse_address=True,
+                                                ssl=self.directory.tls.server,
+                                                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -348,6 +380,14 @@ class PeerServer:
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
                 await ch.handshake()
+                who = peer_identity(ch.transport)  # verified against the hive's CA by the TLS handshake
+                if who is None or who[1] != d.tls.hive_org:
+                    d.metrics.refused.inc()
+                    log.warning("peer link: refused %s: %s", peer_address(ch),
+                                "no certificate" if who is None else f"certificate of {who[1]!r}")
+                    raise ProtocolError("not_allowed", f"the peer link of hive {d.hive} needs the certificate of a box "
+                                        f"of {d.tls.hive_org!r} (hived control init --box NAME): "
+                                        f"{'none was shown' if who is None else f'{who[1]!r} was shown'}")
                 if not d.token:
                     raise ProtocolError("busy", "this box has no peer token yet (not registered with its hive)")
                 nonce = secrets.token_bytes(32)
@@ -355,12 +395,16 @@ class PeerServer:
                 auth = await ch.recv()
             if auth.name != "peer.auth":
                 raise ProtocolError("bad_message", f"expected peer.auth, got {auth.name}")
-            if not hmac.compare_digest(proof(d.token, "fetcher", nonce, auth["nonce"], auth["box_id"]),
-                                       auth["proof"]):
+            if auth["box_id"] != who[0]:
                 d.metrics.refused.inc()
-                log.warning("peer link: refused %s (%s): not a box of hive %s", auth["box_id"], peer_address(ch),
-                            d.hive)
-                raise ProtocolError("not_allowed", f"not a box of hive {d.hive}")
+                log.warning("peer link: refused %s (%s): its certificate is of %s", auth["box_id"], peer_address(ch),
+                            who[0])
+                raise ProtocolError("not_allowed", f"box {auth['box_id']!r} shows the certificate of {who[0]!r}")
+            if not hmac.compare_digest(proof(d.token, "fetcher", nonce, auth["nonce"], auth["box_id"]), auth["proof"]):
+                d.metrics.refused.inc()
+                log.warning("peer link: refused %s (%s): no proof of hive %s's peer token", auth["box_id"],
+                            peer_address(ch), d.hive)
+                raise ProtocolError("not_allowed", f"not a box of hive {d.hive} (no proof of its peer token)")
             await ch.send("peer.welcome", box_id=d.box_id,
                           proof=proof(d.token, "holder", nonce, auth["nonce"], d.box_id))
             self.connections += 1
