@@ -60,7 +60,8 @@ class ShapedRegistry:
     """docker-registry in netns R, reached from netns C over a veth shaped with tbf both ways,
     through a delay line listening on 127.0.0.1 (it connects from inside C)."""
 
-    def __init__(self, work: Path, mbit: int, rtt_ms: float) -> None:
+    def __init__(self, work: Path, mbit: int, rtt_ms: float, users: dict[str, str] | None = None) -> None:
+        """users: basic auth (htpasswd) for these users; None: anyone may pull and push."""
         from hived.net.tc import tbf_params
 
         tag = secrets.token_hex(3)
@@ -71,6 +72,7 @@ class ShapedRegistry:
         self.tbf = tbf_params(mbit * 1_000_000)
         self.rtt_ms = rtt_ms
         self.proc = self.line = None
+        self.users = users
         self.port = _free_port()
         self.host = f"127.0.0.1:{self.port}"      # what boxes pull from (shaped)
         self.direct = self.reg_addr               # unshaped, from inside ns C only (setup)
@@ -86,8 +88,16 @@ class ShapedRegistry:
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             _run("ip", "-n", ns, "link", "set", dev, "up")
         cfg = self.work / "registry.yml"
+        auth = ""
+        if self.users is not None:
+            htpasswd = self.work / "htpasswd"
+            htpasswd.write_text("".join(subprocess.run(["htpasswd", "-nbB", u, pw], capture_output=True, text=True,
+                                                       check=True).stdout.strip() + "\n"
+                                        for u, pw in self.users.items()))
+            auth = f"auth:\n  htpasswd:\n    realm: hived-bench\n    path: {htpasswd}\n"
         cfg.write_text(f"version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n"
-                       f"  filesystem:\n    rootdirectory: {self.work / 'registry'}\nhttp:\n  addr: {self.reg_addr}\n")
+                       f"  filesystem:\n    rootdirectory: {self.work / 'registry'}\nhttp:\n  addr: {self.reg_addr}\n"
+                       + auth)
         with open(self.work / "registry.log", "ab") as log:
             self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns_r, REGISTRY_BIN, "serve", str(cfg)],
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -100,6 +110,7 @@ class ShapedRegistry:
         return self
 
     def _wait_up(self) -> None:
+        import urllib.error
         import urllib.request
 
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -108,6 +119,8 @@ class ShapedRegistry:
             try:
                 opener.open(f"http://{self.host}/v2/", timeout=2).close()
                 return
+            except urllib.error.HTTPError:
+                return  # 401: up, wants credentials
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise BenchError(f"docker-registry did not start (see {self.work / 'registry.log'})") from None

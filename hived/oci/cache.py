@@ -184,6 +184,7 @@ class ImageCache(CacheDir):
         # (keyed hash of credentials, "registry/repository@digest") -> monotonic deadline
         self._authorised: dict[tuple[str, str], float] = {}
         self._cred_key = secrets.token_bytes(32)  # per process: the hashes mean nothing elsewhere
+        self._basic_hosts: set[str] = set()  # registries that asked for Basic auth (no secret in it)
         super().__init__(root, ("blobs/sha256", "images"), max_bytes)
 
     # ------------------------------------------------------------------ state on disk
@@ -423,7 +424,8 @@ class ImageCache(CacheDir):
                             or self._may_skip_registry(index, r, who, digest))
             if hit is not None:
                 return hit
-        client = RegistryClient(credentials, insecure=self.insecure, ssl=self.ssl, platform=self.platform)
+        client = RegistryClient(credentials, insecure=self.insecure, ssl=self.ssl, platform=self.platform,
+                                basic_hosts=self._basic_hosts)
         owned = True
         try:
             if cached and self._cached_digest(r) is not None:
