@@ -30,11 +30,12 @@ def _body(frame: bytes) -> bytes:
 
 
 def test_the_peer_link_is_its_own_table_with_its_own_version():
-    assert PEER.version == 1 and codec.MAIN.version >= 3
+    assert PEER.version == 2 and codec.MAIN.version >= 5
     assert "blob.chunk" in PEER.by_name and "blob.chunk" not in codec.BY_NAME
     assert "build.assign" not in PEER.by_name
     fetcher, holder = _pair()
-    assert fetcher.state is holder.state is LinkState.OPEN and fetcher.version == 1
+    assert fetcher.state is holder.state is LinkState.OPEN and fetcher.version == 2
+    assert "checkout.get" in PEER.by_name and "checkout.find" in codec.BY_NAME  # v2 / main v5
     msg = fetcher.receive(_body(holder.frame("blob.chunk", offset=0, data=b"x" * 10)))
     assert msg.name == "blob.chunk" and msg["data"] == b"x" * 10
     with pytest.raises(ProtocolError) as exc:  # a fetcher may not send what only holders send
@@ -104,6 +105,10 @@ class _Images:
 @dataclasses.dataclass
 class _Config:
     oci_dir: Path
+
+    @property
+    def repos_dir(self) -> Path:  # no repository cache: images only (checkouts: test_peers_checkouts.py)
+        return self.oci_dir / "no-repos"
 
 
 @dataclasses.dataclass

@@ -17,6 +17,19 @@ half-written is used), is counted (`hived_peer_fetches_total{result}`), and the 
 the registry serves the image. Why layers and not the holder's erofs: the erofs cannot be
 checked against anything the registry signed; layers can, at the cost of a local conversion.
 
+Checkouts (peer protocol v2): boxes report the checkout images they hold (repository key +
+commit, for repositories whose mirror they keep) like build images. A fetcher first resolves
+the revision at the git origin with the build's own credentials (`git ls-remote`: the origin
+decides access and names the commit; hived/repos/cache.py), then asks its control plane
+(`checkout.find`, main protocol v5) for holders; the control plane answers only for a build the
+fetcher holds the lease of and whose repository it is, with a ticket per holder
+(hived/tickets.py) made with a key only that holder and the control plane know. The holder
+checks the ticket (for this fetcher: its certificate's CN) and sends a git bundle of the
+commit's history from its mirror (`checkout.get` → blob.start/chunk/end). The fetcher lets git
+verify it (every object's hash, connectivity) into a quarantine ref, uses it only if that ref is
+exactly the commit it asked for, and builds the checkout image itself; any failure tries the
+next holder, then the origin.
+
 Membership: the peer link is TLS only, with the hive's CA and each box's own certificate
 (hived/box/peertls.py): everything on it is encrypted; a fetcher must show a certificate of
 the hive's CA (CN = its box id, O = the hive), and it checks the holder's is the box the
@@ -44,6 +57,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
+from hived import tickets
 from hived.box.peertls import PeerTls, peer_identity
 from hived.link import peer_address
 from hived.oci.errors import DigestMismatch, OciError
@@ -63,6 +77,7 @@ STALL_S = 10.0               # a holder silent this long mid-transfer is gone
 IDLE_S = 60.0                # a fetcher's connection idle this long is closed
 FIND_TIMEOUT_S = 2.0
 REPORT_MAX = 256             # keys per holds.report (the message's bound)
+CHECKOUTS_MAX = 4096         # checkouts reported at most (the most recently used)
 
 
 class PeerFailed(OciError):
@@ -111,6 +126,7 @@ class PeerDirectory:
         self.tls = tls  # None: this box has no hive certificate and takes no part in the peer link
         self.hive = ""
         self.token = ""
+        self.ticket_key: bytes | None = None  # checks the control plane's checkout tickets
         self.token_set = asyncio.Event()
         self._reported: dict[str, str] = {}
         self._finds: dict[str, asyncio.Future] = {}
@@ -123,17 +139,28 @@ class PeerDirectory:
             self.hive, self.token = msg["hive"], msg["token"]
             self.token_set.set()
             return True
-        if msg.name == "holds.found":
+        if msg.name == "peering.tickets":
+            self.ticket_key = msg["key"]
+            return True
+        if msg.name in ("holds.found", "checkout.found"):
             fut = self._finds.pop(msg["request_id"], None)
             if fut is not None and not fut.done():
                 fut.set_result(list(msg["holders"]))
+            if msg.name == "checkout.found" and msg["refused"]:
+                log.warning("peers: the control plane does not vouch for a checkout fetch: %s", msg["refused"])
             return True
         return False
 
     def holdings(self) -> dict[str, str]:
-        if not self.peer_addr or not self.box.config.oci_dir.is_dir():
-            return {}  # serves nothing (no peer_listen), or has no image cache yet
-        return {f"image:{dg}": "" for dg in self.box.images.servable()}
+        if not self.peer_addr:
+            return {}  # serves nothing (no peer_listen)
+        if not self.box.config.oci_dir.is_dir():
+            return {}  # no image cache yet (nor builds)
+        out = {f"image:{dg}": "" for dg in self.box.images.servable()}
+        if self.box.config.repos_dir.is_dir():
+            out.update((f"checkout:{key}@{commit}", "") for key, commit in self.box.repos.servable_checkouts(
+                CHECKOUTS_MAX))
+        return out
 
     def reports(self, full: bool) -> list[dict]:
         """holds.report messages: everything (full) or what changed since the last report."""
@@ -155,14 +182,19 @@ class PeerDirectory:
 
     # -- asking ------------------------------------------------------------------------------------
     async def find(self, key: str) -> list[dict]:
+        return await self._ask(3, "holds.find", key=key)
+
+    async def _ask(self, version: int, name: str, **fields) -> list[dict]:
         link = getattr(self.box, "control_link", None)
         channel = getattr(link, "channel", None)
-        if channel is None or not link.ready or channel.session.version < 3 or not self.token or self.tls is None:
+        if channel is None or not link.ready or channel.session.version < version or not self.token \
+                or self.tls is None:
             return []
+        key = fields.get("key") or f"checkout:{fields.get('repo_key')}@{fields.get('commit')}"
         request_id = f"f{next(self._ids)}"
         fut = self._finds[request_id] = asyncio.get_running_loop().create_future()
         try:
-            await channel.send("holds.find", request_id=request_id, key=key)
+            await channel.send(name, request_id=request_id, **fields)
             async with asyncio.timeout(FIND_TIMEOUT_S):
                 return await fut
         except (ChannelClosed, TimeoutError, ProtocolError) as exc:
@@ -176,6 +208,15 @@ class PeerDirectory:
         holders = await self.find(f"image:{manifest_digest}")
         return [PeerSource(self, h) for h in holders if isinstance(h.get("addr"), str) and h.get("box_id")]
 
+    async def checkout_sources(self, build_id: str, lease: int, repo_key: str, commit: str) -> list[PeerSource]:
+        """For hived.repos.cache.RepoCache.checkout_image(peers=...): holders of a checkout with
+        the control plane's ticket each, best first; [] unless it vouches for this build."""
+        holders = await self._ask(5, "checkout.find", build_id=build_id, lease=lease, repo_key=repo_key,
+                                  commit=commit)
+        return [PeerSource(self, h) for h in holders
+                if isinstance(h.get("addr"), str) and h.get("box_id") and isinstance(h.get("ticket"), bytes)
+                and isinstance(h.get("expires"), int)]
+
 
 class PeerSource:
     """One holder, seen through the registry client's blob interface (fetch_blob_bytes,
@@ -185,6 +226,7 @@ class PeerSource:
         self.directory = directory
         self.name = str(holder["box_id"])
         self.addr = str(holder["addr"])
+        self.holder = holder  # checkouts: its ticket and expires
         self.channel: Channel | None = None
         self._lock = asyncio.Lock()  # one transfer at a time on the one connection
 
@@ -235,22 +277,33 @@ class PeerSource:
                 raise
         return channel
 
-    async def _get(self, kind: str, key: str, size: int, sink) -> str:
-        """Stream item `key` into sink(bytes); returns the digest of what arrived. Any failure
-        closes the connection (it is out of step) and raises PeerFailed or DigestMismatch."""
+    async def _get(self, kind: str, key: str, size: int | None, sink, *, request=None, max_size: int = 0) -> str:
+        """Stream item `key` into sink(bytes); returns the digest of what arrived. size None:
+        whatever blob.start says, at most max_size (checkouts). Any failure closes the
+        connection (it is out of step) and raises PeerFailed or DigestMismatch."""
         async with self._lock:
             try:
                 if self.channel is None or not self.channel.is_open:
                     self.channel = await self._connect()
                 ch = self.channel
-                await ch.send("blob.get", kind=kind, key=key)
+                if request is None:
+                    await ch.send("blob.get", kind=kind, key=key)
+                else:
+                    if ch.session.version < 2:
+                        raise PeerFailed(f"peer {self.name} speaks peer protocol v{ch.session.version}: "
+                                         "no checkouts")
+                    await ch.send(request[0], **request[1])
                 async with asyncio.timeout(STALL_S):
                     start = await ch.recv()
                 if start.name == "error":
                     raise PeerFailed(f"peer {self.name}: {start['code']}: {start['message']}")
                 if start.name != "blob.start" or start["key"] != key:
                     raise PeerFailed(f"peer {self.name} answered {start.name} for {key}")
-                if start["size"] != size:
+                if size is None:
+                    size = start["size"]
+                    if size > max_size:
+                        raise PeerFailed(f"peer {self.name} offers {key} as {size} bytes, more than {max_size}")
+                elif start["size"] != size:
                     raise DigestMismatch(f"peer {self.name} offers {key} as {start['size']} bytes, the manifest "
                                          f"says {size}")
                 h = hashlib.sha256()
@@ -271,6 +324,9 @@ class PeerSource:
                 if end.name != "blob.end":
                     raise PeerFailed(f"peer {self.name} sent {end.name} after the last byte of {key}")
                 self.directory.metrics.fetched_bytes.inc(size)
+                if request is not None and start["sha256"] != f"sha256:{h.hexdigest()}":
+                    raise DigestMismatch(f"peer {self.name} sent {key} with digest sha256:{h.hexdigest()}, "
+                                         f"not the {start['sha256']} it announced")
                 return f"sha256:{h.hexdigest()}"
             except (PeerFailed, DigestMismatch):
                 self._drop()
@@ -322,6 +378,28 @@ class PeerSource:
                     os.unlink(dest)
         if progress:
             progress("blob-done", {"digest": desc.digest, "total": desc.size, "peer": self.name})
+
+    async def fetch_checkout(self, repo_key: str, commit: str, dest: Path, max_bytes: int) -> None:
+        """A git bundle of commit's history from repository repo_key into dest (which must not
+        exist), with this holder's ticket; removed on any failure. Git verifies its content."""
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        ok = False
+        try:
+            def write(data: bytes) -> None:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+
+            request = ("checkout.get", {"repo_key": repo_key, "commit": commit, "expires": self.holder["expires"],
+                                        "ticket": self.holder["ticket"]})
+            await self._get("checkout", f"{repo_key}@{commit}", None, write, request=request, max_size=max_bytes)
+            os.fsync(fd)
+            ok = True
+        finally:
+            os.close(fd)
+            if not ok:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(dest)
 
     def failed(self, exc: BaseException) -> None:
         """Called by the image cache when this source's attempt failed."""
@@ -413,6 +491,8 @@ class PeerServer:
                     msg = await ch.recv()
                 if msg.name == "blob.get":
                     await self._send_item(ch, msg["kind"], msg["key"])
+                elif msg.name == "checkout.get":
+                    await self._send_checkout(ch, who[0], msg)
                 else:
                     await ch.send("error", code="not_allowed", fatal=False, ref="",
                                   message=f"a holder does not take {msg.name}")
@@ -429,8 +509,36 @@ class PeerServer:
             return self.directory.box.images.peer_file(kind, key)
         return None
 
+    async def _send_checkout(self, ch: Channel, fetcher: str, msg) -> None:
+        """A bundle of a commit from this box's mirror, for a fetcher the control plane vouched
+        for (its ticket, for the fetcher its certificate names)."""
+        d = self.directory
+        repo_key, commit = msg["repo_key"], msg["commit"]
+        key = f"{repo_key}@{commit}"
+        why = tickets.check(d.ticket_key, msg["ticket"], fetcher, d.box_id, repo_key, commit, msg["expires"])
+        if why:
+            d.metrics.refused.inc()
+            log.warning("peer link: refused checkout %s to %s: %s", key, fetcher, why)
+            await ch.send("error", code="not_allowed", fatal=False, ref=key, message=why)
+            return
+        try:
+            path = await d.box.repos.peer_bundle(repo_key, commit)
+        except Exception as exc:  # this box's git or disk: the fetcher tries the next source
+            log.warning("peer link: no bundle of %s for %s: %s", key, fetcher, exc)
+            path = None
+        if path is None:
+            await ch.send("error", code="not_found", fatal=False, ref=key, message=f"this box does not hold {key}")
+            return
+        try:
+            await self._send_file(ch, key, path, None)
+        finally:
+            d.box.repos.release(path)
+
     async def _send_item(self, ch: Channel, kind: str, key: str) -> None:
-        path = self._path(kind, key)
+        await self._send_file(ch, key, self._path(kind, key), key)
+
+    async def _send_file(self, ch: Channel, key: str, path: Path | None, sha256: str | None) -> None:
+        """Stream a file as blob.start, chunks, blob.end (paced); sha256 None: hashed here first."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path is not None else -1
         except FileNotFoundError:  # evicted just now
@@ -441,7 +549,9 @@ class PeerServer:
         loop = asyncio.get_running_loop()
         try:  # the open fd keeps the bytes even if the cache removes the file meanwhile
             size = os.fstat(fd).st_size
-            await ch.send("blob.start", key=key, size=size, sha256=key)
+            if sha256 is None:
+                sha256 = await asyncio.to_thread(_sha256_fd, fd, size)
+            await ch.send("blob.start", key=key, size=size, sha256=sha256)
             offset = 0
             # never more per chunk than the bucket holds, so a low rate is not overshot
             chunk = CHUNK if self.bucket is None else max(1, min(CHUNK, int(self.bucket.size)))
@@ -462,3 +572,14 @@ class PeerServer:
         finally:
             os.close(fd)
 
+
+def _sha256_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        data = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not data:
+            break
+        h.update(data)
+        offset += len(data)
+    return f"sha256:{h.hexdigest()}"
