@@ -154,9 +154,9 @@ class PeerDirectory:
     def holdings(self) -> dict[str, str]:
         if not self.peer_addr:
             return {}  # serves nothing (no peer_listen)
-        if not self.box.config.oci_dir.is_dir():
-            return {}  # no image cache yet (nor builds)
-        out = {f"image:{dg}": "" for dg in self.box.images.servable()}
+        out = {}
+        if self.box.config.oci_dir.is_dir():  # (else: no image cache yet)
+            out.update((f"image:{dg}", "") for dg in self.box.images.servable())
         if self.box.config.repos_dir.is_dir():
             out.update((f"checkout:{key}@{commit}", "") for key, commit in self.box.repos.servable_checkouts(
                 CHECKOUTS_MAX))
@@ -403,7 +403,7 @@ class PeerSource:
 
     def failed(self, exc: BaseException) -> None:
         """Called by the image cache when this source's attempt failed."""
-        result = "bad_digest" if isinstance(exc, DigestMismatch) else "failed"
+        result = "bad_digest" if isinstance(exc, DigestMismatch) or getattr(exc, "bad_content", False) else "failed"
         self.directory.metrics.fetches.labels(result).inc()
 
     def succeeded(self) -> None:

@@ -74,6 +74,7 @@ from hived.fsutil import fsync_dir as _fsync_dir
 from hived.fsutil import pid_alive as _pid_alive
 from hived.fsutil import write_json_atomic as _write_json_atomic
 from hived.repos.errors import (
+    BadBundle,
     CacheFull,
     GitError,
     InUse,
@@ -840,12 +841,12 @@ class RepoCache(CacheDir):
                 await self.git.run(args, git_dir=git_dir, timeout=self.fetch_timeout_s, env=env)
                 got = self._read_ref(git_dir, quarantine)
                 if got is None or got[0] != commit:
-                    raise RepoCacheError(f"peer {peer}'s bundle holds {got[0] if got else 'nothing'}, "
+                    raise BadBundle(f"peer {peer}'s bundle holds {got[0] if got else 'nothing'}, "
                                          f"not the commit asked for ({commit})")
                 await self._git_local(["update-ref", f"refs/hived/commits/{commit}", commit], git_dir,
                                       f"keeping {commit} from peer {peer}")
             except GitFailed as e:
-                raise RepoCacheError(f"peer {peer}'s bundle of {commit} failed git's checks: "
+                raise BadBundle(f"peer {peer}'s bundle of {commit} failed git's checks: "
                                      f"{first_line(e.stderr)}") from None
             finally:
                 with contextlib.suppress(RepoError):
