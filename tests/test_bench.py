@@ -303,7 +303,8 @@ def test_peers_tiny_run_and_nothing_left():
     if os.geteuid() != 0 or not os.path.exists("/usr/bin/docker-registry"):
         pytest.skip("needs root and docker-registry (apt-get install docker-registry)")
     netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    r = _run([sys.executable, "-m", "hived", "bench", "peers", "--json", "--runs", "1", "--image-mb", "6"], 1200)
+    r = _run([sys.executable, "-m", "hived", "bench", "peers", "--json", "--runs", "1", "--image-mb", "6",
+              "--repo-mb", "4"], 1200)
     assert r.returncode == 0, r.stderr[-3000:]
     report = _one_json_object(r.stdout)
     assert report["bench"] == "peers" and report["runs"] == 1
@@ -311,6 +312,9 @@ def test_peers_tiny_run_and_nothing_left():
     assert report["pull_from_registry_ms"] > 0 and report["pull_from_peer_ms"] > 0
     assert report["fallback_ok"] is True, report["fallback"]
     assert report["fallback"]["peer_failures_counted"] >= 1 and report["detail"]["peer_fetches_ok"] >= 1
+    assert report["checkout_from_origin_ms"] > 0 and report["checkout_from_peer_ms"] > 0
+    assert report["checkout_pull_from_origin_ms"] > 0 and report["checkout_pull_from_peer_ms"] > 0
+    assert report["checkout_peer_fetches"] == 1  # the peer runs' checkout came from box A
     netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert not {n for n in netns_after - netns_before if n.startswith("hvbp")}
     left = subprocess.run(["pgrep", "-f", "hived.bench.delayline|bpa-"], capture_output=True, text=True).stdout
