@@ -43,7 +43,7 @@ PAYLOAD_MB = 10          # incompressible history every bundle carries
 
 
 class Hive:
-    def __init__(self, tmp: Path, url: str) -> None:
+    def __init__(self, tmp: Path, url: str, other_url: str) -> None:
         self.tmp, self.url = tmp, url
         self.box_port, self.api_port = free_port(), free_port()
         self.tls_dir = tmp / "tls"
@@ -54,8 +54,12 @@ class Hive:
                      "box_listen": f"127.0.0.1:{self.box_port}", "heartbeat_s": 0.3, "box_lost_s": 8.0,
                      "tls_dir": str(self.tls_dir)},
             "shapes": {"small": {}, "holder": {}},
-            "customers": {"acme": {"api_tokens_sha256": [sha(TOKENS["acme"])]}},
+            "customers": {"acme": {"api_tokens_sha256": [sha(TOKENS["acme"])]},
+                          "other": {"api_tokens_sha256": [sha(TOKENS["other"])]}},
             "boxes": {name: {"token_sha256": sha(tok)} for name, tok in BOX_TOKENS.items()},
+            # the hive gives this repository to customer "other": acme's builds get no peer for it
+            "repos": {"other/proj": {"customer": "other", "secret": "s" * 16, "command": ["true"], "shape": "small",
+                                     "url": other_url}},
         }, "test"))
         self.cp_loop.call(self.cp.start())
         self.a_proc = None
@@ -105,26 +109,27 @@ pool_target = 0
                             tables={"control": self.control("box-b")})
         self.b.start(wait_ready=False)
 
-    def a_holds(self, commit: str, bundle: bool = False) -> str:
+    def a_holds(self, commit: str, bundle: bool = False, url: str = "") -> str:
         """A's checkout image of commit (made here, as A's own builds would), and its repository
         key; bundle=True also makes the bundle A will serve. Waits until the index lists A."""
+        url = url or self.url
         cache = RepoCache(self.a_repos)
         try:
-            asyncio.run(cache.checkout_image(self.url, commit))
+            asyncio.run(cache.checkout_image(url, commit))
             if bundle:
-                asyncio.run(cache.bundle(self.url, commit))
+                asyncio.run(cache.bundle(url, commit))
         finally:
             cache.close()
         from hived.repos.url import parse_url
 
-        key = parse_url(self.url)[0].key
+        key = parse_url(url)[0].key
         self.wait_for(f"A holding {commit} in the index",
                       lambda: "box-a" in self.cp.holdings.by_key.get(f"checkout:{key}@{commit}", ()))
         return key
 
-    def build(self, rev: str, argv=("cat", "VERSION")) -> dict:
+    def build(self, rev: str, argv=("cat", "VERSION"), url: str = "") -> dict:
         status, b = api_call(self.api_port, "POST", "/v1/builds", {
-            "shape": "small", "argv": list(argv), "options": {"repo": self.url, "rev": rev}})
+            "shape": "small", "argv": list(argv), "options": {"repo": url or self.url, "rev": rev}})
         assert status in (200, 201, 202), b
         return b
 
@@ -174,9 +179,11 @@ def hive(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pco")
     origin = TestRepo(tmp / "git" / "proj")
     origin.commit({"VERSION": "v0\n", "payload": os.urandom(PAYLOAD_MB << 20)}, "history")
+    other = TestRepo(tmp / "git" / "other")
+    other.commit({"VERSION": "other's\n"}, "theirs")
     with GitDaemon(tmp / "git") as daemon:
-        env = Hive(tmp, daemon.url("proj"))
-        env.origin = origin
+        env = Hive(tmp, daemon.url("proj"), daemon.url("other"))
+        env.origin, env.other, env.other_url = origin, other, daemon.url("other")
         try:
             env.start_a()
             env.start_b()
@@ -238,7 +245,7 @@ def test_a_wrong_byte_fails_that_transfer_is_counted_and_the_origin_serves(hive)
     _b_mirror_clean(env)
 
 
-def test_only_tickets_of_the_control_plane_for_this_box_are_served(hive):
+def test_only_tickets_of_the_control_plane_for_this_box_are_served(hive, caplog):
     from hived import tickets
     from hived.box.peers import PeerFailed, PeerSource
 
@@ -271,6 +278,15 @@ def test_only_tickets_of_the_control_plane_for_this_box_are_served(hive):
     assert metric(scrape(env.a_metrics_port), "hived_peer_refused_total") == refused0 + 3
     # the control plane vouches only for a build B holds: none here, so no holders
     assert env.b.call(d.peers.checkout_sources("no-such-build", 1, key, c1)) == []
+    # nor for a repository the hive's config gives another customer, even for a build B holds:
+    # acme's build of other's repository starts (the origin serves it: it is public) without a peer
+    theirs = env.other.head()
+    env.a_holds(theirs, url=env.other_url)
+    peer0 = d.repos.stats["peer_fetches"]
+    done, log = env.finished(env.build(theirs, url=env.other_url)["id"])
+    assert done["state"] == "succeeded" and b"other's" in log, done
+    assert d.repos.stats["peer_fetches"] == peer0
+    assert "is customer other's (the hive's repos config)" in caplog.text  # refused by the control plane
     # and the right ticket works (what the control plane would hand out)
     fetch(tickets.checkout_ticket(a_key, "box-b", "box-a", key, c1, expires))
     assert (env.tmp / "stolen.bundle").stat().st_size > PAYLOAD_MB << 20

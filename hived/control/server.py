@@ -807,8 +807,9 @@ class ControlPlane:
     def _checkout_find(self, link: BoxLink, f) -> None:
         """Box peers, checkouts: vouch for a fetch only for a build the asking box holds (its
         lease), of the repository that build names (the customer named it; the origin still
-        decides access: the fetcher asks it with the build's credentials first). Each holder
-        comes with a ticket made with that holder's key, which it checks before sending."""
+        decides access: the fetcher asks it with the build's credentials first), and not of a
+        repository the hive's config gives another customer ([repos.NAME]). Each holder comes
+        with a ticket made with that holder's key, which it checks before sending."""
         from hived import tickets
         from hived.repos.errors import RepoError
         from hived.repos.url import ALL_PROTOCOLS, FULL_SHA, parse_url
@@ -824,8 +825,11 @@ class ControlPlane:
             try:
                 remote, _ = parse_url(str((getattr(st.build, "options", None) or {}).get("repo") or ""),
                                       ALL_PROTOCOLS)
+                owner = self._repo_owners().get(key)
                 if remote.key != key:
                     refused = f"build {f['build_id']} does not name that repository"
+                elif owner is not None and owner != getattr(st.build, "customer", None):
+                    refused = f"repository {remote.normal} is customer {owner}'s (the hive's repos config)"
             except RepoError:
                 refused = f"build {f['build_id']} names no repository"
         holders = []
@@ -841,6 +845,23 @@ class ControlPlane:
                                 "ticket": tickets.checkout_ticket(other.ticket_key, link.box_id, h["box_id"], key,
                                                                   commit, expires)})
         link.send("checkout.found", request_id=f["request_id"], holders=holders, refused=refused)
+
+    def _repo_owners(self) -> dict[str, str]:
+        """Repository key -> the customer the hive's config gives it ([repos.NAME]: its url, and
+        the GitHub clone URL its push events carry)."""
+        owners = getattr(self, "_repo_owner_keys", None)
+        if owners is None:
+            from hived.repos.errors import RepoError
+            from hived.repos.url import ALL_PROTOCOLS, parse_url
+
+            owners = {}
+            for repo in self.config.repos.values():
+                for url in (repo.url, f"https://github.com/{repo.name}.git"):
+                    with contextlib.suppress(RepoError):
+                        if url:
+                            owners[parse_url(url, ALL_PROTOCOLS)[0].key] = repo.customer
+            self._repo_owner_keys = owners
+        return owners
 
     def _stale(self, link: BoxLink, build_id: str, lease: int, what: str) -> None:
         """A message for a build this box no longer holds: tell it (once) to stop that build."""
