@@ -188,3 +188,39 @@ def test_peer_tls_material_is_checked_and_errors_name_the_fix(tmp_path):
     tls.init(d, "h1", boxes=["box-b"])
     with pytest.raises(peertls.PeerTlsError, match=r"unusable"):
         peertls.load(d / "ca.pem", d / "box-box-a.pem", d / "box-box-b.key", "box-a")
+
+
+def test_checkout_tickets_bind_fetcher_holder_repository_commit_and_time():
+    """Pure: every field is in the MAC, and expiry is checked (the real exchange: test_peers_checkouts.py)."""
+    from hived import tickets
+
+    key = b"k" * 32
+    args = ("box-b", "box-a", "0" * 32, "c" * 40, 1_000)
+    t = tickets.checkout_ticket(key, *args)
+    assert tickets.check(key, t, *args, now=999) == ""
+    assert "expired" in tickets.check(key, t, *args, now=1_001)
+    for i in range(4):  # another fetcher, holder, repository or commit
+        other = list(args)
+        other[i] = other[i] + "x"
+        assert "not the control plane's" in tickets.check(key, t, *other, now=0)
+    assert "not the control plane's" in tickets.check(key, t, *args[:4], 1_001, now=0)  # a later expiry
+    assert "not the control plane's" in tickets.check(b"j" * 32, t, *args, now=0)       # another holder's key
+    assert "no ticket key" in tickets.check(None, t, *args, now=0)
+
+
+def test_checkouts_are_reported_beside_images_and_bounded(tmp_path):
+    from hived.box.peers import CHECKOUTS_MAX
+
+    class _Repos:
+        def servable_checkouts(self, limit):
+            return [("k" * 32, f"{i:040x}") for i in range(limit + 10)][:limit]
+
+    box = _Box(_Images(["sha256:" + "a" * 64]), _Config(tmp_path))
+    box.repos = _Repos()
+    box.config.repos_dir.mkdir()
+    d = PeerDirectory(box, "box-a", "127.0.0.1:7000", metrics=None)
+    held = d.holdings()
+    assert "image:sha256:" + "a" * 64 in held
+    assert sum(k.startswith("checkout:" + "k" * 32 + "@") for k in held) == CHECKOUTS_MAX
+    for fields in d.reports(full=True):
+        codec.encode("holds.report", codec.VERSION, **fields)
