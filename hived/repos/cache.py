@@ -1179,6 +1179,8 @@ def _repair(mirror: Path) -> None:
     for p in (mirror / "refs").rglob("*.lock"):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+    # a peer's bundle being checked (loose: fetch writes new refs loose): never used, dropped
+    shutil.rmtree(mirror / "refs" / "hived" / "peer", ignore_errors=True)
     objects = mirror / "objects"
     for pattern in ("pack/tmp_*", "pack/.tmp-*", "??/tmp_obj_*", "tmp_objdir-*", "incoming-*"):
         for p in objects.glob(pattern):
