@@ -303,7 +303,8 @@ def test_peers_tiny_run_and_nothing_left():
     if os.geteuid() != 0 or not os.path.exists("/usr/bin/docker-registry"):
         pytest.skip("needs root and docker-registry (apt-get install docker-registry)")
     netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    r = _run([sys.executable, "-m", "hived", "bench", "peers", "--json", "--runs", "1", "--image-mb", "6"], 1200)
+    r = _run([sys.executable, "-m", "hived", "bench", "peers", "--json", "--runs", "1", "--image-mb", "6",
+              "--repo-mb", "4"], 1200)
     assert r.returncode == 0, r.stderr[-3000:]
     report = _one_json_object(r.stdout)
     assert report["bench"] == "peers" and report["runs"] == 1
@@ -311,10 +312,37 @@ def test_peers_tiny_run_and_nothing_left():
     assert report["pull_from_registry_ms"] > 0 and report["pull_from_peer_ms"] > 0
     assert report["fallback_ok"] is True, report["fallback"]
     assert report["fallback"]["peer_failures_counted"] >= 1 and report["detail"]["peer_fetches_ok"] >= 1
+    assert report["checkout_from_origin_ms"] > 0 and report["checkout_from_peer_ms"] > 0
+    assert report["checkout_pull_from_origin_ms"] > 0 and report["checkout_pull_from_peer_ms"] > 0
+    assert report["checkout_peer_fetches"] == 1  # the peer runs' checkout came from box A
     netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert not {n for n in netns_after - netns_before if n.startswith("hvbp")}
     left = subprocess.run(["pgrep", "-f", "hived.bench.delayline|bpa-"], capture_output=True, text=True).stdout
     assert left.strip() == "", left
+
+
+def test_imageauth_bad_arguments_are_one_line():
+    r = _run([sys.executable, "-m", "hived", "bench", "imageauth", "--runs", "0"], 60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert ("--runs" in r.stderr) or ("needs root" in r.stderr) or ("not installed" in r.stderr)
+
+
+def test_imageauth_tiny_run_and_nothing_left():
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/docker-registry") or shutil.which("htpasswd") is None:
+        pytest.skip("needs root, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)")
+    netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    r = _run([sys.executable, "-m", "hived", "bench", "imageauth", "--json", "--runs", "3", "--image-mb", "0.5",
+              "--rtt-ms", "20"], 600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = _one_json_object(r.stdout)
+    assert report["bench"] == "imageauth" and report["runs"] == 3
+    # the registry asked costs at least one round trip of the shaped link; the cache alone does not
+    assert report["private_asked_ms"] >= 20 > report["public_hit_ms"]
+    assert report["private_memo_ms"] < 20 and report["dist_ms"]["asked"]["n"] == 3
+    netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    left = {n for n in netns_after - netns_before if n.startswith("hvbp")}
+    assert not left, left
 
 
 def test_restart_two_kills_nothing_lost_and_nothing_left():

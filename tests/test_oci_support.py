@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
 import gzip
 import hashlib
 import http.server
@@ -319,8 +320,13 @@ class TokenServer:
     (rootcertbundle) and checks the signature, issuer, audience and expiry.
     """
 
-    def __init__(self, workdir: Path, users: dict[str, str]):
+    def __init__(self, workdir: Path, users: dict[str, str], *, acl: dict[str, list[str]] | None = None,
+                 public: tuple[str, ...] = ()):
+        """acl: user -> repository globs that user may access (a user not in it: every one);
+        public: repository globs anyone may pull without credentials."""
         self.users = users
+        self.acl = acl or {}
+        self.public = public
         self.service = "hived-test-registry"
         self.issuer = "hived-test-issuer"
         self.key = workdir / "token.key"
@@ -361,6 +367,11 @@ class TokenServer:
             if self.users.get(u) == p:
                 user = u
         self.requests.append({"scope": q.get("scope", []), "service": q.get("service", []), "user": user})
+        scopes = [sc.partition(":")[2].rpartition(":") for sc in q.get("scope", [])]
+        anonymous_ok = scopes and all(acts == "pull" and any(fnmatch.fnmatchcase(name, g) for g in self.public)
+                                      for name, _, acts in scopes)
+        if user is None and not auth and anonymous_ok:
+            user = ""  # a public repository: a pull token for anyone
         if user is None:
             body = b'{"details":"incorrect username or password"}'
             h.send_response(401)
@@ -373,6 +384,9 @@ class TokenServer:
         for scope in q.get("scope", []):
             kind, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
+            allowed = self.acl.get(user) if user else list(self.public)
+            if allowed is not None and not any(fnmatch.fnmatchcase(name, g) for g in allowed):
+                continue  # a token without this repository: the registry says insufficient_scope
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
         now = int(time.time())
         token = self.sign({"iss": self.issuer, "sub": user, "aud": self.service, "exp": now + 300,

@@ -1,19 +1,24 @@
 """Box peers for real: a control plane, box A (`hived box --config`, its own process, holding
 an image) and box B (a BoxDaemon in this process), Debian's docker-registry on loopback.
 
-B gets the image's layers from A over the peer link (authenticated, rate-limited on A,
-verified on B); a wrong byte on A's disk fails that transfer, is counted, and the registry
-serves the image; a box without the hive's token is refused; A killed (SIGKILL) in the
-middle of a transfer: B finishes from the registry and keeps nothing half-written.
+B gets the image's layers from A over the peer link (TLS with the hive's certificates and
+token proofs, rate-limited on A, verified on B); a wrong byte on A's disk fails that transfer,
+is counted, and the registry serves the image; a fetcher without the hive's certificate, with
+another hive's, or without the hive's token is refused with a clear error, and B refuses a
+holder that is not the box it asked for; nothing crosses the peer link in clear text (a relay
+records the bytes of a real transfer); A killed (SIGKILL) in the middle of a transfer: B
+finishes from the registry and keeps nothing half-written.
 No cells are booted here (pool targets 0): the whole build path with a cell is
 `hived bench peers`.
 """
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +31,7 @@ from test_control_api import sha
 from test_control_restart import free_port
 from test_oci_support import Layer, make_image, need_registry, push, running_registry
 
+from hived.control import tls
 from hived.control.config import parse as parse_hive
 from hived.control.server import ControlPlane
 from hived.oci.cache import ImageCache
@@ -73,10 +79,13 @@ class Hive:
         self.tmp = tmp
         self.registry = registry
         self.box_port = free_port()
+        self.tls_dir = tmp / "tls"
+        tls.init(self.tls_dir, "peers", boxes=list(TOKENS))
         self.cp_loop = LoopThread()
         self.cp = ControlPlane(parse_hive({
             "hive": {"name": "peers", "state_dir": str(tmp / "hive"), "api_listen": f"127.0.0.1:{free_port()}",
-                     "box_listen": f"127.0.0.1:{self.box_port}", "heartbeat_s": 0.3, "box_lost_s": 6.0},
+                     "box_listen": f"127.0.0.1:{self.box_port}", "heartbeat_s": 0.3, "box_lost_s": 6.0,
+                     "tls_dir": str(self.tls_dir)},
             "shapes": {"small": {}, "holder": {}},
             "customers": {},
             "boxes": {name: {"token_sha256": sha(tok)} for name, tok in TOKENS.items()},
@@ -110,6 +119,9 @@ pool_target = 0
 address = "127.0.0.1:{self.box_port}"
 token = "{TOKENS['box-a']}"
 box_id = "box-a"
+ca_file = "{self.tls_dir / 'ca.pem'}"
+cert_file = "{self.tls_dir / 'box-box-a.pem'}"
+key_file = "{self.tls_dir / 'box-box-a.key'}"
 """)
         self.a_log = open(a / "box.log", "ab")  # noqa: SIM115 - closed in stop()
         self.a_proc = subprocess.Popen([sys.executable, "-m", "hived", "box", "--config", str(a / "box.toml")],
@@ -122,7 +134,9 @@ box_id = "box-a"
                             box={"network": False, "oci_dir": str(b / "oci"), "oci_insecure": [self.registry.host],
                                  "peer_listen": "127.0.0.1:0"},
                             tables={"control": {"address": f"127.0.0.1:{self.box_port}", "token": TOKENS["box-b"],
-                                                "box_id": "box-b"}})
+                                                "box_id": "box-b", "ca_file": str(self.tls_dir / "ca.pem"),
+                                                "cert_file": str(self.tls_dir / "box-box-b.pem"),
+                                                "key_file": str(self.tls_dir / "box-box-b.key")}})
         self.b.start(wait_ready=False)
 
     def kill_a(self) -> None:
@@ -240,28 +254,140 @@ def test_a_wrong_byte_fails_that_transfer_is_counted_and_the_registry_serves(hiv
         blob.write_bytes(original)
 
 
-def test_a_box_without_the_hive_token_is_refused(hive):
-    from hived.box.peers import PeerDirectory, PeerFailed, PeerSource
+def _fetch_as(env, image, peer_tls, *, token=None, holder="box-a", addr=None):
+    """Fetch a layer of the image from A as a box with this TLS material and peer token."""
+    from hived.box.peers import PeerDirectory, PeerSource
     from hived.oci.registry import Descriptor
 
-    env, ref, image = hive
     real = env.b.daemon.peers
-    refused0 = metric(scrape(env.a_metrics_port), "hived_peer_refused_total")
+    dest = env.tmp / f"stranger-{secrets.token_hex(3)}.blob"
 
     async def try_it():
-        stranger = PeerDirectory(env.b.daemon, "box-b", "", real.metrics)
-        stranger.hive, stranger.token = real.hive, "not-the-hive-token"
-        source = PeerSource(stranger, {"box_id": "box-a", "addr": f"127.0.0.1:{env.a_peer_port}"})
-        desc = Descriptor("application/octet-stream", image.layer_digests[0], len(image.blobs[image.layer_digests[0]]))
+        stranger = PeerDirectory(env.b.daemon, "box-b", "", real.metrics, peer_tls)
+        stranger.hive, stranger.token = real.hive, token or real.token
+        source = PeerSource(stranger, {"box_id": holder, "addr": addr or f"127.0.0.1:{env.a_peer_port}"})
+        digest = image.layer_digests[0]
         try:
-            await source.fetch_blob(None, desc, env.tmp / "stranger.blob")
+            await source.fetch_blob(None, Descriptor("application/octet-stream", digest, len(image.blobs[digest])),
+                                    dest)
         finally:
             await source.close()
 
-    with pytest.raises(PeerFailed, match="refused|prove|closed|lost"):
-        env.b.call(try_it())
-    assert not (env.tmp / "stranger.blob").exists()
+    try:
+        return env.b.call(try_it())
+    finally:
+        assert not dest.exists() or dest.stat().st_size == len(image.blobs[image.layer_digests[0]])
+        dest.unlink(missing_ok=True)
+
+
+def _tls_of(tls_dir: Path, box: str, *, cert: bool = True):
+    from hived.box import peertls
+
+    t = peertls.load(tls_dir / "ca.pem", tls_dir / f"box-{box}.pem", tls_dir / f"box-{box}.key", box)
+    if cert:
+        return t
+    import ssl
+
+    bare = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))  # verifies A, shows no certificate
+    bare.check_hostname = False
+    return peertls.PeerTls(t.server, bare, box, t.hive_org)
+
+
+def test_a_box_without_the_hive_token_is_refused(hive):
+    from hived.box.peers import PeerFailed
+
+    env, ref, image = hive
+    refused0 = metric(scrape(env.a_metrics_port), "hived_peer_refused_total")
+    with pytest.raises(PeerFailed, match="no proof of its peer token"):
+        _fetch_as(env, image, env.b.daemon.peers.tls, token="not-the-hive-token")
     assert metric(scrape(env.a_metrics_port), "hived_peer_refused_total") == refused0 + 1
+
+
+def test_a_fetcher_without_the_hive_certificate_is_refused_with_a_clear_error(hive):
+    from hived.box.peers import PeerFailed
+
+    env, ref, image = hive
+    assert env.b.daemon.status()["peers"]["tls"] is True
+    refused0 = metric(scrape(env.a_metrics_port), "hived_peer_refused_total")
+    # no certificate at all (but the right token): told in words, over TLS, and counted
+    with pytest.raises(PeerFailed, match=r"refused us: the peer link of hive peers needs the certificate of a box "
+                                         r"of 'hived hive peers'.*none was shown"):
+        _fetch_as(env, image, _tls_of(env.tls_dir, "box-b", cert=False))
+    assert metric(scrape(env.a_metrics_port), "hived_peer_refused_total") == refused0 + 1
+    # a certificate of another hive's CA (named box-b too): the TLS handshake fails
+    other = env.tmp / "other-tls"
+    tls.init(other, "other", boxes=["box-b"])
+    with pytest.raises(PeerFailed, match=r"TLS refused"):
+        _fetch_as(env, image, _tls_of(other, "box-b"))
+    # the holder is checked too: A's certificate is not box-x's, whatever the index said
+    with pytest.raises(PeerFailed, match=r"the certificate of \('box-a', 'hived hive peers'\), not of box 'box-x'"):
+        _fetch_as(env, image, env.b.daemon.peers.tls, holder="box-x")
+    # and the right material still works on the same holder
+    _fetch_as(env, image, env.b.daemon.peers.tls)
+
+
+def test_nothing_crosses_the_peer_link_in_clear_text(hive):
+    env, ref, image = hive
+    # a plain TCP hello gets no hello back: A speaks TLS only
+    hello = bytes.fromhex("0000001e") + b"\x01" + b"\x00" * 29  # any frame; a plain peer would answer hello
+    with socket.create_connection(("127.0.0.1", env.a_peer_port), timeout=5) as s:
+        s.sendall(hello)
+        s.settimeout(5)
+        try:
+            answer = s.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            answer = b""
+    assert not answer or answer[0] == 0x15, f"A answered clear text to a plain connection: {answer[:16]!r}"
+    # a real transfer through a relay that records every byte: none of the layer's is in it
+    relay = Relay(("127.0.0.1", env.a_peer_port))
+    try:
+        _fetch_as(env, image, env.b.daemon.peers.tls, addr=f"127.0.0.1:{relay.port}")
+    finally:
+        relay.close()
+    layer = image.blobs[image.layer_digests[0]]
+    wire = bytes(relay.from_holder)
+    assert len(wire) >= len(layer), "the transfer did not go through the relay"
+    for at in range(0, len(layer) - 64, len(layer) // 16):
+        assert layer[at:at + 64] not in wire, f"layer bytes at {at} crossed the peer link in clear text"
+
+
+class Relay:
+    """A TCP relay (one connection) that keeps what the holder sent."""
+
+    def __init__(self, target) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = target
+        self.from_holder = bytearray()
+        self.threads = [threading.Thread(target=self._run, daemon=True)]
+        self.threads[0].start()
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        upstream = socket.create_connection(self.target)
+        t = threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True)
+        t.start()
+        self._pump(upstream, client, self.from_holder)
+        t.join(10)
+        client.close()
+        upstream.close()
+
+    @staticmethod
+    def _pump(src, dst, keep) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if keep is not None:
+                    keep.extend(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.threads[0].join(30)
 
 
 def test_a_peer_killed_mid_transfer_the_registry_finishes_and_nothing_half_written_is_used(hive):

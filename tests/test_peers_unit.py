@@ -30,11 +30,12 @@ def _body(frame: bytes) -> bytes:
 
 
 def test_the_peer_link_is_its_own_table_with_its_own_version():
-    assert PEER.version == 1 and codec.MAIN.version >= 3
+    assert PEER.version == 2 and codec.MAIN.version >= 5
     assert "blob.chunk" in PEER.by_name and "blob.chunk" not in codec.BY_NAME
     assert "build.assign" not in PEER.by_name
     fetcher, holder = _pair()
-    assert fetcher.state is holder.state is LinkState.OPEN and fetcher.version == 1
+    assert fetcher.state is holder.state is LinkState.OPEN and fetcher.version == 2
+    assert "checkout.get" in PEER.by_name and "checkout.find" in codec.BY_NAME  # v2 / main v5
     msg = fetcher.receive(_body(holder.frame("blob.chunk", offset=0, data=b"x" * 10)))
     assert msg.name == "blob.chunk" and msg["data"] == b"x" * 10
     with pytest.raises(ProtocolError) as exc:  # a fetcher may not send what only holders send
@@ -105,6 +106,10 @@ class _Images:
 class _Config:
     oci_dir: Path
 
+    @property
+    def repos_dir(self) -> Path:  # no repository cache: images only (checkouts: test_peers_checkouts.py)
+        return self.oci_dir / "no-repos"
+
 
 @dataclasses.dataclass
 class _Box:  # a stand-in for the daemon's image cache listing (the real one: tests/test_peers.py)
@@ -143,3 +148,79 @@ def test_peer_config_errors_name_the_key():
         parse({"box": {"peer_serve_bytes_s": -1}, "shapes": shapes}, "t")
     with pytest.raises(ConfigError, match=r"registry_credentials\[0\]\.username"):
         parse({"box": {}, "shapes": shapes, "registry_credentials": [{"registry": "r", "password": "p"}]}, "t")
+
+
+def test_peer_tls_material_is_checked_and_errors_name_the_fix(tmp_path):
+    """The peer link's TLS material (the box's control link files): the real files of
+    `hived control init`; each wrong one named with its fix. (The link itself: test_peers.py.)"""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from hived.box import peertls
+    from hived.control import tls
+
+    d = tmp_path / "tls"
+    tls.init(d, "h1", boxes=["box-a"])
+    ok = peertls.load(d / "ca.pem", d / "box-box-a.pem", d / "box-box-a.key", "box-a")
+    assert ok.box_id == "box-a" and ok.hive_org == "hived hive h1"
+    with pytest.raises(peertls.PeerTlsError, match=r"no cert_file: make one with `hived control init"):
+        peertls.load(d / "ca.pem", None, None, "box-a")
+    with pytest.raises(peertls.PeerTlsError, match=r"is of 'box-a', this box is 'box-z'"):
+        peertls.load(d / "ca.pem", d / "box-box-a.pem", d / "box-box-a.key", "box-z")
+    # a box certificate made before the peer link: a client's only
+    ca_key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    old = (x509.CertificateBuilder().subject_name(tls._name("box-a", "h1")).issuer_name(ca.subject)
+           .public_key(key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+           .sign(ca_key, hashes.SHA256()))
+    (d / "old.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(peertls.PeerTlsError, match=r"a client's only \(made before the peer link\)"):
+        peertls.load(d / "ca.pem", d / "old.pem", d / "box-box-a.key", "box-a")
+    # a key that is not the certificate's
+    tls.init(d, "h1", boxes=["box-b"])
+    with pytest.raises(peertls.PeerTlsError, match=r"unusable"):
+        peertls.load(d / "ca.pem", d / "box-box-a.pem", d / "box-box-b.key", "box-a")
+
+
+def test_checkout_tickets_bind_fetcher_holder_repository_commit_and_time():
+    """Pure: every field is in the MAC, and expiry is checked (the real exchange: test_peers_checkouts.py)."""
+    from hived import tickets
+
+    key = b"k" * 32
+    args = ("box-b", "box-a", "0" * 32, "c" * 40, 1_000)
+    t = tickets.checkout_ticket(key, *args)
+    assert tickets.check(key, t, *args, now=999) == ""
+    assert "expired" in tickets.check(key, t, *args, now=1_001)
+    for i in range(4):  # another fetcher, holder, repository or commit
+        other = list(args)
+        other[i] = other[i] + "x"
+        assert "not the control plane's" in tickets.check(key, t, *other, now=0)
+    assert "not the control plane's" in tickets.check(key, t, *args[:4], 1_001, now=0)  # a later expiry
+    assert "not the control plane's" in tickets.check(b"j" * 32, t, *args, now=0)       # another holder's key
+    assert "no ticket key" in tickets.check(None, t, *args, now=0)
+
+
+def test_checkouts_are_reported_beside_images_and_bounded(tmp_path):
+    from hived.box.peers import CHECKOUTS_MAX
+
+    class _Repos:
+        def servable_checkouts(self, limit):
+            return [("k" * 32, f"{i:040x}") for i in range(limit + 10)][:limit]
+
+    box = _Box(_Images(["sha256:" + "a" * 64]), _Config(tmp_path))
+    box.repos = _Repos()
+    box.config.repos_dir.mkdir()
+    d = PeerDirectory(box, "box-a", "127.0.0.1:7000", metrics=None)
+    held = d.holdings()
+    assert "image:sha256:" + "a" * 64 in held
+    assert sum(k.startswith("checkout:" + "k" * 32 + "@") for k in held) == CHECKOUTS_MAX
+    for fields in d.reports(full=True):
+        codec.encode("holds.report", codec.VERSION, **fields)

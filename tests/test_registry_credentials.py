@@ -171,3 +171,64 @@ def test_hive_credentials_go_with_the_assignment_only(world, caplog):
             box.call(cp.stop())
         finally:
             box.stop()
+
+
+def test_a_cached_private_image_is_not_served_to_a_customer_without_access(tmp_path):
+    """Two customers with their own credentials on one box, a registry with token auth and a
+    repository ACL (the real docker-registry; the token service of test_oci_support): what
+    acme pulled is cached, yet zed (valid credentials, no access to acme's repository) and
+    an anonymous build get it neither by tag nor by digest; acme's next builds use the cache
+    (within AUTH_TTL_S without asking the registry, after it with one manifest GET); a
+    public image pulled anonymously is served to everyone without asking the registry."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed (Debian package openssl)")
+    need_registry()
+    find_image()
+    from test_oci_support import TokenServer
+
+    users = {"pusher": "push-" + secrets.token_hex(8), "acme-bot": PASSWORD, "zed-bot": "zed-" + secrets.token_hex(8)}
+    acl = {"acme-bot": ["acme/*", "pub/*"], "zed-bot": ["zed/*", "pub/*"]}
+    (tmp_path / "reg").mkdir()
+    with TokenServer(tmp_path, users, acl=acl, public=("pub/*",)) as tokens, \
+            running_registry(tmp_path / "reg", token_auth=tokens) as registry:
+        private, public = f"{registry.host}/acme/app:1", f"{registry.host}/pub/base:1"
+        images = {private: _busybox_image(b"acme's secret\n"), public: _busybox_image(b"public\n")}
+        for ref, image in images.items():
+            asyncio.run(push(ref, image, Credentials("pusher", users["pusher"])))
+        creds = [{"registry": registry.host, "customer": c, "username": f"{c}-bot", "password": users[f"{c}-bot"]}
+                 for c in ("acme", "zed")]
+        box = BoxHarness({"small": {"vcpus": 1, "memory_mib": 384, "scratch_mib": 256, "pool_target": 0}},
+                         box={"network": False, "oci_dir": str(tmp_path / "oci"), "oci_insecure": [registry.host]},
+                         tables={"registry_credentials": creds})
+        try:
+            box.start(wait_ready=False)
+            d = box.daemon
+
+            def build(customer: str, ref: str):
+                return box.call(resolve_inputs(d, {"image": ref}, {"customer": customer}))
+
+            first = build("acme", private)
+            assert first.image.digest == images[private].digest
+            by_digest = f"{registry.host}/acme/app@{first.image.digest}"
+            for customer, ref, why in (("zed", private, "refused 'zed-bot' access to acme/app"),
+                                       ("zed", by_digest, "refused 'zed-bot' access to acme/app"),
+                                       ("nobody", private, "token service wants credentials"),
+                                       ("nobody", by_digest, "token service wants credentials")):
+                with pytest.raises(BadInput, match=why):
+                    build(customer, ref)
+            asked = len(tokens.requests)
+            again = build("acme", private)  # within AUTH_TTL_S: the cache, no registry
+            assert again.image.path == first.image.path and len(tokens.requests) == asked
+            d.images._authorised.clear()   # as after AUTH_TTL_S: the registry is asked once
+            again = build("acme", by_digest)
+            assert again.image.path == first.image.path and len(tokens.requests) == asked + 1
+            # public: pulled without credentials, then anyone's (tag or digest) with no registry
+            pub = build("nobody", public)
+            asked = len(tokens.requests)
+            for customer in ("zed", "acme", "nobody"):
+                for ref in (public, f"{registry.host}/pub/base@{pub.image.digest}"):
+                    assert build(customer, ref).image.path == pub.image.path
+            assert len(tokens.requests) == asked
+            assert _leaks([tmp_path / "oci", box.tmp]) == []
+        finally:
+            box.stop()

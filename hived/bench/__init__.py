@@ -9,6 +9,7 @@
     hived bench secure   Secure Compute provisioning beside plain builds (secure.py)
     hived bench peers    a build image from a neighbour box vs a shaped registry (peers.py)
     hived bench restart  hived up SIGKILLed during a build: cells adopted, nothing lost (restart.py)
+    hived bench imageauth  a cached build image authorised per build: public, private (imageauth.py)
     hived bench plot REPORT.json FILE.png   the figure of a saved report (hived/benchplot.py)
 
 `hived bench boot --plot FILE.png` and `hived bench control [--sweep] --plot FILE.png` draw
@@ -40,6 +41,7 @@ BENCHMARKS = {
     "cache": "time to build start with a build image and a repository, cold vs cached (real box)",
     "peers": "time to build start with a build image from a neighbour box vs a shaped registry (two real boxes)",
     "restart": "hived up SIGKILLed and started again during a build: time to adopt the cells, output lost",
+    "imageauth": "what authorising a cached build image per build costs: public, private (memo, registry asked)",
 }
 
 

@@ -88,13 +88,14 @@ def make_image(payload_mb: float) -> tuple[bytes, dict[str, bytes], str]:
     return manifest, blobs, mt
 
 
-async def push(ref_text: str, manifest: bytes, blobs: dict[str, bytes], media_type: str) -> None:
+async def push(ref_text: str, manifest: bytes, blobs: dict[str, bytes], media_type: str,
+               credentials=None) -> None:
     from hived.oci import reference
     from hived.oci.registry import RegistryClient
 
     ref = reference.parse(ref_text)
     actions = ("pull", "push")
-    async with RegistryClient(None, insecure=(ref.api_host,)) as client:
+    async with RegistryClient(credentials, insecure=(ref.api_host,)) as client:
         for digest, data in blobs.items():
             resp = await client.request("POST", ref, f"/v2/{ref.repository}/blobs/uploads/", actions=actions)
             location = resp.headers.get("Location", "")

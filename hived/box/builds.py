@@ -67,11 +67,13 @@ class BuildInputs:
                 log.error("checkout lease %s: %s", checkout.path, exc)
 
 
-async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
+async def resolve_inputs(box, options: dict, rec: dict, held: tuple[str, int] | None = None) -> BuildInputs:
     """Pull the build image and make the checkout image the build names (both cached on the box).
 
-    Every failure is this build's alone and names what is wrong (hived.oci / hived.repos errors);
-    the caches never keep anything partial."""
+    held: (build id, lease) of a build assigned by the control plane: its checkout may come
+    from a peer the control plane vouches for (hived/box/peers.py). Every failure is this
+    build's alone and names what is wrong (hived.oci / hived.repos errors); the caches never
+    keep anything partial."""
     from hived.oci.errors import OciError
     from hived.repos.errors import RepoError
 
@@ -96,7 +98,12 @@ async def resolve_inputs(box, options: dict, rec: dict) -> BuildInputs:
     if repo:
         t1 = time.monotonic()
         try:
-            inputs.checkout = await box.repos.checkout_image(repo, rev or None, acquire=True)
+            peers = getattr(box, "peers", None)
+            sources = None
+            if held is not None and peers is not None and box.config.peer_fetch:
+                def sources(repo_key: str, commit: str):
+                    return peers.checkout_sources(held[0], held[1], repo_key, commit)
+            inputs.checkout = await box.repos.checkout_image(repo, rev or None, acquire=True, peers=sources)
         except RepoError as exc:
             raise BadInput(f"repository {repo} at {rev or 'HEAD'}: {exc}", _permanent(exc)) from None
         except OSError as exc:
@@ -155,7 +162,8 @@ async def run_build(box, client, build_id: str, msg) -> None:
             await finish(-1, 0, "no_capacity", f"unknown shape {req['shape']!r}", permanent=True)
             return
         try:
-            inputs = await resolve_inputs(box, options, rec)
+            inputs = await resolve_inputs(box, options, rec, (build_id, client.lease) if hasattr(client, "lease")
+                                          else None)
         except BadInput as exc:
             await finish(-1, 0, "spawn_failed", str(exc), permanent=exc.permanent)
             return

@@ -213,8 +213,9 @@ def embedded(home: Path, pool_target: int = 1) -> BoxConfig:
         {
             "box": {"name": name, "state_dir": str(home / "state"), "overcommit": small,
                     "reserved_cores": 0 if small else 1, "vmm_uid_base": 3_100_000,
-                    "oci_dir": str(home / "oci"), "repos_dir": str(home / "repos"),
-                    "peer_listen": "127.0.0.1:0"},  # box peers: a second box of this hive could fetch here
+                    # no peer_listen: the peer link is TLS with hive certificates, which `hived up`
+                    # does not make (its box link is plain TCP on loopback)
+                    "oci_dir": str(home / "oci"), "repos_dir": str(home / "repos")},
             "shapes": {"small": {"vcpus": 1, "memory_mib": 512, "scratch_mib": 1024,
                                  "pool_target": pool_target}},
         },

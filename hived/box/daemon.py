@@ -186,16 +186,25 @@ class BoxDaemon:
         if interval:
             self._watchdog = loop.create_task(self._watchdog_loop(interval))
         if self.control_link is not None:
-            await self._start_peers(link.box_id)
+            await self._start_peers(link)
             self.control_link.start()
 
-    async def _start_peers(self, box_id: str) -> None:
-        """Box peers (hived/box/peers.py): serve the image cache on peer_listen, fetch from the hive."""
+    async def _start_peers(self, link) -> None:
+        """Box peers (hived/box/peers.py): serve the image cache on peer_listen, fetch from the hive;
+        TLS with the box's hive certificate (hived/box/peertls.py), or no part in the peer link."""
+        from hived.box import peertls
         from hived.box.peers import PeerDirectory, PeerMetrics, PeerServer, split_addr
 
         cfg = self.config
-        self.peers = PeerDirectory(self, box_id, "", PeerMetrics(self.metrics.registry))
-        if cfg.peer_listen:
+        box_id = link.box_id
+        try:
+            tls = peertls.load(link.ca_file, link.cert_file, link.key_file, box_id)
+        except peertls.PeerTlsError as exc:
+            tls = None
+            log.log(logging.WARNING if cfg.peer_listen else logging.INFO,
+                    "box %s takes no part in the peer link (images come from the registry): %s", box_id, exc)
+        self.peers = PeerDirectory(self, box_id, "", PeerMetrics(self.metrics.registry), tls)
+        if cfg.peer_listen and tls is not None:
             host, port = split_addr(cfg.peer_listen)
             self.peer_server = PeerServer(self.peers, cfg.peer_serve_bytes_s)
             port = await self.peer_server.start(host, port)
@@ -667,7 +676,8 @@ class BoxDaemon:
             "metrics_port": self.metrics_port,
             "control": self.control_link.describe() if self.control_link is not None else None,
             "peers": {"addr": self.peers.peer_addr, "hive": self.peers.hive,
-                      "serving": self.peer_server is not None} if self.peers is not None else None,
+                      "serving": self.peer_server is not None,
+                      "tls": self.peers.tls is not None} if self.peers is not None else None,
         }
 
     def status_line(self) -> str:

@@ -153,7 +153,7 @@ def _run(args) -> int:
         cache = ImageCache(args.cache_dir, insecure=tuple(args.insecure_registry))
         try:
             t0 = time.monotonic()
-            img = asyncio.run(cache.pull(args.ref, credentials, refresh=not args.cached,
+            img = asyncio.run(cache.pull(args.ref, credentials, refresh=not args.cached, operator=args.cached,
                                          progress=_progress_printer(sys.stderr)))
             elapsed = time.monotonic() - t0
         finally:

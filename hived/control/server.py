@@ -93,6 +93,7 @@ class BoxLink:
         self.row_written = 0.0
         self.out: list[bytes] = []
         self.logged: dict[str, int] = {}  # build id -> lease: tell the box how far its output is stored
+        self.ticket_key: bytes | None = None  # box peers: the key its checkout tickets are made with
 
     def send(self, name: str, **fields) -> None:
         try:
@@ -651,6 +652,9 @@ class ControlPlane:
                       heartbeat_s=self.config.heartbeat_s, lost_s=self.config.box_lost_s, epoch=self.epoch)
             if channel.session.version >= 3:  # box peers: the hive's peer link secret
                 link.send("peering.config", hive=self.config.hive, token=self.peer_token)
+            if channel.session.version >= 5:  # box peers: the key this box checks checkout tickets with
+                link.ticket_key = secrets.token_bytes(32)
+                link.send("peering.tickets", key=link.ticket_key)
             log.info("box %s registered from %s: shapes %s, capacity %d, warm %s, holding %d build(s)",
                      box_id, peer_address(channel), msg["shapes"], msg["capacity"], msg["warm"], len(msg["builds"]))
             self._apply(self.scheduler.box_connected(
@@ -772,6 +776,8 @@ class ControlPlane:
         elif name == "holds.find":
             link.send("holds.found", request_id=f["request_id"], key=f["key"],
                       holders=self.holdings.find(f["key"], asking=box_id, load=self._box_load))
+        elif name == "checkout.find":
+            self._checkout_find(link, f)
         elif name == "error":
             log.warning("box %s says %s: %s (%s)", box_id, f["code"], f["message"], f["ref"])
         elif name == "ping":
@@ -797,6 +803,65 @@ class ControlPlane:
     def _box_load(self, box_id: str) -> int:
         box = self.scheduler.boxes.get(box_id)
         return len(box.builds) if box is not None else 0
+
+    def _checkout_find(self, link: BoxLink, f) -> None:
+        """Box peers, checkouts: vouch for a fetch only for a build the asking box holds (its
+        lease), of the repository that build names (the customer named it; the origin still
+        decides access: the fetcher asks it with the build's credentials first), and not of a
+        repository the hive's config gives another customer ([repos.NAME]). Each holder comes
+        with a ticket made with that holder's key, which it checks before sending."""
+        from hived import tickets
+        from hived.repos.errors import RepoError
+        from hived.repos.url import ALL_PROTOCOLS, FULL_SHA, parse_url
+
+        key, commit = f["repo_key"], f["commit"]
+        refused = ""
+        st = self.scheduler.builds.get(f["build_id"])
+        if st is None or not self.scheduler.holds(link.box_id, f["build_id"], f["lease"]):
+            refused = f"box {link.box_id} does not hold build {f['build_id']} (lease {f['lease']})"
+        elif not FULL_SHA.match(commit):
+            refused = "a checkout is asked for by its full commit id"
+        else:
+            try:
+                remote, _ = parse_url(str((getattr(st.build, "options", None) or {}).get("repo") or ""),
+                                      ALL_PROTOCOLS)
+                owner = self._repo_owners().get(key)
+                if remote.key != key:
+                    refused = f"build {f['build_id']} does not name that repository"
+                elif owner is not None and owner != getattr(st.build, "customer", None):
+                    refused = f"repository {remote.normal} is customer {owner}'s (the hive's repos config)"
+            except RepoError:
+                refused = f"build {f['build_id']} names no repository"
+        holders = []
+        if refused:
+            log.warning("box %s: checkout.find refused: %s", link.box_id, refused)
+        else:
+            expires = int(time.time()) + tickets.TTL_S
+            for h in self.holdings.find(f"checkout:{key}@{commit}", asking=link.box_id, load=self._box_load):
+                other = self.links.get(h["box_id"])
+                if other is None or other.ticket_key is None:
+                    continue  # a holder that cannot check tickets would refuse anyway
+                holders.append({"box_id": h["box_id"], "addr": h["addr"], "expires": expires,
+                                "ticket": tickets.checkout_ticket(other.ticket_key, link.box_id, h["box_id"], key,
+                                                                  commit, expires)})
+        link.send("checkout.found", request_id=f["request_id"], holders=holders, refused=refused)
+
+    def _repo_owners(self) -> dict[str, str]:
+        """Repository key -> the customer the hive's config gives it ([repos.NAME]: its url, and
+        the GitHub clone URL its push events carry)."""
+        owners = getattr(self, "_repo_owner_keys", None)
+        if owners is None:
+            from hived.repos.errors import RepoError
+            from hived.repos.url import ALL_PROTOCOLS, parse_url
+
+            owners = {}
+            for repo in self.config.repos.values():
+                for url in (repo.url, f"https://github.com/{repo.name}.git"):
+                    with contextlib.suppress(RepoError):
+                        if url:
+                            owners[parse_url(url, ALL_PROTOCOLS)[0].key] = repo.customer
+            self._repo_owner_keys = owners
+        return owners
 
     def _stale(self, link: BoxLink, build_id: str, lease: int, what: str) -> None:
         """A message for a build this box no longer holds: tell it (once) to stop that build."""

@@ -4,7 +4,8 @@
 
     ca.pem, ca.key            the hive CA (ECDSA P-256, 10 years); ca.key stays on the control plane
     server.pem, server.key    the control plane's certificate, for the names/IPs boxes dial
-    box-NAME.pem, .key        a certificate per box (CN = box id), copied to that box
+    box-NAME.pem, .key        a certificate per box (CN = box id), copied to that box; also the
+                              box's certificate on the peer link, both ways (hived/box/peertls.py)
 
 Boxes verify the control plane against ca.pem. A box that presents a certificate must
 present one of this CA whose CN is the box id it registers as; the per-box token is
@@ -48,8 +49,11 @@ def _leaf(ca_key, ca_cert, cn: str, hive: str, *, server_names=(), client=False)
                .not_valid_before(now - datetime.timedelta(minutes=5))
                .not_valid_after(now + datetime.timedelta(days=DAYS_LEAF))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client
-                                                     else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+               # a box's certificate is a client's on its control link and a server's on the
+               # peer link (it serves its hive's other boxes: hived/box/peertls.py)
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+                                                    if client else [ExtendedKeyUsageOID.SERVER_AUTH]),
+                              critical=False))
     if server_names:
         alt = []
         for n in server_names:

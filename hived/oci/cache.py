@@ -24,8 +24,16 @@ Rules:
 * Size bound (`max_bytes`, stored in the index so every process uses the box's value):
   after each pull, least recently used images (last pull or acquire) that are not in use
   are evicted until images + blobs fit.
-* A tag that is cached is served without asking the registry (`refresh=True` re-resolves
-  it); a digest is always served from the cache when present.
+* Who may use a cached image is the registry's to say, per build: a cached reference (tag or
+  digest) is served without asking the registry only when its image is known public in its
+  repository — resolved there without credentials at most PUBLIC_TTL_S ago (`index.json`
+  "public", by "registry/repository@digest": registries grant repositories) — or when the
+  same credentials resolved it there less than AUTH_TTL_S ago (in memory only, keyed by a
+  keyed hash of the credentials). Otherwise the registry is asked
+  once with the build's own credentials (one manifest GET of the reference: a refusal is
+  that build's error) and the cached image is used if the answer names it. So one
+  customer's pull never lets another customer without access run a private image, by tag
+  or by digest. `refresh=True` always re-resolves a tag.
 """
 
 from __future__ import annotations
@@ -33,9 +41,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 import threading
@@ -68,6 +79,8 @@ FS_FILES = {"erofs": "rootfs.erofs", "ext4": "rootfs.ext4"}
 MANIFEST_FILE = "manifest.json"  # the image manifest's bytes, as verified against its digest
 CONFIG_FILE = "config.json"      # the image config's bytes, as verified against its digest
 PARALLEL_BLOBS = 3
+PUBLIC_TTL_S = 3600.0  # a reference resolved without credentials is served to anyone this long
+AUTH_TTL_S = 60.0      # credentials that resolved a reference may use its cached image this long
 
 # Where else blobs may come from: given a manifest digest, sources with the registry client's
 # fetch_blob_bytes / fetch_blob / close (hived/box/peers.py), each verified like a registry.
@@ -168,6 +181,10 @@ class ImageCache(CacheDir):
         self.ssl = ssl
         self.platform = platform
         self._inflight: dict[str, asyncio.Future] = {}
+        # (keyed hash of credentials, "registry/repository@digest") -> monotonic deadline
+        self._authorised: dict[tuple[str, str], float] = {}
+        self._cred_key = secrets.token_bytes(32)  # per process: the hashes mean nothing elsewhere
+        self._basic_hosts: set[str] = set()  # registries that asked for Basic auth (no secret in it)
         super().__init__(root, ("blobs/sha256", "images"), max_bytes)
 
     # ------------------------------------------------------------------ state on disk
@@ -210,6 +227,7 @@ class ImageCache(CacheDir):
             for r in meta.get("refs", []):
                 index["refs"].setdefault(r, digest)
         index["refs"] = {r: dg for r, dg in index["refs"].items() if dg in images}
+        index["public"] = {r: e for r, e in index.get("public", {}).items() if e.get("digest") in images}
 
     def _entry_image(self, index: dict, digest: str) -> CachedImage:
         e = index["images"][digest]
@@ -343,6 +361,7 @@ class ImageCache(CacheDir):
                 os.close(fd)
         del index["images"][digest]
         index["refs"] = {r: dg for r, dg in index["refs"].items() if dg != digest}
+        index["public"] = {r: e for r, e in index.get("public", {}).items() if e.get("digest") != digest}
         return True
 
     def _drop_unreferenced_blobs(self, index: dict) -> int:
@@ -381,7 +400,7 @@ class ImageCache(CacheDir):
 
     async def pull(self, ref: str, credentials: Credentials | None = None, *, refresh: bool = False,
                    acquire: bool = False, progress: Progress | None = None,
-                   peers: PeerSources | None = None) -> CachedImage:
+                   peers: PeerSources | None = None, operator: bool = False) -> CachedImage:
         """The image for ref, from the cache when there, else pulled, verified and converted.
 
         acquire=True also leases it (release with `release(image.path)`), so no concurrent
@@ -392,21 +411,38 @@ class ImageCache(CacheDir):
         still decides who may use the image); the config and layers are then tried from each
         peer in turn, each verified against the manifest's digests exactly as a registry's are,
         and the registry serves whatever no peer could.
+
+        operator=True: the box's operator asks (`hived image pull --cached`, root on the box,
+        whose files the cache's are anyway): a cached reference is served without asking
+        the registry whether these credentials may have it. Never for a build.
         """
         r = reference.parse(ref)
-        if not refresh or r.digest:
-            hit = self._hit(r, acquire)
+        who = self._who(credentials)
+        cached = not refresh or bool(r.digest)
+        if cached:  # known public, or these credentials resolved it just now: no registry
+            hit = self._hit(r, acquire, allowed=lambda index, digest: operator
+                            or self._may_skip_registry(index, r, who, digest))
             if hit is not None:
                 return hit
-        if os.geteuid() != 0:
-            raise CacheError(f"{r} is not cached, and turning an image into a filesystem image needs root "
-                             "(file owners, device nodes)", "pull as root (the box daemon runs as root)")
-        client = RegistryClient(credentials, insecure=self.insecure, ssl=self.ssl, platform=self.platform)
+        client = RegistryClient(credentials, insecure=self.insecure, ssl=self.ssl, platform=self.platform,
+                                basic_hosts=self._basic_hosts)
         owned = True
         try:
+            if cached and self._cached_digest(r) is not None:
+                # cached, but the registry decides whether this build may use it: one manifest
+                # GET with its credentials (an index's own digest names the image too)
+                top = await client.manifest_digest(r)
+                hit = self._hit(r, acquire, top_digest=top)
+                if hit is not None:
+                    self._authorised_now(r, who, hit.digest)
+                    return hit
+            if os.geteuid() != 0:
+                raise CacheError(f"{r} is not cached, and turning an image into a filesystem image needs root "
+                                 "(file owners, device nodes)", "pull as root (the box daemon runs as root)")
             manifest = await client.resolve(r, progress)
             hit = self._hit(r, acquire, manifest)
             if hit is not None:
+                self._authorised_now(r, who, hit.digest)
                 return hit
             task = self._inflight.get(manifest.digest)
             if task is None:  # the task owns the client from here (it may outlive this call)
@@ -421,7 +457,53 @@ class ImageCache(CacheDir):
         hit = self._hit(r, acquire, manifest)
         if hit is None:  # evicted in between by a smaller bound: should not happen
             raise CacheError(f"{r} vanished from the cache right after its pull", "pull again")
+        self._authorised_now(r, who, hit.digest)
         return hit
+
+    # ------------------------------------------------------------------ who may use a cached image
+
+    def _who(self, credentials: Credentials | None) -> str:
+        """"" for anonymous; else a keyed hash of the credentials (never the password itself)."""
+        if credentials is None:
+            return ""
+        secret = f"{credentials.username}\0{credentials.password}".encode()
+        return hmac.new(self._cred_key, secret, hashlib.sha256).hexdigest()
+
+    @staticmethod
+    def _grant(r: reference.Reference, digest: str) -> str:
+        """What the registry grants is a repository (its token scopes, its ACLs): an image
+        served from a repository may be served from it again, by tag or by digest."""
+        return f"{r.registry}/{r.repository}@{digest}"
+
+    def _may_skip_registry(self, index: dict, r: reference.Reference, who: str, digest: str) -> bool:
+        grant = self._grant(r, digest)
+        public = index.get("public", {}).get(grant)
+        if public and public.get("digest") == digest and time.time() - public.get("at", 0) < PUBLIC_TTL_S:
+            return True
+        deadline = self._authorised.get((who, grant)) if who else None
+        return deadline is not None and time.monotonic() < deadline
+
+    def _authorised_now(self, r: reference.Reference, who: str, digest: str) -> None:
+        """The registry just let `who` have r (as digest): anonymous means public (on disk, so
+        every process of this box knows), credentials are remembered in memory for AUTH_TTL_S."""
+        grant = self._grant(r, digest)
+        if not who:
+            with self._locked():
+                index = self._load()
+                if digest in index["images"]:
+                    index.setdefault("public", {})[grant] = {"digest": digest, "at": time.time()}
+                    self._save(index, durable=False)
+            return
+        now = time.monotonic()
+        if len(self._authorised) > 4096:  # bounded: drop what has expired (or all, if nothing has)
+            self._authorised = {k: v for k, v in self._authorised.items() if v > now}
+            if len(self._authorised) > 4096:
+                self._authorised.clear()
+        self._authorised[(who, grant)] = now + AUTH_TTL_S
+
+    def _cached_digest(self, r: reference.Reference) -> str | None:
+        with self._locked():
+            return self._find(self._load(), str(r))
 
     async def _fetch_any(self, client: RegistryClient, r: reference.Reference, manifest: ImageManifest,
                          progress: Progress | None, peers: PeerSources | None) -> None:
@@ -485,13 +567,21 @@ class ImageCache(CacheDir):
         if not task.cancelled():
             task.exception()  # retrieved here: the waiters (if any are left) raise it themselves
 
-    def _hit(self, r: reference.Reference, acquire: bool, manifest: ImageManifest | None = None) -> CachedImage | None:
+    def _hit(self, r: reference.Reference, acquire: bool, manifest: ImageManifest | None = None, *,
+             top_digest: str | None = None, allowed=None) -> CachedImage | None:
+        """The cached image for r (recording r as its reference), or None: by the manifest the
+        registry resolved, by the top-level digest it serves for r now, or by r itself when
+        allowed(index, digest) says this build may skip the registry."""
         with self._locked():
             index = self._load()
             if manifest is not None:
                 digest = manifest.digest if manifest.digest in index["images"] else None
+            elif top_digest is not None:
+                digest = self._find(index, top_digest)
             else:
                 digest = self._find(index, str(r))
+                if digest is not None and allowed is not None and not allowed(index, digest):
+                    return None
             if digest is None:
                 return None
             entry = index["images"][digest]

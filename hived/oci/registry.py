@@ -159,7 +159,9 @@ class RegistryClient:
 
     def __init__(self, credentials: Credentials | None = None, *, insecure: Iterable[str] = (),
                  ssl: Any = None, platform: str = DEFAULT_PLATFORM,
-                 connect_timeout: float = 15.0, read_timeout: float = 60.0):
+                 connect_timeout: float = 15.0, read_timeout: float = 60.0, basic_hosts: set[str] | None = None):
+        """basic_hosts: hosts known to want Basic auth, shared between clients (the image cache's):
+        credentials go with the first request there, not after a 401 (one round trip less)."""
         self.credentials = credentials
         self.insecure = set(insecure)
         self._ssl = ssl
@@ -171,7 +173,7 @@ class RegistryClient:
                                               sock_connect=connect_timeout, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
-        self._basic_hosts: set[str] = set()
+        self._basic_hosts: set[str] = basic_hosts if basic_hosts is not None else set()
 
     async def __aenter__(self) -> RegistryClient:
         return self

@@ -1,7 +1,7 @@
 # Generated from protocol/messages.toml by protocol/generate.py. Do not edit.
 """The message table the codec is built from (see protocol/SPEC.md)."""
 
-VERSION = 4
+VERSION = 5
 MIN_VERSION = 1
 MAX_FRAME = 1048576
 
@@ -472,4 +472,34 @@ MESSAGES = ({'name': 'hello',
   'since': 3,
   'from': ('control',),
   'fields': ({'name': 'hive', 'type': 'str', 'max': 64, 'since': 3},
-             {'name': 'token', 'type': 'str', 'max': 256, 'since': 3})})
+             {'name': 'token', 'type': 'str', 'max': 256, 'since': 3})},
+ {'name': 'checkout.find',
+  'id': 108,
+  'since': 5,
+  'from': ('box',),
+  'fields': ({'name': 'request_id', 'type': 'str', 'max': 64, 'since': 5},
+             {'name': 'build_id', 'type': 'str', 'max': 64, 'since': 5},
+             {'name': 'lease', 'type': 'int', 'min': 1, 'max': 9223372036854775807, 'since': 5},
+             {'name': 'repo_key', 'type': 'str', 'max': 64, 'since': 5},
+             {'name': 'commit', 'type': 'str', 'max': 64, 'since': 5})},
+ {'name': 'checkout.found',
+  'id': 109,
+  'since': 5,
+  'from': ('control',),
+  'fields': ({'name': 'request_id', 'type': 'str', 'max': 64, 'since': 5},
+             {'name': 'holders',
+              'type': 'list<map<str,any>>',
+              'max': 16,
+              'item_max': 8,
+              'since': 5},
+             {'name': 'refused',
+              'type': 'str',
+              'max': 256,
+              'optional': True,
+              'default': '',
+              'since': 5})},
+ {'name': 'peering.tickets',
+  'id': 110,
+  'since': 5,
+  'from': ('control',),
+  'fields': ({'name': 'key', 'type': 'bytes', 'min': 32, 'max': 32, 'since': 5},)})

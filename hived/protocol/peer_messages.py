@@ -1,7 +1,7 @@
 # Generated from protocol/peer.toml by protocol/generate.py. Do not edit.
 """The message table the codec is built from (see protocol/SPEC.md)."""
 
-VERSION = 1
+VERSION = 2
 MIN_VERSION = 1
 MAX_FRAME = 1048576
 
@@ -90,4 +90,12 @@ MESSAGES = ({'name': 'hello',
   'id': 35,
   'since': 1,
   'from': ('holder',),
-  'fields': ({'name': 'key', 'type': 'str', 'max': 300, 'since': 1},)})
+  'fields': ({'name': 'key', 'type': 'str', 'max': 300, 'since': 1},)},
+ {'name': 'checkout.get',
+  'id': 36,
+  'since': 2,
+  'from': ('fetcher',),
+  'fields': ({'name': 'repo_key', 'type': 'str', 'max': 64, 'since': 2},
+             {'name': 'commit', 'type': 'str', 'max': 64, 'since': 2},
+             {'name': 'expires', 'type': 'int', 'min': 0, 'max': 9223372036854775807, 'since': 2},
+             {'name': 'ticket', 'type': 'bytes', 'min': 32, 'max': 32, 'since': 2})})

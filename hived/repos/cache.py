@@ -74,6 +74,7 @@ from hived.fsutil import fsync_dir as _fsync_dir
 from hived.fsutil import pid_alive as _pid_alive
 from hived.fsutil import write_json_atomic as _write_json_atomic
 from hived.repos.errors import (
+    BadBundle,
     CacheFull,
     GitError,
     InUse,
@@ -225,10 +226,16 @@ class RepoCache(CacheDir):
             return commit
 
     async def checkout_image(self, url: str, rev: str | None = None, credentials: Credentials | None = None, *,
-                             refresh: bool = False, acquire: bool = False) -> CheckoutImage:
+                             refresh: bool = False, acquire: bool = False, peers=None) -> CheckoutImage:
         """A read-only disk image of the tree at rev; acquire=True also leases it (release with
-        `release(image.path)`) so it cannot be evicted before the cell has it attached."""
-        return await self._artifact("images", url, rev, credentials, refresh, acquire)
+        `release(image.path)`) so it cannot be evicted before the cell has it attached.
+
+        peers: `async (repo_key, commit) -> sources` (hived/box/peers.py), each with
+        `fetch_checkout(repo_key, commit, dest, max_bytes)`: when this box's mirror does not
+        have rev, the origin names the commit (`git ls-remote` with these credentials: it
+        decides access) and the commit's history comes from a peer's bundle, verified by git,
+        before the origin is fetched from."""
+        return await self._artifact("images", url, rev, credentials, refresh, acquire, peers)
 
     async def bundle(self, url: str, rev: str | None = None, credentials: Credentials | None = None, *,
                      refresh: bool = False, acquire: bool = False) -> CheckoutBundle:
@@ -699,6 +706,196 @@ class RepoCache(CacheDir):
         if creds is not None:
             self._remember_access(creds.fingerprint(remote.key))
 
+    # ------------------------------------------------------------------ box peers (hived/box/peers.py)
+
+    def servable_checkouts(self, limit: int) -> list[tuple[str, str]]:
+        """(repository key, commit) of the checkout images a peer could be sent as a bundle from
+        this box's mirror of that repository, most recently used first, at most `limit`."""
+        with self._locked():
+            index = self._load()
+            out = []
+            for commit, e in sorted(index["images"].items(), key=lambda kv: -kv[1].get("last_used", 0)):
+                out += [(key, commit) for key in e.get("repos") or () if key in index["mirrors"]]
+                if len(out) >= limit:
+                    break
+            return out[:limit]
+
+    async def peer_bundle(self, key: str, commit: str) -> Path | None:
+        """A leased bundle of commit's history from mirror `key` (cached, or made now), for a
+        peer the control plane vouched for; release with release(path). None when this box
+        has no checkout image of that commit verified in that repository, or no mirror of it."""
+        if not FULL_SHA.match(commit):
+            return None
+        with self._locked():
+            index = self._load()
+            mirror, image = index["mirrors"].get(key), index["images"].get(commit)
+        if mirror is None or image is None or key not in (image.get("repos") or ()):
+            return None
+        remote, _ = self._parse(mirror["url"], None)
+        if remote.key != key:
+            return None
+        async with self._guard(f"bundling {commit} for a peer"), self._mirror_use(key):
+            hit = self._hit("bundles", commit, remote, True, verified=True)
+            if hit is None:
+                async with self._exclusive(f"bundles:{commit}"):
+                    hit = self._hit("bundles", commit, remote, True, verified=True)
+                    if hit is None:
+                        await self._build_bundle(remote, commit)
+                        hit = self._hit("bundles", commit, remote, True, verified=True)
+        self.stats["peer_bundles"] += 1
+        return hit.path if hit is not None else None
+
+    async def _origin_commit(self, remote: Remote, creds: Credentials | None, r: Rev) -> str | None:
+        """The commit rev names at the origin now (`git ls-remote` with the build's credentials:
+        the origin decides who may have it); None when only a fetch can tell (an abbreviated
+        id, a name that is both a branch and a tag, one it does not have)."""
+        if r.kind == "commit":
+            if not FULL_SHA.match(r.name):
+                return None
+            patterns = ["HEAD"]  # access only: a commit id names itself
+        elif r.kind == "name":
+            patterns = [f"refs/heads/{r.name}", f"refs/tags/{r.name}"]
+        else:
+            patterns = [r.remote_ref]
+        asked = patterns if r.kind == "commit" else [*patterns, *(f"{p}^{{}}" for p in patterns)]
+        self.stats["access_checks"] += 1
+        try:
+            out = await self.git.run(["ls-remote", "--", remote.fetch_url, *asked],
+                                     timeout=self.access_timeout_s, creds=creds, remote=remote)
+        except GitFailed as e:
+            raise classify(e, "checking access to", remote, r.name, creds) from None
+        if creds is not None:
+            self._remember_access(creds.fingerprint(remote.key))
+        if r.kind == "commit":
+            return r.name
+        refs: dict[str, str] = {}
+        for line in out.decode(errors="replace").splitlines():
+            sha, _, name = line.partition("\t")
+            refs[name.strip()] = sha.strip()
+        found = [p for p in patterns if p in refs]
+        if len(found) != 1:
+            return None
+        sha = refs.get(found[0] + "^{}", refs[found[0]])  # an annotated tag: the commit it peels to
+        return sha if FULL_SHA.match(sha) else None
+
+    async def _from_peers(self, remote: Remote, creds: Credentials | None, r: Rev, peers) -> str | None:
+        """The commit r names, its history put into the mirror from a peer's bundle; None when
+        the mirror has it already or no peer could serve it (the origin is fetched then)."""
+        mirror = self._mirror(remote.key)
+        if await self._lookup(mirror, r):
+            return None  # local already
+        commit = await self._origin_commit(remote, creds, r)
+        if commit is None:
+            return None
+        try:
+            sources = await peers(remote.key, commit)
+        except Exception as exc:  # no peers is not an error: the origin is there
+            log.warning("repository cache: asking for peers of %s@%s failed: %s", remote, commit, exc)
+            return None
+        for source in sources:
+            name = getattr(source, "name", "?")
+            work, lock_fd = self._workdir("peer")
+            try:
+                self._check_free(f"fetching {commit} from peer {name}")
+                bundle = work / BUNDLE_FILE
+                t0 = time.monotonic()
+                await source.fetch_checkout(remote.key, commit, bundle,
+                                            max(0, shutil.disk_usage(self.root).free - self.min_free_bytes))
+                await self._fetch_bundle(remote, creds, commit, bundle, name)
+            except (asyncio.CancelledError, CacheFull):
+                raise
+            except Exception as exc:
+                log.warning("repository cache: %s@%s from peer %s failed (%s): trying the next source", remote,
+                            commit, name, exc)
+                self.stats["peer_failed"] += 1
+                failed = getattr(source, "failed", None)
+                if failed is not None:
+                    failed(exc)
+                continue
+            finally:
+                os.close(lock_fd)
+                await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
+            self.stats["peer_fetches"] += 1
+            self.timings["peer_fetch_ms"] = (time.monotonic() - t0) * 1000
+            succeeded = getattr(source, "succeeded", None)
+            if succeeded is not None:
+                succeeded()
+            log.info("repository cache: %s@%s came from peer %s in %.0f ms", remote, commit, name,
+                     self.timings["peer_fetch_ms"])
+            return commit
+        return None
+
+    async def _fetch_bundle(self, remote: Remote, creds: Credentials | None, commit: str, bundle: Path,
+                            peer: str) -> None:
+        """A peer's bundle into the mirror (made when missing), verified by git (pack checksum,
+        every object's hash, fsck, connectivity) into a quarantine ref, kept only as
+        refs/hived/commits/<commit> when that ref is exactly the commit asked for."""
+        mirror = self._mirror(remote.key)
+        quarantine = f"refs/hived/peer/{uuid.uuid4().hex}"
+        args = ["fetch", "--quiet", "--atomic", "--no-auto-gc", "--no-write-fetch-head", "--no-recurse-submodules",
+                "--", str(bundle), f"+HEAD:{quarantine}"]
+        env = {"GIT_ALLOW_PROTOCOL": "file"}  # the bundle on this box's disk, and nothing else
+
+        async def fetch_into(git_dir: Path) -> None:
+            try:
+                await self.git.run(args, git_dir=git_dir, timeout=self.fetch_timeout_s, env=env)
+                got = self._read_ref(git_dir, quarantine)
+                if got is None or got[0] != commit:
+                    raise BadBundle(f"peer {peer}'s bundle holds {got[0] if got else 'nothing'}, "
+                                         f"not the commit asked for ({commit})")
+                await self._git_local(["update-ref", f"refs/hived/commits/{commit}", commit], git_dir,
+                                      f"keeping {commit} from peer {peer}")
+            except GitFailed as e:
+                raise BadBundle(f"peer {peer}'s bundle of {commit} failed git's checks: "
+                                     f"{first_line(e.stderr)}") from None
+            finally:
+                with contextlib.suppress(RepoError):
+                    await self._git_local(["update-ref", "-d", quarantine], git_dir, "dropping a quarantine ref")
+
+        async with self._exclusive(f"mirror:{remote.key}"), self._mirror_write(remote.key):
+            if (mirror / MIRROR_META).is_file():
+                marker = mirror / FETCH_MARKER
+                if marker.exists():
+                    await asyncio.to_thread(_repair, mirror)
+                marker.touch()
+                try:
+                    await fetch_into(mirror)
+                except BaseException:
+                    await asyncio.shield(asyncio.to_thread(_repair, mirror))
+                    raise
+                marker.unlink()
+                size = await asyncio.to_thread(_tree_bytes, mirror)
+                with self._locked():
+                    index = self._load()
+                    entry = index["mirrors"].setdefault(remote.key, {"url": remote.normal})
+                    entry.update(size=size, last_used=time.time())
+                    self._evict(index, {("mirrors", remote.key)})
+                    self._save(index)
+                return
+            work, lock_fd = self._workdir("mirror")
+            try:
+                new = work / "m.git"
+                await self._git_local(["init", "--quiet", "--bare", "--template=", str(new)], work, "git init",
+                                      cwd=work)
+                with open(new / "config", "a") as f:
+                    f.write("[gc]\n\tauto = 0\n[core]\n\tlogAllRefUpdates = false\n")
+                await fetch_into(new)
+                _write_json_atomic(new / MIRROR_META, {"key": remote.key, "url": remote.normal,
+                                                       "created": time.time()})
+                size = await asyncio.to_thread(_tree_bytes, new)
+                with self._locked():
+                    index = self._load()
+                    os.rename(new, mirror)
+                    _fsync_dir(mirror.parent)
+                    # "fetched" stays unset: the origin has not been fetched into it yet
+                    index["mirrors"][remote.key] = {"url": remote.normal, "size": size, "last_used": time.time()}
+                    self._note_auth(index, remote, creds)  # ls-remote just worked with these credentials
+                    self._evict(index, {("mirrors", remote.key)})
+                    self._save(index)
+            finally:
+                os.close(lock_fd)
+                await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
+
     def _note_auth(self, index: dict, remote: Remote, creds: Credentials | None) -> None:
         """A fetch that worked without credentials shows the repository is public (now)."""
         if creds is not None:
@@ -709,7 +906,7 @@ class RepoCache(CacheDir):
     # ------------------------------------------------------------------ images and bundles
 
     async def _artifact(self, kind: str, url: str, rev: str | None, credentials: Credentials | None,
-                        refresh: bool, acquire: bool) -> Any:
+                        refresh: bool, acquire: bool, peers=None) -> Any:
         remote, creds = self._parse(url, credentials)
         r = parse_rev(rev)
         async with self._guard(f"making the {kind[:-1]} of {r} of {remote}"), self._mirror_use(remote.key):
@@ -718,7 +915,11 @@ class RepoCache(CacheDir):
                 hit = self._hit(kind, r.name, remote, acquire, verified=False)
                 if hit is not None:
                     return hit
-            commit = await self._resolve(remote, creds, r, refresh)
+            commit = None
+            if peers is not None and not refresh:
+                commit = await self._from_peers(remote, creds, r, peers)
+            if commit is None:
+                commit = await self._resolve(remote, creds, r, refresh)
             hit = self._hit(kind, commit, remote, acquire, verified=True)
             if hit is not None:
                 return hit
@@ -978,6 +1179,8 @@ def _repair(mirror: Path) -> None:
     for p in (mirror / "refs").rglob("*.lock"):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+    # a peer's bundle being checked (loose: fetch writes new refs loose): never used, dropped
+    shutil.rmtree(mirror / "refs" / "hived" / "peer", ignore_errors=True)
     objects = mirror / "objects"
     for pattern in ("pack/tmp_*", "pack/.tmp-*", "??/tmp_obj_*", "tmp_objdir-*", "incoming-*"):
         for p in objects.glob(pattern):

@@ -72,3 +72,10 @@ class NotCached(RepoCacheError):
 
 class InUse(RepoCacheError):
     todo = "wait until the cells using it are gone, then retry"
+
+
+class BadBundle(RepoCacheError):
+    """A peer's bundle failed git's checks or is not of the commit asked for: a wrong byte or a
+    lying peer (counted as such); the next peer or the origin serves the commit."""
+
+    bad_content = True
