@@ -15,14 +15,16 @@ Shape:
   transaction, one round trip): new builds, changed builds, log chunks and box rows, each
   as arrays through `unnest`. `commit_start()` does the same without waiting (the control
   plane's pipelined group commit).
-* Up to WRITERS commits are in flight at once, each on a writer connection of its own: a
-  batch does not wait for the one before it to land (the round trip, fsync included, is
-  most of a commit's time; waiting for it was half of the schedule latency). A batch that
-  touches a build (or box row) an earlier batch in flight touches, or has plain statements,
-  waits for that batch first: what depends on a batch lands after it; batches on disjoint
-  rows land in any order (the control plane says them in order anyway). Writers use generic
-  plans (`plan_cache_mode`): the commit statement is the same every time and planning it
-  was a third of its server time.
+* Up to WRITERS commits are in flight at once, each on a writer connection of its own. A
+  batch that touches a build (or box row) an earlier batch in flight touches, or has plain
+  statements, waits for that batch first: what depends on a batch lands after it; batches
+  on disjoint rows land in any order (the control plane says them in order anyway). With
+  two, a batch need not wait for the one before it to land (about half of the schedule
+  latency when commits are slow); on this 2-core machine under its usual load two measured
+  no better than one (a commit waits for the database's share of a busy CPU more than for
+  the round trip, and two commits at once share it), so WRITERS is 1; a machine with cores
+  to spare may do better with 2. Writers use generic plans (`plan_cache_mode`): the commit
+  statement is the same every time, and planning it cost as much as running it.
 * The database stays the judge: the UPDATE of a changed build is compare-and-set on the
   row as this store last knew it (state, lease, next log seq, cancel flag). If anything
   else changed that row, the commit fails and is rolled back whole, the copy goes back to
@@ -264,7 +266,7 @@ async def _make_pool(conns: list) -> asyncio.Queue:
     return free
 
 
-WRITERS = 1  # commits in flight at once (see the module's docstring: 2 measured no better here)
+WRITERS = 1  # commits in flight at once (see the module's docstring)
 _GENERIC_PLANS = {"plan_cache_mode": "force_generic_plan"}
 
 
