@@ -283,10 +283,8 @@ class PostgresStore(Store):
     """One hive's state in one PostgreSQL database. Safe to call from several threads (one lock
     for the writer, one for the reader)."""
 
-    commits_in_flight = WRITERS
-
     def __init__(self, url: str, hive: str, *, password: str | None = None, log_max_bytes: int = 8 << 20,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, writers: int = WRITERS) -> None:
         import asyncpg
 
         self.asyncpg = asyncpg
@@ -306,6 +304,7 @@ class PostgresStore(Store):
         self._in_flight: list[tuple] = []        # (future, ids the batch ended, rows it touched), oldest first
         self.broken = ""                         # why commits stopped (a pipelined commit failed)
         self.epoch: int | None = None            # leading several replicas: the fencing token
+        self.commits_in_flight = max(1, writers)  # writer connections: commits in flight at most
         self._reset_batch()
         self._db = _DbLoop()
         self._password = password
@@ -316,7 +315,7 @@ class PostgresStore(Store):
             self._writers.append(self.w)
             self.r = self._db.call(self._connect(password))
             self._db.call(self._migrate())
-            for _ in range(WRITERS - 1):
+            for _ in range(self.commits_in_flight - 1):
                 self._writers.append(self._db.call(self._connect(password, _GENERIC_PLANS)))
             self._free = self._db.call(_make_pool(self._writers))
             self._side_lock = self._db.call(_make_lock())
@@ -472,7 +471,7 @@ class PostgresStore(Store):
     def commit_start(self) -> "concurrent.futures.Future":
         """Close the batch and send it without waiting: the future is done once it is durable
         (or failed). For a caller that says nothing before then (the control plane's pipelined
-        group commit), and that has at most WRITERS in flight. A batch lands after every batch
+        group commit), and that has at most `commits_in_flight` in flight. A batch lands after every batch
         in flight it depends on (same rows); once one fails, none started after it lands."""
         if not self.in_batch:
             raise RuntimeError("no batch is open")
