@@ -346,3 +346,24 @@ def test_postgres_two_writers_a_batch_lands_after_the_one_it_depends_on(pg):
     assert "changed in the database behind" in str(failing.exception())
     assert dependant.exception() is not None
     assert s.get_build("h_0002").state == QUEUED
+
+
+def test_postgres_commit_plan_is_index_lookups_on_an_empty_table_too(pg):
+    """The commit statement is planned once per writer (a generic plan), the first time, often
+    on an empty table: that plan must still find rows by primary key, not hash-join a scan of
+    `builds` (such a plan made every later commit cost time in proportion to the builds ever
+    stored)."""
+    from hived.control import pgstore
+
+    s = pg()
+    nulls = ", ".join(["NULL"] * pgstore._P_NOTIFY)
+
+    async def generic_plan():
+        await s.w.execute(f"PREPARE hived_plan_check AS {pgstore._COMMIT_FENCED_SQL}")
+        try:
+            return "\n".join(r[0] for r in await s.w.fetch(f"EXPLAIN EXECUTE hived_plan_check({nulls})"))
+        finally:
+            await s.w.execute("DEALLOCATE hived_plan_check")
+    plan = s._db.call(generic_plan())
+    assert "Index Scan using builds_pkey on builds" in plan, plan
+    assert "Seq Scan on builds" not in plan and "Hash Join" not in plan, plan
