@@ -60,3 +60,21 @@ def test_run_with_api_urls_bad_input_is_one_line(tmp_path):
         err = r.stderr.decode()
         assert r.returncode == 2 and "Traceback" not in err and err.count("\n") == 1, (args, err)
         assert expected in err, (args, err)
+
+
+def test_a_hive_of_several_replicas_in_endpoints_json_is_every_api_in_turn():
+    """endpoints.json may name a hive's API as a list (its replicas): `hived run` gets them all,
+    in order; a bad one is named."""
+    import pytest
+
+    from hived.cli.client import _api
+    from hived.errors import UserError
+
+    ep = {"api": "http://router:8000", "token": "t", "customer": "acme",
+          "hives": {"eu1": {"api": ["http://cp1:8080/", "http://cp2:8080"]}}}
+    assert _api(ep, "/h", "eu1", "acme") == (["http://cp1:8080", "http://cp2:8080"], "t")
+    assert _api(ep, "/h", "", "acme") == (["http://router:8000"], "t")
+    ep["hives"]["eu1"]["api"] = ["http://cp1:8080", "cp2:8080"]
+    with pytest.raises(UserError, match=r"/h/endpoints.json: api: expected an API URL like http://10.0.0.1:8080, "
+                                        r"got 'cp2:8080'"):
+        _api(ep, "/h", "eu1", "acme")

@@ -478,7 +478,9 @@ class PostgresStore(Store):
         """Close the batch and send it without waiting: the future is done once it is durable
         (or failed). For a caller that says nothing before then (the control plane's pipelined
         group commit), and that has at most `commits_in_flight` in flight. A batch lands after every batch
-        in flight it depends on (same rows); once one fails, none started after it lands."""
+        in flight it depends on (same rows); once one fails, no batch that depends on it lands, nor any
+        sent after the failure. One already on its way that shares no row with it may land: durable
+        but never said (the control plane stops on the failure), like a crash right after a commit."""
         if not self.in_batch:
             raise RuntimeError("no batch is open")
         try:
