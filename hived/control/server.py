@@ -305,8 +305,8 @@ class ControlPlane:
         self._flush_handle = None
         store = self.store
         if self._pipelined:
-            if len(self._in_flight) >= self._pipelined:
-                return  # a landing flushes again
+            if self._in_flight and (len(self._in_flight) >= self._pipelined or not store.in_batch):
+                return  # a landing flushes again (a turn that wrote nothing is said after those in flight)
             if store.in_batch:
                 t0 = time.perf_counter()
                 try:
