@@ -140,7 +140,7 @@ def test_control_on_postgresql_tiny_run_and_its_server_is_gone():
               "--builds", "200", "--latency-builds", "100", "--http", "50"], 300)
     assert r.returncode == 0, r.stderr
     report = _one_json_object(r.stdout)
-    assert report["store"] == "postgresql" and "throwaway" in report["database"]
+    assert report["store"] == "postgresql" and "throwaway" in report["database"] and report["writers"] == 2
     assert report["saturation"]["builds"] == 200 and report["builds_per_s"] > 0
     assert report["schedule_ms"]["n"] == 100 and report["http"]["builds"] == 50
     assert report["processes"]["simulated_boxes"]["builds_done"] == report["builds_total"] >= 350

@@ -157,3 +157,63 @@ def test_a_failed_commit_stops_the_control_plane(tmp_path):
             assert cp.store.get_build("h_0001") is None
             await box.close()
     run(main)
+
+
+def test_turns_are_said_in_commit_order_with_two_commits_in_flight(tmp_path):
+    """The pipelined path's ordering (a store with two writers, PostgreSQL's shape): the next
+    turn's batch is sent while one commits; a later batch that lands first waits to be said;
+    a turn that wrote nothing is said after those in flight. Pure ordering logic, with a stand-in
+    store whose commits land when the test says (the real store: test_control_store's two-writer
+    test, and every PostgreSQL test of the control plane)."""
+    import concurrent.futures
+
+    from hived.control.server import ControlPlane
+
+    class PipelinedStore:
+        commits_in_flight = 2
+
+        def __init__(self):
+            self.in_batch = False
+            self.sent: list[concurrent.futures.Future] = []
+
+        def begin(self):
+            self.in_batch = True
+
+        def commit_start(self):
+            self.in_batch = False
+            self.sent.append(concurrent.futures.Future())
+            return self.sent[-1]
+
+    async def main():
+        store = PipelinedStore()
+        cp = ControlPlane(hive_config(tmp_path), store=store)
+        cp._loop = asyncio.get_running_loop()
+        cp.failed = cp._loop.create_future()
+        cp._pipelined = store.commits_in_flight
+        said = []
+
+        def turn(result, write=True):
+            if write:
+                cp._begin()
+            cp._durable(result).add_done_callback(lambda f: said.append(f.result()))
+        turn("first")
+        await asyncio.sleep(0)
+        turn("no write", write=False)                        # said after the commit in flight
+        await asyncio.sleep(0.01)
+        assert said == [] and len(store.sent) == 1
+        turn("second")
+        await asyncio.sleep(0)
+        assert len(store.sent) == 2                          # sent while the first commits
+        turn("third")                                        # a third batch waits for a writer
+        await asyncio.sleep(0.01)
+        assert len(store.sent) == 2
+        store.sent[1].set_result(None)                       # the second lands first ...
+        await asyncio.sleep(0.01)
+        assert said == []                                    # ... and waits for the first
+        store.sent[0].set_result(None)
+        await asyncio.sleep(0.01)
+        assert said == ["first", "no write", "second"] and len(store.sent) == 3   # the third goes out now
+        store.sent[2].set_result(None)
+        await asyncio.sleep(0.01)
+        assert said == ["first", "no write", "second", "third"]
+    run(main)

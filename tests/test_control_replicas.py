@@ -101,6 +101,32 @@ def test_a_leader_fenced_off_by_a_newer_epoch_writes_nothing_and_stops(tmp_path,
     run(main)
 
 
+def test_the_peer_token_is_the_hives_not_a_replicas(tmp_path, db_config, pg_database):
+    """Boxes peer with the hive's peer token (box peers, issue 17): replicas with state dirs of
+    their own hand out the one in the database; the first keeps an earlier single control
+    plane's peer.token, so that its boxes go on peering."""
+    (tmp_path / "a" / "t1").mkdir(parents=True)                 # hive_config's state_dir
+    (tmp_path / "a" / "t1" / "peer.token").write_text("token-of-the-single-control-plane-before\n")
+
+    async def main():
+        async with Hive(hive_config(tmp_path / "a", **db_config)) as a, \
+                Hive(hive_config(tmp_path / "b", **db_config)) as b:
+            assert a.cp.peer_token == b.cp.peer_token == "token-of-the-single-control-plane-before"
+            assert not (tmp_path / "b" / "t1" / "peer.token").exists()       # not made per replica
+            box = await SimBox("127.0.0.1", b.cp.box_port, "box-a", "box-a-token").connect()
+            await until(lambda: box.peer_tokens, what="peering.config")
+            assert box.peer_tokens == ["token-of-the-single-control-plane-before"]
+            await box.close()
+        rows = await asyncio.to_thread(pg_database.sql, "SELECT value FROM meta WHERE key = 'peer_token'")
+        assert [r["value"] for r in rows] == ["token-of-the-single-control-plane-before"]
+        # a replica that starts later with a peer.token of its own still takes the hive's
+        (tmp_path / "c" / "t1").mkdir(parents=True)
+        (tmp_path / "c" / "t1" / "peer.token").write_text("a-stray-token\n")
+        async with Hive(hive_config(tmp_path / "c", **db_config)) as c:
+            assert c.cp.peer_token == "token-of-the-single-control-plane-before"
+    run(main)
+
+
 # -- processes --------------------------------------------------------------------------------
 def write_config(tmp_path, name: str, db_url: str, pw_file) -> str:
     path = tmp_path / f"{name}.toml"
@@ -199,6 +225,9 @@ def test_leader_sigkilled_mid_build_a_standby_takes_over_and_nothing_is_lost_or_
                 m = await r.text()
             assert metric(m, "hived_control_is_leader") == 1 and metric(m, "hived_control_leader_changes_total") == 1
             assert failover_s < 10
+            # the hive's peer token is the database's: the box was handed the same one by both leaders
+            token = (await asyncio.to_thread(pg_database.sql, "SELECT value FROM meta WHERE key = 'peer_token'"))
+            assert len(box.peer_tokens) == 2 and set(box.peer_tokens) == {token[0]["value"]}
             await box.close()
 
     try:
@@ -267,5 +296,62 @@ def test_a_hung_leader_is_ended_after_its_lease_and_stops_when_it_wakes(tmp_path
     finally:
         with contextlib.suppress(ProcessLookupError):
             a.proc.send_signal(signal.SIGCONT)
+        a.kill()
+        b.kill(signal.SIGTERM)
+
+
+def test_hived_run_follows_a_build_across_a_leader_kill(tmp_path, pg_database):
+    """A real `hived run` given every replica's API (--api, repeated) submits and follows from
+    the first, the leader; SIGKILL it mid-build: the follower moves to the next replica and
+    the output arrives whole, once, with the build's exit code."""
+    pw = tmp_path / "db.password"
+    pw.write_text(pg_database.password)
+    a = Replica(write_config(tmp_path, "a", pg_database.url, pw), tmp_path / "a.log")
+    b = Replica(write_config(tmp_path, "b", pg_database.url, pw), tmp_path / "b.log")
+    token_file = tmp_path / "acme.token"
+    token_file.write_text(TOKENS["acme"] + "\n")
+    run_proc = None
+
+    async def main():
+        nonlocal run_proc
+        box = await SimBox("127.0.0.1", b.box_port, "box-a", "box-a-token", warm={"small": 1}).connect()
+        run_proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hived", "-v", "run", "--api", a.api, "--api", b.api, "--token-file", str(token_file),
+            "--customer", "acme", "--", "make", "test",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            got = await asyncio.wait_for(box.assigned.get(), 15)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                run_proc.kill()
+            raise AssertionError(f"hived run: {(await run_proc.communicate())[1].decode()[-2000:]}") from None
+        assert got.argv == ["make", "test"]
+        await box.start(got.build_id)
+        await box.output(got.build_id, b"before the kill\n")
+        line = await asyncio.wait_for(run_proc.stdout.readline(), 15)
+        assert line == b"before the kill\n"                        # followed live, from the leader
+        a.kill()
+        await until(lambda: box.channel.closed_reason is not None, what="the forwarded link to drop")
+        async with aiohttp.ClientSession() as http:
+            async def health(r):
+                async with http.get(f"{r.api}/healthz") as resp:
+                    return await resp.json()
+            await until(health_is_leader(health, b), what="b to lead")
+        await box.connect()
+        await box.output(got.build_id, b"after the takeover\n")
+        await box.output(got.build_id, b"to stderr\n", stream=2)
+        await box.finish(got.build_id, 3)
+        out, err = await asyncio.wait_for(run_proc.communicate(), 30)
+        assert run_proc.returncode == 3, err.decode()
+        assert out == b"after the takeover\n"                     # the rest, nothing twice
+        assert b"to stderr\n" in err
+        assert f"trying {b.api}".encode() in err                  # it moved to the next replica
+        await box.close()
+
+    try:
+        run(main, timeout=120)
+    finally:
+        if run_proc is not None and run_proc.returncode is None:
+            run_proc.kill()
         a.kill()
         b.kill(signal.SIGTERM)

@@ -311,3 +311,59 @@ def test_config_selects_postgres_and_keeps_passwords_out_of_the_url(tmp_path, mo
     monkeypatch.setenv("HIVED_DATABASE_PASSWORD", "from-env")
     assert parse({"hive": {"name": "h", "database": "postgresql://u@db/h"}, **base}).database_password() == \
         "from-env"
+
+
+def test_postgres_two_writers_a_batch_lands_after_the_one_it_depends_on(pg):
+    """With two writer connections, a batch sent while another is in flight lands after it
+    when they share a build (created in one, assigned in the next), at once when they do not;
+    a failed batch keeps every batch that depends on it from landing."""
+    import concurrent.futures
+
+    s = pg(writers=2)
+    assert s.commits_in_flight == 2 and len(s.writer_pids()) == 2
+    s.begin()
+    s.create_build(build(1))
+    first = s.commit_start()
+    s.begin()
+    assert s.assign("h_0001", "box-a", 0, 1, 1.0)                        # decided on the batch in flight
+    s.create_build(build(2))
+    second = s.commit_start()
+    s.begin()
+    s.create_build(build(3))                                             # shares nothing
+    third = s.commit_start()
+    concurrent.futures.wait([first, second, third], timeout=30)
+    assert [f.exception() for f in (first, second, third)] == [None, None, None]
+    assert s.get_build("h_0001").state == ASSIGNED and s.get_build("h_0003").state == QUEUED
+    # a batch that fails (a row changed behind the store's back) takes its dependants with it
+    pg.db.sql("UPDATE builds SET lease = 7 WHERE id = 'h_0002'")
+    s.begin()
+    assert s.assign("h_0002", "box-a", 0, 1, 2.0)
+    failing = s.commit_start()
+    s.begin()
+    assert s.mark_started("h_0002", 1, "c1", 3.0)
+    dependant = s.commit_start()
+    concurrent.futures.wait([failing, dependant], timeout=30)
+    assert "changed in the database behind" in str(failing.exception())
+    assert dependant.exception() is not None
+    assert s.get_build("h_0002").state == QUEUED
+
+
+def test_postgres_commit_plan_is_index_lookups_on_an_empty_table_too(pg):
+    """The commit statement is planned once per writer (a generic plan), the first time, often
+    on an empty table: that plan must still find rows by primary key, not hash-join a scan of
+    `builds` (such a plan made every later commit cost time in proportion to the builds ever
+    stored)."""
+    from hived.control import pgstore
+
+    s = pg()
+    nulls = ", ".join(["NULL"] * pgstore._P_NOTIFY)
+
+    async def generic_plan():
+        await s.w.execute(f"PREPARE hived_plan_check AS {pgstore._COMMIT_FENCED_SQL}")
+        try:
+            return "\n".join(r[0] for r in await s.w.fetch(f"EXPLAIN EXECUTE hived_plan_check({nulls})"))
+        finally:
+            await s.w.execute("DEALLOCATE hived_plan_check")
+    plan = s._db.call(generic_plan())
+    assert "Index Scan using builds_pkey on builds" in plan, plan
+    assert "Seq Scan on builds" not in plan and "Hash Join" not in plan, plan

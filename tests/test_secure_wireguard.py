@@ -624,3 +624,75 @@ def test_connector_against_real_control_plane(world, closing, tmp_path):
         run(main())
     finally:
         network.delete_netns(priv)
+
+
+def test_connector_moves_to_the_next_replica_when_the_leader_dies(world, tmp_path, pg_database):
+    """A real connector (wireguard-go in its namespace) given both replicas of a hive on
+    PostgreSQL (`control` is a list) links to the leader; SIGKILL the leader: it dials the next
+    replica, registers with the new leader, and comes back with a fresh key pair."""
+    from test_control_api import sha
+    from test_control_replicas import Replica, until
+
+    from hived.connector.config import ConnectorConfig
+    from hived.connector.daemon import Connector
+
+    pw = tmp_path / "db.password"
+    pw.write_text(pg_database.password)
+
+    def config(name: str) -> str:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f"""
+[hive]
+name = "wgr"
+state_dir = "{tmp_path / name}"
+api_listen = "127.0.0.1:0"
+box_listen = "127.0.0.1:0"
+heartbeat_s = 0.2
+box_lost_s = 2.0
+database = "{pg_database.url}"
+database_password_file = "{pw}"
+
+[shapes.small]
+
+[customers.acme]
+api_tokens_sha256 = ["{sha('acme-token')}"]
+
+[networks.acme-private]
+customer = "acme"
+connector_tokens_sha256 = ["{sha('conn-secret')}"]
+tunnel_subnet = "100.96.0.0/24"
+routes = ["10.50.0.0/24"]
+""")
+        return str(path)
+
+    a = Replica(config("a"), tmp_path / "a.log")
+    b = Replica(config("b"), tmp_path / "b.log")
+    cc = ConnectorConfig.from_table({"control": [f"127.0.0.1:{a.box_port}", f"127.0.0.1:{b.box_port}"],
+                                     "network": "acme-private", "token": "conn-secret",
+                                     "endpoint": f"192.0.2.2:{CONN_PORT}", "interface": f"w{TAG}cr",
+                                     "netns": world["conn"], "driver": "wireguard-go"})
+    assert cc.controls == (("127.0.0.1", a.box_port), ("127.0.0.1", b.box_port))
+
+    async def main():
+        conn = Connector(cc)
+        try:
+            await conn.start()
+            await asyncio.wait_for(conn.registered.wait(), 15)
+            key1 = conn.public_key
+            assert conn.connects == 1 and conn.describe()["control"] == f"127.0.0.1:{a.box_port}"
+            assert conn.tunnel_address == "100.96.0.1/24"
+            a.kill()                                   # the leader dies
+            await until(lambda: conn.connects == 2 and conn.registered.is_set(), timeout=30,
+                        what="the connector to register again")
+            assert conn.describe()["control"] == f"127.0.0.1:{b.box_port}"   # the next replica
+            assert conn.public_key != key1                                   # keys are never reused
+            assert conn.tunnel_address.endswith("/24") and conn.routes == ["10.50.0.0/24"]
+        finally:
+            await conn.stop()
+
+    try:
+        run(main())
+    finally:
+        a.kill()
+        b.kill(signal.SIGTERM)
+    assert "connector of network acme-private registered" in (tmp_path / "b.log").read_text()

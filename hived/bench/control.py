@@ -288,6 +288,7 @@ async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, l
                 over_http = await _http(cp, seed, http, 64, cpus[1] if pinned else -1)
                 await done.wait(base + http, 120)
             counts = cp.store.count_by_state()
+            writers = getattr(cp.store, "commits_in_flight", 1)
             fleet_stats = await fleet.finish()
         finally:
             if fleet is not None:
@@ -304,8 +305,8 @@ async def measure(boxes: int = 100, builds: int = 20000, *, rate: float = 0.0, l
     return {
         "benchmark": "control",
         "store": store,
-        **({"database": "throwaway server (fsync on, Unix socket)" if not database else "given"}
-           if store == "postgresql" else {}),
+        **({"database": "throwaway server (fsync on, Unix socket)" if not database else "given",
+            "writers": writers} if store == "postgresql" else {}),
         "simulated_boxes": True,
         "boxes": boxes,
         "warm_per_box": warm,

@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 from hived.errors import UserError
 
@@ -21,9 +23,20 @@ def cmd_run(args) -> int:
     options = {}
     if args.secure:
         options["secure_compute"] = args.secure
+    token = ""
+    if args.api:
+        if args.token_file:
+            try:
+                token = Path(args.token_file).read_text().strip()
+            except OSError as exc:
+                raise UserError(f"--token-file {args.token_file}: {exc.strerror}") from None
+        else:
+            token = os.environ.get("HIVED_API_TOKEN", "").strip()
+    elif args.token_file:
+        raise UserError("--token-file goes with --api (a `hived up` home has its own token)")
     return client.run(args.home, argv, hive=args.hive, shape=args.shape, customer=args.customer, env=env,
                       cwd=args.cwd, timeout_s=args.timeout, verbose=args.verbose, image=args.image,
-                      repo=args.repo, rev=args.rev, options=options)
+                      repo=args.repo, rev=args.rev, options=options, apis=args.api, token=token)
 
 
 def cmd_status(args) -> int:
@@ -44,6 +57,10 @@ def add_parsers(sub) -> None:
     r.add_argument("--shape", default="", help="cell shape (default: the customer's first)")
     r.add_argument("--customer", default="", help="customer the build belongs to (default: hived up's own)")
     r.add_argument("--hive", default="", help="send it to this hive's API, not through the router")
+    r.add_argument("--api", action="append", default=[], metavar="URL",
+                   help="a hive's API instead of --home's; repeat for each of its control plane replicas "
+                        "(the next is tried when one fails); the token from --token-file or $HIVED_API_TOKEN")
+    r.add_argument("--token-file", default="", metavar="FILE", help="with --api: the customer's API token")
     r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="set an environment variable for the build (repeat for more)")
     r.add_argument("--cwd", default="/work", metavar="DIR",

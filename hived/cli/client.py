@@ -56,15 +56,25 @@ def _not_for_control(home: str, ep: dict, command: str, instead: str) -> UserErr
 
 # -- hived run ---------------------------------------------------------------------------------
 def run(home, argv, *, hive="", shape="", customer="", env=None, cwd="/work", timeout_s=0.0,
-        verbose=False, image="", repo="", rev="", options: dict | None = None) -> int:
+        verbose=False, image="", repo="", rev="", options: dict | None = None, apis=(), token="") -> int:
+    """`apis`: the API URLs of one hive's control plane replicas (with `token`), instead of what
+    the home's endpoints.json says."""
     import uvloop
 
-    ep = endpoints(home)
-    if _control_plane_dir(ep):
-        raise _not_for_control(home, ep, "run", f"submit to this hive with POST {ep.get('api')}/v1/builds "
-                               "and a customer's API token (hived control token)")
-    customer = customer or ep.get("customer", "local")
-    base, token = _api(ep, home, hive, customer)
+    if apis:
+        if not token:
+            raise UserError("--api needs the customer's API token: --token-file FILE or $HIVED_API_TOKEN")
+        if not customer:
+            raise UserError("--api needs --customer (the customer the build belongs to)")
+        bases = [_api_url(url, "--api") for url in apis]
+        home = ""
+    else:
+        ep = endpoints(home)
+        if _control_plane_dir(ep):
+            raise _not_for_control(home, ep, "run", f"submit to this hive with POST {ep.get('api')}/v1/builds "
+                                   "and a customer's API token (hived control token), or `hived run --api URL`")
+        customer = customer or ep.get("customer", "local")
+        bases, token = _api(ep, home, hive, customer)
     body = {"customer": customer, "argv": list(argv), "env": dict(env or {}), "cwd": cwd,
             "timeout_s": float(timeout_s)}
     if shape:
@@ -74,11 +84,19 @@ def run(home, argv, *, hive="", shape="", customer="", env=None, cwd="/work", ti
     options = {**(options or {}), **{k: v for k, v in (("image", image), ("repo", repo), ("rev", rev)) if v}}
     if options:
         body["options"] = options
-    return uvloop.run(Run(base, token, body, home, hive, verbose).main())
+    return uvloop.run(Run(bases, token, body, home, hive, verbose).main())
 
 
-def _api(ep: dict, home: str, hive: str, customer: str) -> tuple[str, str]:
-    """(API base URL, token) for a build of `customer`: the router, or one hive's own API."""
+def _api_url(url, where: str) -> str:
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise UserError(f"{where}: expected an API URL like http://10.0.0.1:8080, got {url!r}")
+    return url.rstrip("/")
+
+
+def _api(ep: dict, home: str, hive: str, customer: str) -> tuple[list[str], str]:
+    """(API base URLs, token) for a build of `customer`: the router, or one hive's own API. A
+    hive of several control plane replicas lists each one's ("api": [URL, ...]); any of them
+    takes builds and serves logs, and the next is tried when one fails."""
     if "api" not in ep:
         raise UserError(f"the hived up at {home} has no API (an older version): restart it "
                         f"with `hived up --home {home}`")
@@ -92,12 +110,15 @@ def _api(ep: dict, home: str, hive: str, customer: str) -> tuple[str, str]:
     token = ep.get("token") if customer == ep.get("customer") else ep.get("admin_token", ep.get("token"))
     if not token:
         raise UserError(f"{home}/endpoints.json has no API token: restart `hived up --home {home}`")
-    return base.rstrip("/"), token
+    where = f"{home}/endpoints.json: api"
+    bases = [_api_url(url, where) for url in base] if isinstance(base, list) and base else [_api_url(base, where)]
+    return bases, token
 
 
 class Run:
-    def __init__(self, base: str, token: str, body: dict, home: str, hive: str, verbose: bool) -> None:
-        self.base = base
+    def __init__(self, bases: list[str], token: str, body: dict, home: str, hive: str, verbose: bool) -> None:
+        self.bases = list(bases)
+        self.turn = 0                # which of `bases` is asked: the next after a failure
         self.headers = {"Authorization": f"Bearer {token}"}
         self.body = body
         self.home = home
@@ -111,6 +132,17 @@ class Run:
         self.after = -1
         self.out = sys.stdout.buffer
         self.err = sys.stderr.buffer
+
+    @property
+    def base(self) -> str:
+        return self.bases[self.turn % len(self.bases)]
+
+    def _next_base(self, why: str) -> None:
+        """Ask the next replica of the hive from now on (one of several: the leader may be gone)."""
+        if len(self.bases) > 1:
+            self.turn += 1
+            if self.verbose:
+                self.say(f"{why}: trying {self.base}")
 
     def say(self, text: str) -> None:
         self.err.write(f"hived: {text}\n".encode())
@@ -208,8 +240,10 @@ class Run:
         import aiohttp
 
         headers = dict(self.headers, **{"Idempotency-Key": secrets.token_hex(16)})
-        url = f"{self.base}/v1/builds"
-        for attempt in range(3):  # the same Idempotency-Key: a retry never makes a second build
+        attempts = max(3, len(self.bases) + 1)
+        unreachable = 0  # replicas in a row that did not answer at all
+        for attempt in range(attempts):  # the same Idempotency-Key: a retry never makes a second build
+            url = f"{self.base}/v1/builds"
             try:
                 async with self.http.post(url, json=self.body, headers=headers) as r:
                     if r.status in (200, 201):
@@ -217,14 +251,23 @@ class Run:
                     text = await _error_text(r)
                     if 400 <= r.status < 500:
                         raise UserError(f"the hive refused the build: {text}")
-                    raise _Infra(f"the build could not be submitted ({r.status}): {text}")
+                    if attempt == attempts - 1 or len(self.bases) == 1:
+                        raise _Infra(f"the build could not be submitted ({r.status}): {text}")
+                    self._next_base(f"{self.base} answered {r.status}")
             except aiohttp.ClientConnectorError as exc:
-                raise UserError(f"cannot reach the hive's API at {self.base}: {exc.os_error or exc} "
-                                f"(is `hived up --home {self.home}` still running?)") from None
+                unreachable += 1
+                if unreachable >= len(self.bases):
+                    where = self.base if len(self.bases) == 1 else f"any of {', '.join(self.bases)}"
+                    hint = f" (is `hived up --home {self.home}` still running?)" if self.home else ""
+                    raise UserError(f"cannot reach the hive's API at {where}: {exc.os_error or exc}{hint}") from None
+                self._next_base(f"cannot reach {self.base}")
+                continue
             except (aiohttp.ClientError, TimeoutError) as exc:
-                if attempt == 2:
+                if attempt == attempts - 1:
                     raise _Infra(f"the build could not be submitted: {type(exc).__name__}: {exc}") from None
-                await asyncio.sleep(0.5 * (attempt + 1))
+                self._next_base(f"{self.base}: {type(exc).__name__}")
+            unreachable = 0
+            await asyncio.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
 
     async def _follow(self) -> dict:
@@ -257,17 +300,22 @@ class Run:
                 raise _Infra(f"lost the hive before build {self.build_id} ended ({last_error}); "
                              f"`curl {self.base}/v1/builds/{self.build_id}` tells its fate later")
             await asyncio.sleep(0.5)
+            self._next_base(f"following from {self.base}: {last_error}")
             self._reresolve()
 
     def _reresolve(self) -> None:
         """`hived up` may have restarted (new ports): follow it to where endpoints.json says."""
+        if not self.home:
+            return
         try:
-            base, token = _api(endpoints(self.home), self.home, self.hive, self.body["customer"])
+            bases, token = _api(endpoints(self.home), self.home, self.hive, self.body["customer"])
         except (UserError, KeyError, TypeError):
             return
-        if base != self.base and self.verbose:
-            self.say(f"the API moved to {base}")
-        self.base, self.headers = base, {"Authorization": f"Bearer {token}"}
+        if bases != self.bases:
+            if self.verbose:
+                self.say(f"the API moved to {', '.join(bases)}")
+            self.bases, self.turn = bases, 0
+        self.headers = {"Authorization": f"Bearer {token}"}
 
     def _line(self, line: bytes) -> dict | None:
         line = line.strip()

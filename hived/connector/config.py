@@ -1,7 +1,8 @@
 """The connector's TOML config (`hived connector --config FILE`). Errors name the key and what to do.
 
     [connector]
-    control = "10.0.0.1:7070"        # the hive control plane's box-link address
+    control = "10.0.0.1:7070"        # the hive control plane's box-link address, or a list of its
+                                     # replicas' (tried in turn: any replica forwards to the leader)
     network = "acme-private"         # the Secure Compute network it serves
     token_file = "/etc/hived/connector.token"   # or token = "..." (the network's connector secret)
     endpoint = "203.0.113.5:51820"   # where boxes reach this connector's WireGuard UDP port
@@ -49,6 +50,11 @@ class ConnectorConfig:
     server_name: str = ""
     netns: str | None = None
     driver: str = "auto"
+    others: tuple[tuple[str, int], ...] = ()   # more control plane replicas, tried in turn
+
+    @property
+    def controls(self) -> tuple[tuple[str, int], ...]:
+        return ((self.control_host, self.control_port), *self.others)
 
     @classmethod
     def load(cls, path: str | Path) -> ConnectorConfig:
@@ -73,8 +79,15 @@ class ConnectorConfig:
                 raise ConnectorConfigError(f"{source}.{key}: expected a string, got {value!r}")
             return value
 
-        host, port = _host_port(text("control", ""), f"{source}.control",
-                                "the hive control plane's box-link address, e.g. \"10.0.0.1:7070\"")
+        control = table.get("control", "")
+        if isinstance(control, str):
+            control = [control]
+        if not isinstance(control, list) or not control or not all(isinstance(c, str) for c in control):
+            raise ConnectorConfigError(f"{source}.control: expected the hive control plane's box-link address "
+                                       f"\"HOST:PORT\" or a list of its replicas', got {table.get('control')!r}")
+        controls = [_host_port(c, f"{source}.control", "the hive control plane's box-link address, e.g. "
+                               "\"10.0.0.1:7070\" (or a list of its replicas')") for c in control]
+        (host, port), others = controls[0], tuple(controls[1:])
         network = text("network", "")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", network):
             raise ConnectorConfigError(f"{source}.network: expected the Secure Compute network's name "
@@ -124,7 +137,7 @@ class ConnectorConfig:
             raise ConnectorConfigError(f"{source}.{exc}") from None
         return cls(host, port, network, token, endpoint,
                    listen_port, interface, masquerade, path("ca_file"), path("cert_file"), path("key_file"),
-                   text("server_name", ""), text("netns", "") or None, driver)
+                   text("server_name", ""), text("netns", "") or None, driver, others)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         from hived.link import tls_context

@@ -88,6 +88,7 @@ class Connector(ReconnectLoop):
         self._stopping = False
         self._wake = asyncio.Event()
         self._firewall_subnet: str | None = None
+        self._turn = 0                     # which of config.controls is dialled
 
     # -- what tests and status look at ---------------------------------------------------
     @property
@@ -111,7 +112,8 @@ class Connector(ReconnectLoop):
         return f"hived_conn_{self.config.interface}"[:32]
 
     def describe(self) -> dict:
-        return {"network": self.config.network, "control": f"{self.config.control_host}:{self.config.control_port}",
+        host, port = self._control()
+        return {"network": self.config.network, "control": f"{host}:{port}",
                 "interface": self.interface_name, "public_key": b64(self._public_key) if self._public_key else "",
                 "address": self.address, "routes": self.routes, "connected": self.registered.is_set(),
                 "connects": self.connects, "peers": {p.peer_id: p.address for p in self._peers.values()},
@@ -184,13 +186,22 @@ class Connector(ReconnectLoop):
     retry_errors = (*ReconnectLoop.retry_errors, ConnectorError)
 
     def peer_name(self) -> str:
-        cfg = self.config
-        return f"control plane {cfg.control_host}:{cfg.control_port} (connector of network {cfg.network})"
+        host, port = self._control()
+        return f"control plane {host}:{port} (connector of network {self.config.network})"
+
+    def _rotate(self) -> bool:
+        """Dial the next replica; True while some of the list were not tried since the last link."""
+        self._turn += 1
+        return self._turn % len(self.config.controls) != 0
+
+    def _control(self) -> tuple[str, int]:
+        controls = self.config.controls
+        return controls[self._turn % len(controls)]
 
     async def _connect(self) -> Channel:
         cfg = self.config
-        return await dial("connector", cfg.network, cfg.control_host, cfg.control_port, cfg.ssl_context(),
-                          cfg.server_name)
+        host, port = self._control()
+        return await dial("connector", cfg.network, host, port, cfg.ssl_context(), cfg.server_name)
 
     async def _register(self, channel: Channel) -> None:
         cfg = self.config
@@ -215,8 +226,8 @@ class Connector(ReconnectLoop):
         self.channel = channel
         self.connects += 1
         self.registered.set()
-        log.info("connector of network %s registered with hive %s at %s:%d: tunnel address %s, routes %s",
-                 cfg.network, self.hive, cfg.control_host, cfg.control_port, self.address, ", ".join(routes))
+        log.info("connector of network %s registered with hive %s at %s: tunnel address %s, routes %s",
+                 cfg.network, self.hive, self.peer_name(), self.address, ", ".join(routes))
 
     async def _disconnected(self, channel: Channel) -> None:
         channel.close("link ended")

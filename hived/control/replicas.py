@@ -64,7 +64,7 @@ class Replica:
         self.lock_conn = None
         self.listen_conn = None
         self.leader_box: tuple[str, int] | None = None  # where a standby forwards boxes to
-        self.own_pid = store.writer_pid()
+        self.own_pids = store.writer_pids()
         self._tasks: list[asyncio.Task] = []
         self.stopping = False
         self.epoch: int | None = None
@@ -165,7 +165,7 @@ class Replica:
     def _notified(self, _conn, pid: int, channel: str, payload: str) -> None:
         cp = self.cp
         if channel == "hived_builds":
-            if pid != self.own_pid:
+            if pid not in self.own_pids:
                 cp.wake_remote(payload.split(","))
         elif channel == "hived_submitted":
             if cp.leading:

@@ -167,8 +167,8 @@ class ControlPlane:
         self._acks: list[tuple[asyncio.Future, object]] = []
         self._assigned: list[float] = []  # submitted_at of builds whose build.assign is queued
         self._wake_ids: set[str] = set()  # builds whose followers are woken after the commit
-        self._pipelined = False           # the store commits off the loop (commit_start)
-        self._in_flight: collections.deque = collections.deque()  # (future, _Turn): the commit in flight
+        self._pipelined = 0               # commits in flight at most (a store that commits off the loop)
+        self._in_flight: collections.deque = collections.deque()  # (future, _Turn): commits in flight, in order
         self.failed: asyncio.Future | None = None  # set (with the exception) if a commit fails
         self.leading = True               # False: a standby replica (hived/control/replicas.py)
         self.replica = None
@@ -188,9 +188,10 @@ class ControlPlane:
                                 for k, v in cfg.customers.items()}, cfg.shapes)
         for box_id, digest in cfg.box_tokens_sha256.items():
             self.store.set_box_token(box_id, digest)
-        self.peer_token = load_peer_token(cfg.state_dir)
+        self.peer_token = hive_peer_token(self.store, cfg.state_dir)
         self.started_at = self.clock()
-        self._pipelined = callable(getattr(self.store, "commit_start", None))
+        self._pipelined = getattr(self.store, "commits_in_flight", 0) if callable(
+            getattr(self.store, "commit_start", None)) else 0
         if callable(getattr(self.store, "take_lead", None)):  # PostgreSQL: maybe one replica of several
             from hived.control.replicas import Replica
 
@@ -297,14 +298,16 @@ class ControlPlane:
 
     def _flush(self) -> None:
         """Commit the turn's batch, then say everything that waited for it. A store that commits
-        off this loop (`commit_start`: PostgreSQL) is not waited for: while its commit is in
-        flight the loop goes on, and the next turns' writes and words gather in the next batch,
-        committed when this one has landed (one commit in flight; its size follows the load)."""
+        off this loop (`commit_start`: PostgreSQL) is not waited for: while its commits are in
+        flight the loop goes on; the next turn's batch is sent at once while fewer than
+        `commits_in_flight` are (the store orders batches that share rows), else the next turns'
+        writes and words gather in one batch, sent when one lands (the batch's size follows the
+        load). Turns are said in the order they were committed in."""
         self._flush_handle = None
         store = self.store
         if self._pipelined:
-            if self._in_flight:
-                return  # its landing flushes again
+            if self._in_flight and (len(self._in_flight) >= self._pipelined or not store.in_batch):
+                return  # a landing flushes again (a turn that wrote nothing is said after those in flight)
             if store.in_batch:
                 t0 = time.perf_counter()
                 try:
@@ -339,18 +342,20 @@ class ControlPlane:
             self._loop.call_soon_threadsafe(self._commits_done)
 
     def _commits_done(self) -> None:
-        if not self._in_flight or not self._in_flight[0][0].done():
-            return
-        fut, turn = self._in_flight[0]
-        exc = fut.exception()
-        if exc is not None:
-            self._commit_failed(exc)  # (fails the waiting turns' submitters too, this one's first)
-            return
-        self._in_flight.popleft()
-        self.commits += 1
-        self.commit_seconds.append(time.perf_counter() - turn.t0)
-        self._say(turn)
-        self._flush()  # what gathered meanwhile
+        landed = False
+        while self._in_flight and self._in_flight[0][0].done():  # a later one waits for the earlier
+            fut, turn = self._in_flight[0]
+            exc = fut.exception()
+            if exc is not None:
+                self._commit_failed(exc)  # (fails the waiting turns' submitters too, this one's first)
+                return
+            self._in_flight.popleft()
+            self.commits += 1
+            self.commit_seconds.append(time.perf_counter() - turn.t0)
+            self._say(turn)
+            landed = True
+        if landed:
+            self._flush()  # what gathered meanwhile
 
     async def _drain(self, timeout: float = 30.0) -> None:
         """Wait for pipelined commits in flight (stopping)."""
@@ -873,17 +878,34 @@ class ControlPlane:
             link.send("cancel", build_id=build_id, reason="this box no longer holds the build's lease")
 
 
+def hive_peer_token(store, state_dir) -> str:
+    """The hive's peer link secret. A store shared by several replicas (PostgreSQL) keeps it,
+    so that boxes still peer after a failover: the first replica to start puts it there (the
+    token of an earlier single control plane's state_dir/peer.token if there is one, so its
+    boxes go on peering; else a new one), the others read it. Else state_dir/peer.token."""
+    shared = getattr(store, "peer_token", None)
+    if callable(shared):
+        return shared(_read_peer_token(state_dir) or new_token())
+    return load_peer_token(state_dir)
+
+
+def _read_peer_token(state_dir) -> str:
+    from pathlib import Path
+
+    try:
+        return (Path(state_dir) / "peer.token").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def load_peer_token(state_dir) -> str:
     """The hive's peer link secret: made once (state_dir/peer.token, 0600), kept across restarts."""
     from pathlib import Path
 
     path = Path(state_dir) / "peer.token"
-    try:
-        token = path.read_text().strip()
-        if token:
-            return token
-    except FileNotFoundError:
-        pass
+    token = _read_peer_token(state_dir)
+    if token:
+        return token
     token = new_token()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".peer.token.{os.getpid()}")

@@ -61,6 +61,7 @@ class SimBox:
         self.assigned: asyncio.Queue = asyncio.Queue()
         self.cancels: asyncio.Queue = asyncio.Queue()
         self.pool_targets: list[dict] = []
+        self.peer_tokens: list[str] = []  # peering.config's token, each time the control plane sends it
         self.registered: dict | None = None
         self.assigns_seen = 0
         self.heartbeats = True
@@ -136,6 +137,8 @@ class SimBox:
                     self.cancels.put_nowait((f["build_id"], f["reason"]))
                 elif msg.name == "pool.target":
                     self.pool_targets.append(f["targets"])
+                elif msg.name == "peering.config":
+                    self.peer_tokens.append(f["token"])
 
     # -- auto mode ---------------------------------------------------------------------------------
     def _auto(self, b: SimBuild) -> None:
