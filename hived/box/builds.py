@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 
+from hived.box import prestart
 from hived.box.cell import CellState
 from hived.box.cellrecord import BuildFacts
 from hived.box.pool import BootFailed
@@ -261,15 +262,19 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                                                   "(its key exchange service), not a box's local socket")
             return
         try:
-            rt.tunnel = await CellTunnel.open(box, cell.id, network, client)
+            rt.tunnel = await CellTunnel.open(box, cell.id, network, client, prestarted=prestart.take(rt))
         except SecureComputeFailed as exc:
             cell.transition(CellState.FAILED, "no tunnel")
             await finish(-1, 0, "secure_compute", str(exc))
             return
+        box.metrics.secure_interfaces.labels("prestarted" if rt.tunnel.prestarted else "started").inc()
         rec.update(secure_ms={k: round(v, 2) for k, v in rt.tunnel.timings.items()},
                    tunnel={"network": network, "interface": rt.tunnel.iface.name, "address": rt.tunnel.address,
-                           "public_key": base64.b64encode(rt.tunnel.public_key).decode()})
+                           "public_key": base64.b64encode(rt.tunnel.public_key).decode(),
+                           "prestarted": rt.tunnel.prestarted})
         lost = client.tunnel_lost()
+    elif rt.wg_prestarted is not None:
+        await prestart.remove(rt)  # a plain build never has a WireGuard interface (hived/box/prestart.py)
     bucket = TokenBucket(shape.output_bytes_s, 1.0, loop.time(), shape.output_bytes_s)
     # Where the output stands: from the cell record when resuming (what was made safe before).
     received = facts.received

@@ -5,7 +5,9 @@ the customer's connector, made at assignment and gone with the cell.
       1. a key pair, in this process's memory only            } at the same time
       2. a WireGuard interface `w<box tag><cell>`: its UDP    }
          socket in the box's namespace, the interface moved   }
-         into the cell's namespace                            }
+         into the cell's namespace; on boxes with [box]       }
+         secure_prestart made while the cell was warm         }
+         (hived/box/prestart.py)                              }
       3. secure.open {cell public key} -> key exchange -> the connector adds the peer
          <- secure.opened {connector key, endpoint, cell address, routes}
       4. private key + peer into the interface over its UAPI socket (memory to memory)
@@ -48,13 +50,17 @@ class CellTunnel:
         self.address = ""
         self.public_key = b""
         self.timings: dict[str, float] = {}
+        self.prestarted = False   # the interface was started while the cell was warm
         self._kex = None
         self._closed = False
 
     @classmethod
-    async def open(cls, box, cell_id: str, network: str, kex) -> CellTunnel:
+    async def open(cls, box, cell_id: str, network: str, kex, prestarted=None) -> CellTunnel:
         """Make the tunnel (steps 1-6 above). `kex` is the build's link to the key exchange
-        service (controllink.Relay): open_tunnel(), close_tunnel(), tunnel_lost()."""
+        service (controllink.Relay): open_tunnel(), close_tunnel(), tunnel_lost().
+        `prestarted`: the cell's interface started while it was warm (hived/box/prestart.py),
+        now the tunnel's: step 2 is done already (if its process still runs; else it is
+        removed and step 2 made here)."""
         from hived.secure import wireguard
         from hived.secure.keys import KeyPair
 
@@ -66,8 +72,18 @@ class CellTunnel:
         keys = KeyPair.generate()
         self.public_key = keys.public
         name = wireguard.tunnel_name(net.tag, cell_id)
-        opening = asyncio.ensure_future(wireguard.open_interface(
-            name, birth_netns=net.host_netns, target_netns=net.netns_name(cell_id)))
+        if prestarted is not None and not prestarted.usable():
+            log.warning("cell %s: pre-started WireGuard interface %s no longer works: starting another",
+                        cell_id, prestarted.name)
+            await prestarted.close()
+            prestarted = None
+        self.prestarted = prestarted is not None
+        if prestarted is not None:
+            opening = asyncio.get_running_loop().create_future()
+            opening.set_result(prestarted)
+        else:
+            opening = asyncio.ensure_future(wireguard.open_interface(
+                name, birth_netns=net.host_netns, target_netns=net.netns_name(cell_id)))
         asking = asyncio.ensure_future(kex.open_tunnel(cell_id, network, keys.public, KEX_TIMEOUT_S))
         cutting = asyncio.ensure_future(net.secure_cut(cell_id, name))
         self._kex = kex

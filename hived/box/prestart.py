@@ -1,0 +1,84 @@
+"""Pre-started WireGuard interfaces of warm cells, on boxes serving Secure Compute
+(`[box] secure_prestart = true`).
+
+Starting wireguard-go was most of a tunnel's provisioning (~35 of ~52 ms, hived/box/secure.py).
+None of it depends on the build, so on a box that serves Secure Compute each cell gets its
+interface as it goes warm, exactly as a tunnel's is made at assignment: wireguard-go born in
+the box's namespace (its UDP socket stays there), its tun moved into the cell's namespace and
+up, named after the cell (`wireguard.tunnel_name`: w<box tag><cell>). It has no private key
+and no peer, so it can send and accept nothing, and no route leads into it. Then:
+
+    secure build   CellTunnel.open takes it (if its process still runs; otherwise it starts
+                   one as before): only the key pair, the key exchange, the veth cut, keys
+                   and peer over UAPI, the routes and the handshake remain
+    plain build    it is removed before `run` goes to the cell: a plain build never has a
+                   tunnel, a WireGuard process or its interface
+    cell destroyed it goes with the cell (destroy()); a detaching daemon removes it too
+
+Keys are still made at assignment, in memory only, never stored, never reused.
+
+After a kill -9 of the box daemon its wireguard-go processes live on (their own session); the
+next daemon kills every one of its box's prefix before adopting anything
+(`BoxDaemon._clean_tunnels`, `wireguard.clean_leftovers`), and gives each adopted warm cell a
+new interface (`prestart()` from hived/box/adopt.py). The old one is remade, not adopted: its
+process was the old daemon's child (no handle to wait for or kill it by, no log), and whether
+its tun is still sound is unknowable, while a new one costs ~35 ms once per adopted cell.
+Running Secure Compute builds are not adopted at all (their keys lived in the old daemon).
+
+How the box knows it serves Secure Compute: its config says so. The control plane knows which
+networks a hive has, not which boxes will get their builds, and a box without the key still
+runs Secure Compute builds, starting the interface at assignment as before. A pre-started
+interface costs one wireguard-go process per warm cell (see the README for its memory).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hived.secure import wireguard
+
+log = logging.getLogger(__name__)
+
+
+def host_problem() -> str:
+    """Why this host cannot pre-start interfaces ("" if it can): checked once at the box's start."""
+    import shutil
+
+    if shutil.which(wireguard.WIREGUARD_GO) is None and not wireguard.kernel_available()[0]:
+        return ("[box] secure_prestart = true but this host has neither wireguard-go nor kernel WireGuard: "
+                "apt-get install --no-install-recommends wireguard-go wireguard-tools, or set secure_prestart = false")
+    return ""
+
+
+async def prestart(box, rt) -> None:
+    """Give a cell about to be warm its interface. A failure is logged and counted, never fails
+    the cell: its Secure Compute build then starts the interface at assignment."""
+    if not box.config.secure_prestart or box.network is None or rt.net is None or rt.wg_prestarted is not None:
+        return
+    name = wireguard.tunnel_name(box.network.tag, rt.cell.id)
+    try:
+        rt.wg_prestarted = await wireguard.open_interface(
+            name, birth_netns=box.network.host_netns, target_netns=box.network.netns_name(rt.cell.id))
+    except wireguard.WireGuardError as exc:
+        log.warning("cell %s: WireGuard interface not pre-started (a Secure Compute build starts it at "
+                    "assignment): %s", rt.cell.id, exc)
+        box.metrics.wg_prestarts.labels("failed").inc()
+        return
+    box.metrics.wg_prestarts.labels("ok").inc()
+
+
+def take(rt) -> wireguard.Interface | None:
+    """The cell's pre-started interface, now its Secure Compute build's (None: there is none)."""
+    iface, rt.wg_prestarted = rt.wg_prestarted, None
+    return iface
+
+
+async def remove(rt) -> None:
+    """Remove the cell's pre-started interface (a plain build, or the cell goes)."""
+    iface, rt.wg_prestarted = rt.wg_prestarted, None
+    if iface is None:
+        return
+    try:
+        await iface.close()
+    except Exception as exc:  # noqa: BLE001 - the namespace removal takes the interface anyway
+        log.error("cell %s: removing its pre-started WireGuard interface: %s", rt.cell.id, exc)
