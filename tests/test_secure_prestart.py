@@ -70,6 +70,27 @@ def test_warm_cells_have_their_interface_and_a_secure_build_uses_it(hive):
     hive.box.wait_pool_full()
 
 
+def test_a_secure_cells_veth_to_the_router_goes_while_its_build_runs(hive):
+    """The cut is drop rules at once; the veth itself is deleted after the handshake."""
+    from hived.box.network import veth_names
+
+    daemon = hive.box.daemon
+    net = daemon.network
+    hive.box.wait_pool_full()
+    i = hive.submit(["sh", "-c", "python3 -c \"$0\" 5 && sleep 8", hive.fetch_argv()[2]])
+    hive.wait(i, ("running",), timeout=120)
+    cell_id = daemon.builds[i]["cell"]
+    veth_a, veth_b = veth_names(cell_id)
+    wait_for(lambda: veth_a not in interfaces_in(net.router_netns) and veth_b not in interfaces_in(
+        net.netns_name(cell_id)), 20, "the secure cell's veth to go")
+    assert wireguard.tunnel_name(net.tag, cell_id) in interfaces_in(net.netns_name(cell_id))
+    b = hive.wait(i)
+    assert (b["state"], b["exit_code"]) == ("succeeded", 0), (b, hive.log(i))
+    assert hive.net.secret in hive.log(i)
+    assert daemon.builds[i]["tunnel"]["netlink_ms"]["unlink"] > 0
+    hive.box.wait_pool_full()
+
+
 def test_a_plain_build_has_no_wireguard_interface(hive):
     daemon = hive.box.daemon
     net = daemon.network

@@ -10,9 +10,13 @@ Builds alternate, Secure Compute and not, with the same command, in one run:
                  the tunnel); covers key pair, interface, key exchange round trip through the
                  control plane and the connector, egress switch and handshake.
   stages_ms      cumulative per step (interface_kex_cut: interface, key exchange and cutting the
-                 veth at the same time; configure; route; provision).
+                 veth at the same time; configure: the key and peer in; route: that and the
+                 address and routes, done at the same time; provision).
   start_ms       the box takes the cell -> the guest reports the build started, for both
                  kinds; overhead_ratio = secure start p50 / plain start p50.
+  netlink_ms     the network worker thread's own time in the veth cut (drop rules), the route
+                 step, and the veth's deletion after the handshake (unlink: not in provision_ms,
+                 overlapping the build's start)
   prestart       whether the box pre-started each warm cell's WireGuard interface ([box]
                  secure_prestart, hived/box/prestart.py; default on, `--prestart off` for the
                  old way as a baseline), and how many tunnels used one.
@@ -143,6 +147,8 @@ def _report(results: dict, n: int, prestart: bool = True) -> dict:
             "provision_ms": dist_ms(provision), "stages_ms": stages,
             "start_ms": {"secure": sd, "plain": pd},
             "overhead_ratio": round(sd["p50"] / pd["p50"], 2) if pd.get("p50") else None,
+            "netlink_ms": {k: dist_ms([r["tunnel"]["netlink_ms"][k] for r in secure if k in r["tunnel"]["netlink_ms"]])
+                           for k in ("cut", "route", "unlink")} if secure else {},
             "prestart": {"configured": prestart,
                          "tunnels_prestarted": sum(1 for r in secure if r["tunnel"].get("prestarted"))},
             "target": {"provision_ms.p95": "<= 25", "met": dist_ms(provision)["p95"] <= 25}}

@@ -271,7 +271,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
         rec.update(secure_ms={k: round(v, 2) for k, v in rt.tunnel.timings.items()},
                    tunnel={"network": network, "interface": rt.tunnel.iface.name, "address": rt.tunnel.address,
                            "public_key": base64.b64encode(rt.tunnel.public_key).decode(),
-                           "prestarted": rt.tunnel.prestarted})
+                           "prestarted": rt.tunnel.prestarted, "netlink_ms": rt.tunnel.netlink_ms})
         lost = client.tunnel_lost()
     elif rt.wg_prestarted is not None:
         await prestart.remove(rt)  # a plain build never has a WireGuard interface (hived/box/prestart.py)

@@ -408,10 +408,19 @@ class CellNetwork:
 
     async def secure_cut(self, cell_id: str, ifname: str) -> float:
         """First half of Secure Compute egress (it needs nothing from the key exchange, so it
-        runs meanwhile): the veth to the router goes, so the cell has no way out at all, and
-        the guest's packets leaving by `ifname` get its address (masquerade). Milliseconds."""
+        runs meanwhile): nothing passes the veth to the router any more (nftables drop rules
+        in the cell's namespace, both ways), so the cell has no way out at all, and the
+        guest's packets leaving by `ifname` get its address (masquerade). About a millisecond:
+        rules, not a link deletion, which waits for RCU grace periods (12-27 ms here); the
+        veth itself goes afterwards, off the build's critical path (secure_unlink)."""
         check_cell_id(cell_id)
         return await self._run(self._secure_cut_blocking, cell_id, ifname)
+
+    async def secure_unlink(self, cell_id: str) -> float:
+        """After secure_cut: delete the cell's veth to the router (its router end takes the cell
+        end and the router's route to the cell along). Milliseconds (RCU)."""
+        check_cell_id(cell_id)
+        return await self._run(self._secure_unlink_blocking, cell_id)
 
     async def secure_route(self, cell_id: str, ifname: str, address: str, routes: list[str]) -> float:
         """Second half: `address` (a /32) on the WireGuard interface `ifname` (already moved
@@ -731,16 +740,21 @@ class CellNetwork:
     def _secure_cut_blocking(self, cell_id: str, ifname: str) -> float:
         t0 = time.perf_counter()
         ns = self.netns_name(cell_id)
-        veth_a, _ = veth_names(cell_id)
-        step = f"remove veth {veth_a} (the cell's path to the router)"
+        _, veth_b = veth_names(cell_id)
+        step = f"drop everything through veth {veth_b} (the cell's path to the router)"
         try:
-            self._router()
-            self._del_router_link(veth_a)  # the router end takes the cell end along
-            step = f"masquerade onto {ifname}"
             with entered(ns):
                 nft = self._nft()
             try:
                 nft.table("add", name=CELL_TABLE)
+                # Every hook a packet can cross the veth by: forwarded (the guest's), and the
+                # namespace's own in and out. Priority before any other filter of the namespace.
+                for hook, key in (("forward", NFT_META_IIFNAME), ("forward", NFT_META_OIFNAME),
+                                  ("input", NFT_META_IIFNAME), ("output", NFT_META_OIFNAME)):
+                    nft.chain("add", table=CELL_TABLE, name=f"cut_{hook}", hook=hook, type="filter", priority=-10)
+                    nft.rule("add", table=CELL_TABLE, chain=f"cut_{hook}",
+                             expressions=[match_ifname(key, veth_b) + verdict(NF_DROP)])
+                step = f"masquerade onto {ifname}"
                 nft.chain("add", table=CELL_TABLE, name="postrouting", hook="postrouting", type="nat",
                           priority=100)
                 nft.rule("add", table=CELL_TABLE, chain="postrouting",
@@ -751,6 +765,18 @@ class CellNetwork:
             raise
         except Exception as exc:  # noqa: BLE001 - netlink errors, named by step
             raise self._fail(f"cell {cell_id}: Secure Compute egress: {step}", exc) from None
+        return round((time.perf_counter() - t0) * 1000, 2)
+
+    def _secure_unlink_blocking(self, cell_id: str) -> float:
+        t0 = time.perf_counter()
+        veth_a, _ = veth_names(cell_id)
+        try:
+            self._router()
+            self._del_router_link(veth_a)  # the router end takes the cell end along
+        except NetworkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - netlink errors, named by step
+            raise self._fail(f"cell {cell_id}: Secure Compute egress: remove veth {veth_a}", exc) from None
         return round((time.perf_counter() - t0) * 1000, 2)
 
     def _secure_route_blocking(self, cell_id: str, ifname: str, address: str, routes: list[str]) -> float:
