@@ -148,16 +148,32 @@ def _ppid(pid: int) -> int:
     return wireguard.parent_pid(pid)
 
 
-def _prestarted(tag: str, net: CellNetwork, daemon_pid: int, n: int):
-    """{pid: interface} once the daemon has `n` pre-started interfaces, each of a cell of this box
-    and inside that cell's namespace."""
+def _warm_records(config) -> set[str]:
+    """Cells whose record says warm (what a restarted daemon adopts)."""
+    import json
+
+    found = set()
+    for path in config.cells_dir.glob("*/cell.json"):
+        try:
+            if json.loads(path.read_text())["state"] == "warm":
+                found.add(path.parent.name)
+        except (OSError, ValueError, KeyError):
+            pass
+    return found
+
+
+def _prestarted(config, net: CellNetwork, daemon_pid: int, n: int):
+    """{pid: interface} once the daemon has `n` warm cells (by their records), each with its
+    pre-started interface inside its namespace, and no other."""
+    tag = net.tag
     procs = box_wireguard(tag)
     if len(procs) != n or any(_ppid(pid) != daemon_pid for pid in procs):
         return None
-    cells = set(net.cells())
+    warm = _warm_records(config)
+    if {wireguard.cell_of(name, tag) for name in procs.values()} != warm:
+        return None
     for name in procs.values():
-        cell = wireguard.cell_of(name, tag)
-        if cell not in cells or name not in interfaces_in(net.netns_name(cell)):
+        if name not in interfaces_in(net.netns_name(wireguard.cell_of(name, tag))):
             return None
     return procs
 
@@ -178,17 +194,16 @@ def test_kill_9_and_restart_leaves_only_the_interfaces_of_the_adopted_cells(tmp_
     first = second = None
     try:
         first = _start(path, log)
-        old = wait_for(lambda: _prestarted(tag, net, first.pid, 2), 300, "two warm cells with their interfaces")
+        old = wait_for(lambda: _prestarted(config, net, first.pid, 2), 300, "two warm cells with their interfaces")
         old_cells = {wireguard.cell_of(name, tag) for name in old.values()}
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         # the old daemon's wireguard-go processes outlive it (their own session): the next start must end them
         assert set(box_wireguard(tag)) == set(old), "wireguard-go died with the daemon: nothing to test"
         second = _start(path, log)
-        new = wait_for(lambda: _prestarted(tag, net, second.pid, 2), 300,
-                       f"the restarted daemon's interfaces; log: {log.read_text()[-3000:]}")
+        new = wait_for(lambda: "adopted 2 of 2 cell(s)" in log.read_text() and _prestarted(config, net, second.pid, 2),
+                       300, "the restarted daemon to adopt both cells and give them interfaces")
         text = log.read_text()
-        assert "adopted 2 of 2 cell(s)" in text, text[-3000:]
         assert "removed leftover tunnel process" in text, text[-3000:]
         assert not set(new) & set(old)  # remade, not adopted
         assert not [pid for pid in old if os.path.exists(f"/proc/{pid}") and _ppid(pid) != 0

@@ -201,6 +201,7 @@ class _CellState:
     index: int
     tap_fd: int = -1
     info: CellNetInfo | None = None
+    secure_prepared: str = ""  # secure_prepare() made the cut's chains for this tunnel name
 
 
 def _netlink_code(exc: BaseException) -> int | None:
@@ -406,15 +407,31 @@ class CellNetwork:
         except OSError as exc:
             raise NetworkError(f"cannot open {TAP} of cell {cell_id}: {exc.strerror}") from None
 
+    async def secure_prepare(self, cell_id: str, ifname: str) -> float:
+        """While the cell is warm (hived/box/prestart.py): what secure_cut needs that changes
+        nothing by itself: the table, two empty base chains accepting everything (prerouting
+        and postrouting), and the masquerade onto `ifname`, which matches nothing while no
+        interface of that name is in the namespace (a plain build's cell never has one).
+        Several netlink transactions (each hook registered): milliseconds off the build's path."""
+        check_cell_id(cell_id)
+        ms = await self._run(self._secure_prepare_blocking, cell_id, ifname)
+        state = self._cells.get(cell_id)
+        if state is not None:
+            state.secure_prepared = ifname
+        return ms
+
     async def secure_cut(self, cell_id: str, ifname: str) -> float:
         """First half of Secure Compute egress (it needs nothing from the key exchange, so it
         runs meanwhile): nothing passes the veth to the router any more (nftables drop rules
-        in the cell's namespace, both ways), so the cell has no way out at all, and the
-        guest's packets leaving by `ifname` get its address (masquerade). About a millisecond:
-        rules, not a link deletion, which waits for RCU grace periods (12-27 ms here); the
-        veth itself goes afterwards, off the build's critical path (secure_unlink)."""
+        in the cell's namespace, in and out), so the cell has no way out at all, and the
+        guest's packets leaving by `ifname` get its address (masquerade). Two rules when
+        secure_prepare ran, the whole table otherwise: rules, not a link deletion, which
+        waits for RCU grace periods (12-27 ms here); the veth itself goes afterwards, off the
+        build's critical path (secure_unlink)."""
         check_cell_id(cell_id)
-        return await self._run(self._secure_cut_blocking, cell_id, ifname)
+        state = self._cells.get(cell_id)
+        prepared = state is not None and state.secure_prepared == ifname
+        return await self._run(self._secure_cut_blocking, cell_id, ifname, prepared)
 
     async def secure_unlink(self, cell_id: str) -> float:
         """After secure_cut: delete the cell's veth to the router (its router end takes the cell
@@ -737,28 +754,48 @@ class CellNetwork:
         finally:
             ipr.close()
 
-    def _secure_cut_blocking(self, cell_id: str, ifname: str) -> float:
+    # The cut's two chains: every packet in from the veth passes prerouting, every packet out
+    # to it postrouting (forwarded, the guest's, or the namespace's own). First of all hooks.
+    _CUT_CHAINS = (("cut_in", "prerouting", NFT_META_IIFNAME), ("cut_out", "postrouting", NFT_META_OIFNAME))
+
+    def _secure_tables(self, nft, ifname: str) -> None:
+        nft.table("add", name=CELL_TABLE)
+        for chain, hook, _ in self._CUT_CHAINS:
+            nft.chain("add", table=CELL_TABLE, name=chain, hook=hook, type="filter", priority=-300)
+        nft.chain("add", table=CELL_TABLE, name="postrouting", hook="postrouting", type="nat", priority=100)
+        nft.rule("add", table=CELL_TABLE, chain="postrouting",
+                 expressions=[match_ifname(NFT_META_OIFNAME, ifname) + masquerade()])
+
+    def _secure_prepare_blocking(self, cell_id: str, ifname: str) -> float:
+        t0 = time.perf_counter()
+        with entered(self.netns_name(cell_id)):
+            nft = self._nft()
+        try:
+            # an adopted cell may have its table from the previous daemon: make it anew
+            with contextlib.suppress(Exception):
+                nft.table("del", name=CELL_TABLE)
+            self._secure_tables(nft, ifname)
+        except Exception as exc:  # noqa: BLE001 - netlink errors, named
+            raise self._fail(f"cell {cell_id}: Secure Compute egress prepared ahead", exc) from None
+        finally:
+            nft.close()
+        return round((time.perf_counter() - t0) * 1000, 2)
+
+    def _secure_cut_blocking(self, cell_id: str, ifname: str, prepared: bool = False) -> float:
         t0 = time.perf_counter()
         ns = self.netns_name(cell_id)
         _, veth_b = veth_names(cell_id)
-        step = f"drop everything through veth {veth_b} (the cell's path to the router)"
+        step = f"masquerade onto {ifname}"
         try:
             with entered(ns):
                 nft = self._nft()
             try:
-                nft.table("add", name=CELL_TABLE)
-                # Every hook a packet can cross the veth by: forwarded (the guest's), and the
-                # namespace's own in and out. Priority before any other filter of the namespace.
-                for hook, key in (("forward", NFT_META_IIFNAME), ("forward", NFT_META_OIFNAME),
-                                  ("input", NFT_META_IIFNAME), ("output", NFT_META_OIFNAME)):
-                    nft.chain("add", table=CELL_TABLE, name=f"cut_{hook}", hook=hook, type="filter", priority=-10)
-                    nft.rule("add", table=CELL_TABLE, chain=f"cut_{hook}",
+                if not prepared:
+                    self._secure_tables(nft, ifname)
+                step = f"drop everything through veth {veth_b} (the cell's path to the router)"
+                for chain, _, key in self._CUT_CHAINS:
+                    nft.rule("add", table=CELL_TABLE, chain=chain,
                              expressions=[match_ifname(key, veth_b) + verdict(NF_DROP)])
-                step = f"masquerade onto {ifname}"
-                nft.chain("add", table=CELL_TABLE, name="postrouting", hook="postrouting", type="nat",
-                          priority=100)
-                nft.rule("add", table=CELL_TABLE, chain="postrouting",
-                         expressions=[match_ifname(NFT_META_OIFNAME, ifname) + masquerade()])
             finally:
                 nft.close()
         except NetworkError:

@@ -6,7 +6,11 @@ None of it depends on the build, so on a box that serves Secure Compute each cel
 interface as it goes warm, exactly as a tunnel's is made at assignment: wireguard-go born in
 the box's namespace (its UDP socket stays there), its tun moved into the cell's namespace and
 up, named after the cell (`wireguard.tunnel_name`: w<box tag><cell>). It has no private key
-and no peer, so it can send and accept nothing, and no route leads into it. Then:
+and no peer, so it can send and accept nothing, and no route leads into it. With it come the
+cut's nftables chains in the cell's namespace (`CellNetwork.secure_prepare`): empty base
+chains that accept everything and a masquerade onto that interface's name, inert until
+assignment adds the two drop rules; they stay in a plain build's cell, matching nothing
+(its interface is gone), and go with the namespace. Then:
 
     secure build   CellTunnel.open takes it (if its process still runs; otherwise it starts
                    one as before): only the key pair, the key exchange, the veth cut, keys
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import logging
 
+from hived.box.network import NetworkError
 from hived.secure import wireguard
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,10 @@ async def prestart(box, rt) -> None:
                     "assignment): %s", rt.cell.id, exc)
         box.metrics.wg_prestarts.labels("failed").inc()
         return
+    try:  # and the cut's nftables chains, empty (hived/box/network.py secure_prepare)
+        await box.network.secure_prepare(rt.cell.id, name)
+    except NetworkError as exc:  # the cut makes them itself
+        log.warning("cell %s: Secure Compute egress not prepared ahead: %s", rt.cell.id, exc)
     box.metrics.wg_prestarts.labels("ok").inc()
 
 
