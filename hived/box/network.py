@@ -52,7 +52,9 @@ another box's cells on the same machine (tests, `hived up` next to a daemon).
 Netlink work (pyroute2) runs in one worker thread per box; the thread enters a
 namespace with setns(2) (hived._sys, cffi) only to create sockets and the tap fd there,
 and returns to its own namespace at once. Netlink sockets stay bound to the namespace
-they were created in.
+they were created in. The Secure Compute cut and route, which touch only their cell's own
+namespace and are on a build's critical path, run on a second small pool instead
+(`_run_in_cell`), so they never wait behind another cell's setup or teardown.
 """
 
 from __future__ import annotations
@@ -244,6 +246,7 @@ class CellNetwork:
         self.transit_router_ip = str(last + 2)
         self._cells: dict[str, _CellState] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._cell_executor: concurrent.futures.ThreadPoolExecutor | None = None  # see _run_in_cell
         self._router_ipr = None  # pyroute2 IPRoute bound to the router ns (worker thread only)
         self._router_ready = False
         self._home_ino = 0       # the worker thread's own namespace (inode), for _check_home
@@ -323,6 +326,27 @@ class CellNetwork:
             # are known, then let the caller roll back.
             with contextlib.suppress(Exception):
                 await fut
+            raise
+
+    async def _run_in_cell(self, fn, *args):
+        """Run `fn` on a thread of its own: for work inside one cell's namespace that shares no
+        state with the worker (no router socket), on a build's critical path (the Secure Compute
+        cut and route), so it never queues behind another cell's setup or teardown on the
+        worker (a teardown waits for RCU grace periods: 20-30 ms)."""
+        if self._cell_executor is None:
+            self._cell_executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix=f"hived-netc-{self.tag}", initializer=self._thread_init)
+        fut = asyncio.get_running_loop().run_in_executor(self._cell_executor, fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except _Stranded as exc:
+            log.error("a cell network thread of box %s lost its namespace; replacing its pool", self.box_name)
+            self._cell_executor.shutdown(wait=False)
+            self._cell_executor = None
+            raise NetworkError(str(exc)) from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await fut  # let the blocking job finish, so that its effects are known
             raise
 
     # -- public API ----------------------------------------------------------------------
@@ -431,7 +455,7 @@ class CellNetwork:
         check_cell_id(cell_id)
         state = self._cells.get(cell_id)
         prepared = state is not None and state.secure_prepared == ifname
-        return await self._run(self._secure_cut_blocking, cell_id, ifname, prepared)
+        return await self._run_in_cell(self._secure_cut_blocking, cell_id, ifname, prepared)
 
     async def secure_unlink(self, cell_id: str) -> float:
         """After secure_cut: delete the cell's veth to the router (its router end takes the cell
@@ -445,7 +469,7 @@ class CellNetwork:
         check_cell_id(cell_id)
         for r in routes:
             ipaddress.IPv4Network(r)
-        return await self._run(self._secure_route_blocking, cell_id, ifname, address, list(routes))
+        return await self._run_in_cell(self._secure_route_blocking, cell_id, ifname, address, list(routes))
 
     def leave(self) -> None:
         """The daemon goes and its cells stay (detach): close our sockets and thread, remove nothing."""
@@ -453,9 +477,10 @@ class CellNetwork:
             if state.tap_fd >= 0:
                 os.close(state.tap_fd)
                 state.tap_fd = -1
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for executor in (self._executor, self._cell_executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._executor = self._cell_executor = None
         self._closed = True
 
     async def close(self) -> bool:
@@ -471,9 +496,10 @@ class CellNetwork:
         try:
             await self._run(self._close_blocking)
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            for executor in (self._executor, self._cell_executor):
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            self._executor = self._cell_executor = None
             self._closed = True
         return True
 
