@@ -32,7 +32,7 @@ Running Secure Compute builds are not adopted at all (their keys lived in the ol
 How the box knows it serves Secure Compute: its config says so. The control plane knows which
 networks a hive has, not which boxes will get their builds, and a box without the key still
 runs Secure Compute builds, starting the interface at assignment as before. A pre-started
-interface costs one wireguard-go process per warm cell (see the README for its memory).
+interface costs one wireguard-go process per warm cell (Pss ~3.7 MiB idle).
 """
 
 from __future__ import annotations
