@@ -179,6 +179,7 @@ def _prestarted(config, net: CellNetwork, daemon_pid: int, n: int):
 
 
 def test_kill_9_and_restart_leaves_only_the_interfaces_of_the_adopted_cells(tmp_path):
+    """...and a detach (SIGTERM) takes the interfaces along; the next daemon remakes them."""
     import shutil
 
     if os.geteuid() != 0:
@@ -191,7 +192,7 @@ def test_kill_9_and_restart_leaves_only_the_interfaces_of_the_adopted_cells(tmp_
     net = CellNetwork(config.name)
     tag = net.tag
     log = tmp_path / "box.log"
-    first = second = None
+    first = second = third = None
     try:
         first = _start(path, log)
         old = wait_for(lambda: _prestarted(config, net, first.pid, 2), 300, "two warm cells with their interfaces")
@@ -212,15 +213,24 @@ def test_kill_9_and_restart_leaves_only_the_interfaces_of_the_adopted_cells(tmp_
         assert {wireguard.cell_of(name, tag) for name in new.values()} == old_cells
         sockets = sorted(p for p in os.listdir(wireguard.UAPI_DIR) if p.startswith(wireguard.box_prefix(tag)))
         assert sockets == sorted(f"{name}.sock" for name in new.values())
+        # SIGTERM detaches (a restart keeping the cells): the cells stay, their interfaces go with the
+        # daemon, and the next daemon makes them anew
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+        assert box_wireguard(tag) == {} and set(net.cells()) == old_cells
+        third = _start(path, log)
+        wait_for(lambda: log.read_text().count("adopted 2 of 2 cell(s)") == 2
+                 and _prestarted(config, net, third.pid, 2), 300,
+                 "the third daemon to adopt both cells and give them interfaces")
         stop = subprocess.run([sys.executable, "-m", "hived", "box", "stop", "--config", str(path)],
                               capture_output=True, text=True, timeout=120)
         assert stop.returncode == 0, stop.stderr
-        second.wait(60)
+        third.wait(60)
         assert box_wireguard(tag) == {}
         assert not [p for p in os.listdir(wireguard.UAPI_DIR) if p.startswith(wireguard.box_prefix(tag))]
         assert not net.cells()
     finally:
-        for proc in (first, second):
+        for proc in (first, second, third):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
