@@ -109,6 +109,7 @@ def test_a_plain_build_has_no_wireguard_interface(hive):
     b = hive.wait(i)
     assert (b["state"], b["exit_code"]) == ("succeeded", 0), (b, hive.log(i))
     assert "tunnel" not in daemon.builds[i]
+    assert daemon.builds[i]["prestart_removed_ms"] > 0  # removed before run, not found missing
     hive.box.wait_pool_full()
 
 

@@ -19,7 +19,8 @@ Builds alternate, Secure Compute and not, with the same command, in one run:
                  overlapping the build's start)
   prestart       whether the box pre-started each warm cell's WireGuard interface ([box]
                  secure_prestart, hived/box/prestart.py; default on, `--prestart off` for the
-                 old way as a baseline), and how many tunnels used one.
+                 old way as a baseline), how many tunnels used one, and what removing it
+                 cost the plain builds before their `run` (plain_removal_ms).
 
 Every secure build also fetches the private service through its tunnel, so a number is
 only reported for a tunnel that worked.
@@ -143,6 +144,7 @@ def _report(results: dict, n: int, prestart: bool = True) -> dict:
     s_start = [r["warm_start_ms"] for r in secure if "warm_start_ms" in r]
     p_start = [r["warm_start_ms"] for r in plain if "warm_start_ms" in r]
     sd, pd = dist_ms(s_start), dist_ms(p_start)
+    removed = [r["prestart_removed_ms"] for r in plain if "prestart_removed_ms" in r]
     return {"bench": "secure", "builds_each": n, "machine": machine_info(),
             "provision_ms": dist_ms(provision), "stages_ms": stages,
             "start_ms": {"secure": sd, "plain": pd},
@@ -150,7 +152,8 @@ def _report(results: dict, n: int, prestart: bool = True) -> dict:
             "netlink_ms": {k: dist_ms([r["tunnel"]["netlink_ms"][k] for r in secure if k in r["tunnel"]["netlink_ms"]])
                            for k in ("cut", "route", "unlink")} if secure else {},
             "prestart": {"configured": prestart,
-                         "tunnels_prestarted": sum(1 for r in secure if r["tunnel"].get("prestarted"))},
+                         "tunnels_prestarted": sum(1 for r in secure if r["tunnel"].get("prestarted")),
+                         "plain_removal_ms": dist_ms(removed) if removed else None},
             "target": {"provision_ms.p95": "<= 25", "met": dist_ms(provision)["p95"] <= 25}}
 
 

@@ -242,6 +242,9 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
     t_assigned = time.monotonic()
     network = (req.get("options") or {}).get("secure_compute") or ""
     lost = None
+    removing = None  # a plain build's cell loses its pre-started WireGuard interface (hived/box/prestart.py)
+    if not network and resume is None and rt.wg_prestarted is not None:
+        removing = asyncio.ensure_future(prestart.remove(rt))
     if resume is not None:
         facts, adopted = resume
     elif not (rt.channel and rt.channel.is_open) or rt.vmm_status is not None:
@@ -273,8 +276,6 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                            "public_key": base64.b64encode(rt.tunnel.public_key).decode(),
                            "prestarted": rt.tunnel.prestarted, "netlink_ms": rt.tunnel.netlink_ms})
         lost = client.tunnel_lost()
-    elif rt.wg_prestarted is not None:
-        await prestart.remove(rt)  # a plain build never has a WireGuard interface (hived/box/prestart.py)
     bucket = TokenBucket(shape.output_bytes_s, 1.0, loop.time(), shape.output_bytes_s)
     # Where the output stands: from the cell record when resuming (what was made safe before).
     received = facts.received
@@ -346,6 +347,8 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
         if cwd == "/work":
             cwd = WORKSPACE  # the checkout does not hide the build's home
     image = inputs.image
+    if removing is not None:  # a plain build never has a WireGuard interface: gone before `run`
+        rec.update(prestart_removed_ms=round(await removing, 2))
     try:
         if resume is None:
             await rt.channel.send("run", build_id=build_id, argv=req["argv"], env=req["env"],
