@@ -55,6 +55,8 @@ def test_warm_cells_have_their_interface_and_a_secure_build_uses_it(hive):
         assert name in box_wireguard(net.tag).values()
         state = hive.box.call(rt.wg_prestarted.state())
         assert not state.has_private_key and not state.peers
+    shown = {c["id"]: c["wireguard_prestarted"] for c in hive.box.status()["cells"] if c["state"] == "warm"}
+    assert shown == {rt.cell.id: wireguard.tunnel_name(net.tag, rt.cell.id) for rt in warm}
     i = hive.submit(hive.fetch_argv())
     b = hive.wait(i)
     assert (b["state"], b["exit_code"]) == ("succeeded", 0), (b, hive.log(i))

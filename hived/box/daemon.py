@@ -699,6 +699,7 @@ class BoxDaemon:
                  "net": {"netns": rt.net.netns, "ip": rt.net.guest_ip} if rt.net else None,
                  "vcpu_threads": {str(k): v for k, v in rt.vcpu_threads.items()},
                  "origin": rt.origin, "template": rt.template, "adopted": rt.adopted, "start_ms": round(rt.start_ms, 1),
+                 "wireguard_prestarted": rt.wg_prestarted.name if rt.wg_prestarted is not None else "",
                  "start_stages_ms": rt.start_stages_ms,
                  "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
                 for rt in self.cells.values()
