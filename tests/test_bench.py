@@ -284,6 +284,9 @@ def test_secure_two_builds_each_and_nothing_left():
     s, pl = report["start_ms"]["secure"], report["start_ms"]["plain"]
     assert s["n"] == pl["n"] == 2
     assert report["overhead_ratio"] == pytest.approx(s["p50"] / pl["p50"], abs=0.01)
+    # the bench's box pre-starts interfaces by default, and both tunnels used theirs
+    assert report["prestart"]["configured"] is True and report["prestart"]["tunnels_prestarted"] == 2
+    assert report["prestart"]["plain_removal_ms"]["n"] == 2  # each plain build's cell lost its interface
     # the secure build started after its tunnel was up
     assert all(start >= prov for start, prov in zip(s["samples"], p["samples"], strict=True))
     netns_after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()

@@ -41,7 +41,8 @@ FETCH = ("import sys, urllib.request\n"
 
 
 class Hive:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, box: dict | None = None) -> None:
+        self.box_options = box or {}  # extra [box] keys (test_secure_prestart.py)
         self.net = CustomerNetwork(tmp)
         self.control = ""
         self.tmp = tmp
@@ -66,7 +67,7 @@ class Hive:
                                           "tunnel_subnet": "100.96.0.0/24",
                                           "routes": [self.net.private_net]}},
         }, "sc")
-        self.box = BoxHarness(SHAPES)
+        self.box = BoxHarness(SHAPES, box=self.box_options)
         self.box.start()
         self.cp = ControlPlane(self.config)
         self.box.call(self.cp.start())
@@ -125,6 +126,11 @@ class Hive:
 
 @pytest.fixture(scope="module")
 def hive(tmp_path_factory):
+    yield from running_hive(tmp_path_factory)
+
+
+def running_hive(tmp_path_factory, box: dict | None = None):
+    """A started Hive (box with `box` as extra [box] keys); stopped and checked for leftovers after."""
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, cgroups")
     import shutil
@@ -132,7 +138,7 @@ def hive(tmp_path_factory):
         pytest.skip("neither kernel WireGuard nor wireguard-go: `apt-get install wireguard-go`")
     from hived.secure import keys
 
-    h = Hive(tmp_path_factory.mktemp("sc"))
+    h = Hive(tmp_path_factory.mktemp("sc"), box)
     real_generate = keys.KeyPair.generate.__func__
 
     def spy(cls):  # the real generator; the test keeps the private keys to look for them later

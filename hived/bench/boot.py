@@ -361,7 +361,7 @@ async def _template_figures(run: _BootRun, args, image, accel: str, factory, tim
     try:
         return await templatebench.measure(run.tmp / "templates", image, accel, factory, timeout, args.cells,
                                            progress, idle_cells=args.idle_cells, pool=args.burst_pool,
-                                           on_box=on_box)
+                                           on_box=on_box, hugepages=args.template_hugepages)
     except templatebench.TemplateBenchError as exc:
         raise BenchError(str(exc)) from None
 
@@ -379,6 +379,7 @@ def _template_report(t: dict) -> dict:
                          "cells_up": t["idle_cells"], "all": {k: [_r(v) for v in vs] for k, vs in pss.items()}},
         "burst_ms": {k: _r(v) for k, v in t["burst_ms"].items()},
         "burst_config": t["burst_config"],
+        "template_hugepages": t.get("hugepages"),  # --template-hugepages: what the clones held
     }
 
 
@@ -474,6 +475,9 @@ def parser(p):
                    help="cells held up at once for idle_pss_mib, restored and cold (default %(default)d)")
     p.add_argument("--burst-pool", type=int, default=2,
                    help="warm pool size for burst_ms; 3x as many builds are submitted (default %(default)d)")
+    p.add_argument("--template-hugepages", action="store_true",
+                   help="template memory on huge pages ([box] template_hugepages; vm.nr_hugepages must be "
+                        "reserved beforehand)")
     p.add_argument("--cmdline", default="",
                    help="extra guest kernel arguments for every cell (diagnosis; recorded in the JSON)")
     p.add_argument("--plot", metavar="FILE.png", default="",

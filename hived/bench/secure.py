@@ -10,9 +10,17 @@ Builds alternate, Secure Compute and not, with the same command, in one run:
                  the tunnel); covers key pair, interface, key exchange round trip through the
                  control plane and the connector, egress switch and handshake.
   stages_ms      cumulative per step (interface_kex_cut: interface, key exchange and cutting the
-                 veth at the same time; configure; route; provision).
+                 veth at the same time; configure: the key and peer in; route: that and the
+                 address and routes, done at the same time; provision).
   start_ms       the box takes the cell -> the guest reports the build started, for both
                  kinds; overhead_ratio = secure start p50 / plain start p50.
+  netlink_ms     the network worker thread's own time in the veth cut (drop rules), the route
+                 step, and the veth's deletion after the handshake (unlink: not in provision_ms,
+                 overlapping the build's start)
+  prestart       whether the box pre-started each warm cell's WireGuard interface ([box]
+                 secure_prestart, hived/box/prestart.py; default on, `--prestart off` for the
+                 old way as a baseline), how many tunnels used one, and what removing it
+                 cost the plain builds before their `run` (plain_removal_ms).
 
 Every secure build also fetches the private service through its tunnel, so a number is
 only reported for a tunnel that worked.
@@ -37,11 +45,13 @@ NETWORK = "bench-private"
 def parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--builds", type=int, default=20, help="builds of each kind (default %(default)s, min 20 "
                    "for the published figures)")
+    p.add_argument("--prestart", choices=["on", "off"], default="on",
+                   help="pre-start each warm cell's WireGuard interface ([box] secure_prestart; default on)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
-async def _run(n: int, work: Path) -> dict:
+async def _run(n: int, work: Path, prestart: bool = True) -> dict:
     from hived import image as cell_image
     from hived import kvm
     from hived.box.config import parse as box_parse
@@ -75,7 +85,7 @@ async def _run(n: int, work: Path) -> dict:
         await cp.start()
         cfg = box_parse({"box": {"name": "bsec-" + secrets.token_hex(2), "state_dir": str(work / "box"),
                                  "reserved_cores": 0, "overcommit": True, "boot_timeout_s": 180,
-                                 "queue_timeout_s": 180},
+                                 "queue_timeout_s": 180, "secure_prestart": prestart},
                          "shapes": {"small": {"vcpus": 1, "memory_mib": 320, "scratch_mib": 128,
                                               "pool_target": 2}}}, "bench")
         import dataclasses
@@ -115,7 +125,7 @@ async def _run(n: int, work: Path) -> dict:
                 results[kind].append(rec)
                 progress(f"secure bench: {i + 1}/{n} {kind}: start {rec.get('warm_start_ms', 0):.0f} ms"
                          + (f", provision {rec['secure_ms']['provision_ms']:.1f} ms" if kind == "secure" else ""))
-        return _report(results, n)
+        return _report(results, n, prestart)
     finally:
         progress("secure bench: stopping")
         if box is not None:
@@ -127,25 +137,32 @@ async def _run(n: int, work: Path) -> dict:
         net.down()
 
 
-def _report(results: dict, n: int) -> dict:
+def _report(results: dict, n: int, prestart: bool = True) -> dict:
     secure, plain = results["secure"], results["plain"]
     provision = [r["secure_ms"]["provision_ms"] for r in secure]
     stages = {k: dist_ms([r["secure_ms"][k] for r in secure]) for k in secure[0]["secure_ms"]} if secure else {}
     s_start = [r["warm_start_ms"] for r in secure if "warm_start_ms" in r]
     p_start = [r["warm_start_ms"] for r in plain if "warm_start_ms" in r]
     sd, pd = dist_ms(s_start), dist_ms(p_start)
+    removed = [r["prestart_removed_ms"] for r in plain if "prestart_removed_ms" in r]
     return {"bench": "secure", "builds_each": n, "machine": machine_info(),
             "provision_ms": dist_ms(provision), "stages_ms": stages,
             "start_ms": {"secure": sd, "plain": pd},
             "overhead_ratio": round(sd["p50"] / pd["p50"], 2) if pd.get("p50") else None,
-            "target": {"provision_ms.p95": "< 100", "met": dist_ms(provision)["p95"] < 100}}
+            "netlink_ms": {k: dist_ms([r["tunnel"]["netlink_ms"][k] for r in secure if k in r["tunnel"]["netlink_ms"]])
+                           for k in ("cut", "route", "unlink")} if secure else {},
+            "prestart": {"configured": prestart,
+                         "tunnels_prestarted": sum(1 for r in secure if r["tunnel"].get("prestarted")),
+                         "plain_removal_ms": dist_ms(removed) if removed else None},
+            "target": {"provision_ms.p95": "<= 25", "met": dist_ms(provision)["p95"] <= 25}}
 
 
 def render(r: dict) -> str:
     p = r["provision_ms"]
     return (f"Secure Compute, {r['builds_each']} builds each: provision p50 {p['p50']} ms, p95 {p['p95']} ms; "
             f"start p50 secure {r['start_ms']['secure']['p50']} ms vs plain {r['start_ms']['plain']['p50']} ms "
-            f"(ratio {r['overhead_ratio']})")
+            f"(ratio {r['overhead_ratio']}); interfaces pre-started: {r['prestart']['tunnels_prestarted']} of "
+            f"{r['builds_each']}")
 
 
 def run(args) -> dict:
@@ -157,6 +174,6 @@ def run(args) -> dict:
         raise BenchError("--builds must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="hived-bench-secure-"))
     try:
-        return uvloop.run(_run(args.builds, work))
+        return uvloop.run(_run(args.builds, work, args.prestart == "on"))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -4,7 +4,9 @@
     restore_ms         VMM start -> a restored cell's cell.hello (it has reseeded, set its clock,
                        network and disks), p50/p95 over `cells` restores
     idle_pss_mib       PSS (/proc/PID/smaps_rollup) of idle warm cells' VMMs with `cells` cells up:
-                       restored (sharing their template's memory) vs cold (booted)
+                       restored (sharing their template's memory) vs cold (booted); with
+                       --template-hugepages plus Private_Hugetlb (a clone's own copies of huge
+                       pages), and `hugepages` says what the held clones had reserved and mapped
     burst_ms           3x the pool's builds submitted at once -> the last one running in its
                        container, with templates and without (every refill a cold boot)
 
@@ -21,12 +23,24 @@ class TemplateBenchError(Exception):
     pass
 
 
-def pss_mib(pid: int) -> float:
+def rollup_mib(pid: int) -> dict[str, float]:
+    """/proc/PID/smaps_rollup in MiB: {"Pss": ..., "Private_Hugetlb": ..., ...}."""
+    out = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    raise TemplateBenchError(f"no Pss in /proc/{pid}/smaps_rollup")
+            key, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                out[key] = int(rest.split()[0]) / 1024
+    if "Pss" not in out:
+        raise TemplateBenchError(f"no Pss in /proc/{pid}/smaps_rollup")
+    return out
+
+
+def pss_mib(pid: int) -> float:
+    """Pss, plus the huge pages only this process maps (Private_Hugetlb: a clone's copies of its
+    template's huge pages): Pss leaves hugetlb out. 0 without huge pages."""
+    r = rollup_mib(pid)
+    return r["Pss"] + r.get("Private_Hugetlb", 0.0)
 
 
 def _p50s(rows: list[dict]) -> dict:
@@ -36,7 +50,8 @@ def _p50s(rows: list[dict]) -> dict:
     return {k: round(percentile([r[k] for r in rows if k in r], 50), 4) for k in keys}
 
 
-async def _box(home: Path, image, accel: str, driver_factory, timeout: float, *, templates: bool, pool: int):
+async def _box(home: Path, image, accel: str, driver_factory, timeout: float, *, templates: bool, pool: int,
+               hugepages: bool = False):
     from hived.box.config import embedded
     from hived.box.daemon import BoxDaemon
 
@@ -44,7 +59,8 @@ async def _box(home: Path, image, accel: str, driver_factory, timeout: float, *,
     # A burst of 3x the pool waits for 2x the pool's cells to start: cold boots under TCG on a
     # busy host take far longer than one boot's timeout, and a burst must not fail for that.
     config = dataclasses.replace(embedded(home, pool_target=pool), boot_timeout_s=timeout,
-                                 queue_timeout_s=timeout * 3 * pool, templates=templates)
+                                 queue_timeout_s=timeout * 3 * pool, templates=templates,
+                                 template_hugepages=templates and hugepages)
     return BoxDaemon(config, image=image, accelerator=accel, driver_factory=driver_factory)
 
 
@@ -101,13 +117,14 @@ async def _burst(box, n: int, timeout: float) -> float:
 
 
 async def measure(tmp: Path, image, accel: str, driver_factory, timeout: float, restores: int,
-                  progress, *, idle_cells: int = 3, pool: int = 2, on_box=lambda box: None) -> dict:
+                  progress, *, idle_cells: int = 3, pool: int = 2, on_box=lambda box: None,
+                  hugepages: bool = False) -> dict:
     """The figures above; `on_box(box)` is told of each box daemon (for clean-up after a crash)."""
     out: dict = {}
     for templates in (True, False):
         label = "with templates" if templates else "without templates"
         box = await _box(tmp / ("tpl" if templates else "cold"), image, accel, driver_factory, timeout,
-                         templates=templates, pool=pool)
+                         templates=templates, pool=pool, hugepages=hugepages)
         on_box(box)
         held = []
         try:
@@ -139,6 +156,19 @@ async def measure(tmp: Path, image, accel: str, driver_factory, timeout: float, 
             if origins != {"restore" if templates else "boot"}:
                 raise TemplateBenchError(f"{label}: cells came from {sorted(origins)}")
             await asyncio.sleep(2.0)  # idle: the clones' start-up is over
+            if templates and hugepages:
+                from hived.box.templates import HugePages
+
+                hp = HugePages.read()
+                rollups = [rollup_mib(rt.cell.pid) for rt in held]
+                out["hugepages"] = {
+                    "page_kib": hp.size >> 10, "host_total": hp.total, "host_free": hp.free,
+                    "host_reserved": hp.reserved,
+                    "in_use_mib": round((hp.total - hp.free) * hp.size / 2**20, 1),
+                    "promised_mib": round(hp.reserved * hp.size / 2**20, 1),
+                    "clone_private_hugetlb_mib": [round(r.get("Private_Hugetlb", 0.0), 1) for r in rollups],
+                    "clone_shared_hugetlb_mib": [round(r.get("Shared_Hugetlb", 0.0), 1) for r in rollups],
+                    "held_clones": len(held), "pool_cells": pool}
             out.setdefault("idle_pss_mib_all", {})["restored" if templates else "cold"] = \
                 [pss_mib(rt.cell.pid) for rt in held]
             for rt in held:

@@ -21,7 +21,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from hived.box import cellrecord, leftovers
+from hived.box import cellrecord, leftovers, prestart
 from hived.box.cell import Cell, CellState
 from hived.box.cellrecord import CellRecord, RecordError
 from hived.box.cgroups import CgroupError
@@ -149,6 +149,7 @@ async def adopt_one(box, rec: CellRecord):
             if msg["state"] != "warm":
                 raise NotAdopted(f"the cell says it is {msg['state']} with no build")
             box.save_cell(rt, "warm")
+            await prestart.prestart(box, rt)  # a new one: the old daemon's was removed (hived/box/prestart.py)
             box.metrics.adoptions.labels("warm").inc()
             log.info("cell %s adopted: warm", cell.id)
             return rt

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 
+from hived.box import prestart
 from hived.box.cell import CellState
 from hived.box.cellrecord import BuildFacts
 from hived.box.pool import BootFailed
@@ -249,6 +250,9 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
     t_assigned = time.monotonic()
     network = (req.get("options") or {}).get("secure_compute") or ""
     lost = None
+    removing = None  # a plain build's cell loses its pre-started WireGuard interface (hived/box/prestart.py)
+    if not network and resume is None and rt.wg_prestarted is not None:
+        removing = asyncio.ensure_future(prestart.remove(rt))
     if resume is not None:
         facts, adopted = resume
     elif not (rt.channel and rt.channel.is_open) or rt.vmm_status is not None:
@@ -269,14 +273,16 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                                                   "(its key exchange service), not a box's local socket")
             return
         try:
-            rt.tunnel = await CellTunnel.open(box, cell.id, network, client)
+            rt.tunnel = await CellTunnel.open(box, cell.id, network, client, prestarted=prestart.take(rt))
         except SecureComputeFailed as exc:
             cell.transition(CellState.FAILED, "no tunnel")
             await finish(-1, 0, "secure_compute", str(exc))
             return
+        box.metrics.secure_interfaces.labels("prestarted" if rt.tunnel.prestarted else "started").inc()
         rec.update(secure_ms={k: round(v, 2) for k, v in rt.tunnel.timings.items()},
                    tunnel={"network": network, "interface": rt.tunnel.iface.name, "address": rt.tunnel.address,
-                           "public_key": base64.b64encode(rt.tunnel.public_key).decode()})
+                           "public_key": base64.b64encode(rt.tunnel.public_key).decode(),
+                           "prestarted": rt.tunnel.prestarted, "netlink_ms": rt.tunnel.netlink_ms})
         lost = client.tunnel_lost()
     bucket = TokenBucket(shape.output_bytes_s, 1.0, loop.time(), shape.output_bytes_s)
     # Where the output stands: from the cell record when resuming (what was made safe before).
@@ -349,6 +355,8 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
         if cwd == "/work":
             cwd = WORKSPACE  # the checkout does not hide the build's home
     image = inputs.image
+    if removing is not None:  # a plain build never has a WireGuard interface: gone before `run`
+        rec.update(prestart_removed_ms=round(await removing, 2))
     try:
         if resume is None:
             await rt.channel.send("run", build_id=build_id, argv=req["argv"], env=req["env"],

@@ -70,6 +70,9 @@ class BoxConfig:
     templates: bool = True           # fill warm pools by restoring clones of a template (hived/box/templates.py)
     template_max_age_s: float = 3600.0  # a template is replaced after this long (0: no limit)
     template_max_clones: int = 500   # ... or after this many clones (0: no limit)
+    template_hugepages: bool = False  # template guest RAM on huge pages (vm.nr_hugepages reserved; templates.py)
+    secure_prestart: bool = False    # this box serves Secure Compute: each warm cell gets its WireGuard
+    #                                  interface (no keys) pre-started (hived/box/prestart.py)
     # [box] cgroup_parent: "auto" (hived/box/placement.py decides) or the cells' parent cgroup,
     # an absolute path below the cgroup root
     cgroup_placement: str = "auto"
@@ -144,6 +147,9 @@ BOX_KEYS = {
     "templates": Key(True, boolean()),
     "template_max_age_s": Key(3600.0, number(0.0)),
     "template_max_clones": Key(500, integer(0)),
+    "template_hugepages": Key(False, boolean(), "true: template memory on huge pages (needs vm.nr_hugepages)"),
+    "secure_prestart": Key(False, boolean(), "true: pre-start each warm cell's WireGuard interface (boxes "
+                           "serving Secure Compute)"),
     "cgroup_parent": Key("auto", string(CGROUP_PARENT_RE, '"auto" or an absolute cgroup path such as '
                                         '"/hived/box1" (below the cgroup root, no "." or ".." parts)')),
 }
@@ -164,6 +170,12 @@ def parse(data: dict, source: str = "<config>") -> BoxConfig:
         shapes[name] = Shape(name=name, **kw)
     if not shapes:
         raise ConfigError(f"{source}: no [shapes.NAME] table: a box needs at least one shape")
+    if box["secure_prestart"] and not box["network"]:
+        raise ConfigError(f"{source}: box.secure_prestart: pre-started WireGuard interfaces live in the cells' "
+                          "network namespaces: set network = true, or secure_prestart = false")
+    if box["template_hugepages"] and not box["templates"]:
+        raise ConfigError(f"{source}: box.template_hugepages: huge pages back template memory: set "
+                          "templates = true, or template_hugepages = false")
     name = box["name"] or socket.gethostname().split(".")[0] or "box"
     extra = {}
     creds = ()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from hived import sdnotify
-from hived.box import adopt, cellrecord, leftovers
+from hived.box import adopt, cellrecord, leftovers, prestart
 from hived.box.builds import run_build
 from hived.box.cell import Cell, CellState, new_cell_id
 from hived.box.cgroups import CellLimits, CgroupError
@@ -30,6 +30,7 @@ from hived.box.partition import NoCapacity, Partition
 from hived.box.placement import place as place_cgroups
 from hived.box.pool import BootFailed, NoRoom, WarmPool
 from hived.box.templates import (
+    HugePages,
     Template,
     TemplateFailed,
     TemplateStore,
@@ -73,6 +74,7 @@ class CellRuntime:
     alloc: object = None
     net: object = None  # hived.box.network.CellNetInfo
     tunnel: object = None  # hived.box.secure.CellTunnel (Secure Compute builds)
+    wg_prestarted: object = None  # its WireGuard interface, started while warm (hived/box/prestart.py)
     image_lease: object = None  # path of the build image leased from the image cache while the cell lives
     vcpu_threads: dict = dataclasses.field(default_factory=dict)
     origin: str = "boot"  # "boot", "restore" (a template's clone) or "template" (a VM being saved)
@@ -129,6 +131,8 @@ class BoxDaemon:
         cfg = self.config
         self.partition.check_shapes(cfg.shapes.values())  # PartitionError: refuse to start
         cfg.cells_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.templates and cfg.template_hugepages:
+            self._check_hugepages()
         try:
             self.cgroups = place_cgroups(cfg.cgroup_placement, cfg.name)  # hived/box/placement.py
         except CgroupError as exc:
@@ -154,7 +158,11 @@ class BoxDaemon:
                     await self.network.teardown(cell_id)
                     if cell_id not in self.leftovers_cleaned:
                         self.leftovers_cleaned.append(cell_id)
-                await self._clean_tunnels()
+                await self._clean_tunnels(keep)
+                if cfg.secure_prestart:
+                    why = await asyncio.get_running_loop().run_in_executor(None, prestart.host_problem)
+                    if why:
+                        raise NetworkError(why)
             except NetworkError as exc:
                 raise CgroupError(f"cell networking cannot start: {exc}") from None
         self.metrics_port = self.metrics.serve(cfg.metrics_addr, cfg.metrics_port)
@@ -189,6 +197,21 @@ class BoxDaemon:
             await self._start_peers(link)
             self.control_link.start()
 
+    def _check_hugepages(self) -> None:
+        """[box] template_hugepages: the host must have huge pages reserved (vm.nr_hugepages) and every
+        shape's memory must be whole huge pages; else the box does not start, saying what to set."""
+        hp = HugePages.read()
+        need = sum(hp.pages(s.memory_mib << 20) for s in self.config.shapes.values()) * 2
+        if not hp.size or hp.total == 0:
+            raise CgroupError("[box] template_hugepages = true but this host has no huge pages reserved "
+                              f"(vm.nr_hugepages = {hp.total}): reserve them, e.g. `sysctl -w vm.nr_hugepages="
+                              f"{need}` (a template and one clone per shape), or set template_hugepages = false")
+        for s in self.config.shapes.values():
+            if (s.memory_mib << 20) % hp.size:
+                raise CgroupError(f"[box] template_hugepages = true: shapes.{s.name}.memory_mib = {s.memory_mib} "
+                                  f"is not a whole number of {hp.size >> 10} kB huge pages: make it a multiple "
+                                  f"of {hp.size >> 20 or 1} MiB")
+
     async def _start_peers(self, link) -> None:
         """Box peers (hived/box/peers.py): serve the image cache on peer_listen, fetch from the hive;
         TLS with the box's hive certificate (hived/box/peertls.py), or no part in the peer link."""
@@ -212,11 +235,16 @@ class BoxDaemon:
             log.info("box %s serves its peers on %s (at most %d bytes/s)", box_id, self.peers.peer_addr,
                      cfg.peer_serve_bytes_s)
 
-    async def _clean_tunnels(self) -> None:
-        """WireGuard processes and sockets of Secure Compute cells of a previous run (kill -9)."""
+    async def _clean_tunnels(self, keep: set[str]) -> None:
+        """WireGuard processes and sockets of a previous run (kill -9): Secure Compute tunnels and
+        interfaces pre-started with warm cells, also those of cells being adopted (`keep`: the
+        adopted warm ones get new ones, hived/box/prestart.py), and any such interface left in
+        the namespaces of those cells."""
         from hived.secure import wireguard
 
-        removed = await wireguard.run_blocking(wireguard.clean_leftovers, wireguard.box_prefix(self.network.tag))
+        netns = (self.network.host_netns, *(self.network.netns_name(c) for c in sorted(keep)))
+        removed = await wireguard.run_blocking(
+            functools.partial(wireguard.clean_leftovers, wireguard.box_prefix(self.network.tag), netns=netns))
         for what in removed:
             log.warning("box %s: removed leftover tunnel %s", self.config.name, what)
 
@@ -346,7 +374,11 @@ class BoxDaemon:
                 log.warning("pool %s: no template: %s", key, exc)
             else:
                 tpl = await self.templates.get(key, digest, shape, image)
-                if tpl is not None:
+                short = HugePages.read().shortage(shape.memory_mib << 20, f"a clone of template {tpl.id}") \
+                    if tpl is not None and tpl.hugetlb else ""
+                if short:  # the template stays: the next clone may find room
+                    log.warning("pool %s: booting, not restoring: %s", key, short)
+                elif tpl is not None:
                     try:
                         return await self._start_cell(shape, key, image, origin="restore", template=tpl)
                     except BootFailed as exc:
@@ -363,9 +395,19 @@ class BoxDaemon:
     async def _make_template(self, key: str, digest: str, shape, image) -> Template:
         """Boot a cell in template mode, save it at its snapshot point, keep its memory and state."""
         t0 = time.monotonic()
-        tpl = Template(id="t" + secrets.token_hex(4), key=key, digest=digest, made_at=t0,
-                       memory_fd=new_memfd(f"{memfd_prefix(self.config.name)}{key}-memory", shape.memory_mib << 20),
-                       state_fd=new_memfd(f"{memfd_prefix(self.config.name)}{key}-state"))
+        hugetlb = self.config.template_hugepages
+        if hugetlb:
+            short = HugePages.read().shortage(shape.memory_mib << 20, f"the template of pool {key}")
+            if short:
+                raise TemplateFailed(short)
+        try:
+            memory_fd = new_memfd(f"{memfd_prefix(self.config.name)}{key}-memory", shape.memory_mib << 20,
+                                  hugetlb=hugetlb)
+        except OSError as exc:
+            raise TemplateFailed(f"template memory of pool {key}{' on huge pages' if hugetlb else ''}: "
+                                 f"{exc.strerror}" + (" (vm.nr_hugepages)" if hugetlb else "")) from None
+        tpl = Template(id="t" + secrets.token_hex(4), key=key, digest=digest, made_at=t0, memory_fd=memory_fd,
+                       state_fd=new_memfd(f"{memfd_prefix(self.config.name)}{key}-state"), hugetlb=hugetlb)
         try:
             rt = await self._start_cell(shape, key, image, origin="template", template=tpl)
             try:
@@ -478,6 +520,7 @@ class BoxDaemon:
                                         f"{msg.fields.get('cell_id', '')!r}")
                 cell.boot = dict(msg["boot"], kernel=msg["kernel"])
                 rt.start_ms = stage("hello")
+                await prestart.prestart(self, rt)  # [box] secure_prestart: its WireGuard interface, no keys
                 cell.transition(CellState.WARM)
                 self.save_cell(rt, "warm")
                 if template is not None:
@@ -563,6 +606,7 @@ class BoxDaemon:
         if cell.state is CellState.DESTROYED:
             return
         if self.detaching and rt.saved and cell.alive:
+            await prestart.remove(rt)  # remade by the next daemon (hived/box/prestart.py)
             rt.driver.detach()  # the cell and all it owns stay for the next daemon
             return
         t0 = time.monotonic()
@@ -573,6 +617,7 @@ class BoxDaemon:
         finally:
             if rt.tunnel is not None:
                 await rt.tunnel.close()
+            await prestart.remove(rt)
             if self.network is not None and (rt.net is not None or cell.id in self.network.known()):
                 try:
                     await self.network.teardown(cell.id)
@@ -663,6 +708,7 @@ class BoxDaemon:
                  "net": {"netns": rt.net.netns, "ip": rt.net.guest_ip} if rt.net else None,
                  "vcpu_threads": {str(k): v for k, v in rt.vcpu_threads.items()},
                  "origin": rt.origin, "template": rt.template, "adopted": rt.adopted, "start_ms": round(rt.start_ms, 1),
+                 "wireguard_prestarted": rt.wg_prestarted.name if rt.wg_prestarted is not None else "",
                  "start_stages_ms": rt.start_stages_ms,
                  "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
                 for rt in self.cells.values()

@@ -46,6 +46,17 @@ class BoxMetrics:
         self.adoptions = Counter("hived_cell_adoptions_total", "Cells a previous box daemon left running, at "
                                  "this daemon's start: adopted (warm or running a build) or not (removed, with why)",
                                  ["result"], registry=r)
+        # [box] secure_prestart (hived/box/prestart.py): interfaces started with warm cells, and how
+        # each Secure Compute tunnel got its interface.
+        self.wg_prestarts = Counter("hived_wireguard_prestarts_total", "WireGuard interfaces pre-started with "
+                                    "warm cells, by result (ok, failed)", ["result"], registry=r)
+        self.secure_interfaces = Counter("hived_secure_tunnel_interfaces_total", "Secure Compute tunnels by how "
+                                         "their interface came (prestarted, started at assignment)",
+                                         ["interface"], registry=r)
+        for result in ("ok", "failed"):
+            self.wg_prestarts.labels(result)
+        for how in ("prestarted", "started"):
+            self.secure_interfaces.labels(how)
         for state in CellState:
             self.cells.labels(state.value)
         for result in ("warm", "running", "not_adopted"):

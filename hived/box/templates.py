@@ -12,6 +12,18 @@ held by the box process:
 Sealed (F_SEAL_WRITE and the size seals), neither can be changed by anyone, clones
 included, and both vanish with the box process: nothing of a template outlives the box,
 not even after a kill -9 (a clone still running keeps its private mapping until it ends).
+
+With `[box] template_hugepages = true` the memory memfd is on huge pages (MFD_HUGETLB, the
+host's default size, from the pool `vm.nr_hugepages` reserved). Sealing works there as on
+tmpfs (kernel >= 4.16; checked on 6.x by tests/test_templates_hugepages.py): F_SEAL_WRITE
+refuses a shared writable mapping and write() (hugetlbfs has no write() at all), and a
+clone's private mapping copies a huge page on its first write to it. The catch is the
+kernel's accounting: a private hugetlb mapping reserves huge pages for its whole size when
+it is made (QEMU's default; without the reservation a copy-on-write fault on an empty pool
+would SIGBUS the VMM in mid-build). So a template takes memory_mib of huge pages and so
+does each of its clones; when the pool cannot cover a clone, the cell boots instead (on
+ordinary memory) and the template stays. Huge pages are not charged to the cells' memory
+cgroups, and not counted in Pss (smaps: Shared_Hugetlb / Private_Hugetlb).
 A template lives at most `max_age_s` and serves at most `max_clones` clones (they share its
 kernel address layout and everything in its memory before they reseed), then it is
 replaced; one that fails to restore is discarded at once.
@@ -108,11 +120,55 @@ def template_memfds(box_name: str) -> list[str]:
     return found
 
 
-def new_memfd(name: str, size: int = 0) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def new_memfd(name: str, size: int = 0, *, hugetlb: bool = False) -> int:
+    """A sealable memfd of `size` bytes; on huge pages (hugetlbfs) with `hugetlb` (the size must be
+    a multiple of the huge page size)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB if hugetlb else 0))
     if size:
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
     return fd
+
+
+@dataclasses.dataclass(frozen=True)
+class HugePages:
+    """The host's default-size huge pages (/proc/meminfo): what `vm.nr_hugepages` reserved."""
+    size: int        # bytes per page (Hugepagesize)
+    total: int       # HugePages_Total (vm.nr_hugepages, plus surplus pages in use)
+    free: int        # HugePages_Free: not faulted in by anyone
+    reserved: int    # HugePages_Rsvd: free, but promised to mappings made already
+
+    @property
+    def available(self) -> int:
+        """Pages a new mapping can still reserve."""
+        return self.free - self.reserved
+
+    @classmethod
+    def read(cls, meminfo: str = "/proc/meminfo") -> "HugePages":
+        fields = {}
+        with open(meminfo) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                fields[key] = int(rest.split()[0]) if rest.split() else 0
+        return cls(size=fields.get("Hugepagesize", 0) * 1024, total=fields.get("HugePages_Total", 0),
+                   free=fields.get("HugePages_Free", 0), reserved=fields.get("HugePages_Rsvd", 0))
+
+    def pages(self, nbytes: int) -> int:
+        return -(-nbytes // self.size) if self.size else 0
+
+    def shortage(self, nbytes: int, what: str) -> str:
+        """Why `nbytes` of huge pages cannot be had now ("" if they can), naming vm.nr_hugepages."""
+        if not self.size:
+            return f"{what} needs huge pages and this kernel has none (no Hugepagesize in /proc/meminfo)"
+        need = self.pages(nbytes)
+        if need <= self.available:
+            return ""
+        return (f"{what} needs {need} huge pages of {self.size >> 10} kB and {max(0, self.available)} are free "
+                f"(vm.nr_hugepages = {self.total}): raise it, e.g. `sysctl -w vm.nr_hugepages="
+                f"{self.total + need - max(0, self.available)}`, or set [box] template_hugepages = false")
 
 
 def reopen_readonly(fd: int) -> int:
@@ -132,6 +188,7 @@ class Template:
     state_bytes: int = 0
     clones: int = 0
     boot: dict = dataclasses.field(default_factory=dict)
+    hugetlb: bool = False  # its memory is on huge pages
 
     def seal(self) -> None:
         for fd in (self.memory_fd, self.state_fd):
@@ -165,7 +222,8 @@ class Template:
 
     def describe(self, now: float) -> dict:
         return {"id": self.id, "digest": self.digest, "age_s": round(now - self.made_at, 1),
-                "clones": self.clones, "make_ms": round(self.make_ms, 1), "state_bytes": self.state_bytes}
+                "clones": self.clones, "make_ms": round(self.make_ms, 1), "state_bytes": self.state_bytes,
+                "hugepages": self.hugetlb}
 
 
 class TemplateStore:

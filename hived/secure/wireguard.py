@@ -436,6 +436,10 @@ class Interface(abc.ABC):
                     "does it know this interface's public key, and is its UDP port reachable?")
             await asyncio.sleep(POLL_S)
 
+    def usable(self) -> bool:
+        """Still there to be configured (a pre-started interface is checked before it is used)."""
+        return not self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise WireGuardError(f"interface {self.name} is closed")
@@ -471,6 +475,10 @@ class GoInterface(Interface):
     @property
     def socket(self) -> str:
         return socket_path(self.name)
+
+    def usable(self) -> bool:
+        return super().usable() and self.process is not None and self.process.poll() is None \
+            and os.path.exists(self.socket)
 
     # -- start -----------------------------------------------------------------------------
     def _start_blocking(self, mtu: int, timeout: float) -> None:
