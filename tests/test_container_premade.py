@@ -112,11 +112,21 @@ def _msg(**over):
 def test_a_premade_container_takes_only_builds_it_can_run_exactly():
     made = premade.PremadeContainer(agent=None)
     assert made.fits(_msg(), "/work") == "not made"
-    made.pid, made.image_fs = 123, "erofs"
+    made.pid, made.image_fs = os.getpid(), "erofs"  # a live process stands for its waiting init
     assert made.fits(_msg(image_fs="erofs", source_fs="erofs"), "/workspace") == ""
     assert "image filesystem" in made.fits(_msg(), "/work")               # the cell root, not its image
     assert "rlimits" in made.fits(_msg(image_fs="erofs", limits={"nofile": 64}), "/work")
     assert "not absolute" in made.fits(_msg(image_fs="erofs"), "work")
+    zombie = subprocess.Popen(["true"])  # an init that died, its SIGCHLD not handled yet
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{zombie.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        made.pid = zombie.pid
+        assert "ended" in made.fits(_msg(image_fs="erofs"), "/work")
+    finally:
+        zombie.wait()
     made.dead = "its init ended before any build (wait status 9)"
     assert made.fits(_msg(image_fs="erofs"), "/work") == made.dead
 

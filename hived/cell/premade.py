@@ -107,6 +107,8 @@ class PremadeContainer:
             return self.dead
         if self.pid is None:
             return "not made"
+        if _exited(self.pid):
+            return "its init ended before any build"
         if (msg.get("image_fs") or "") != self.image_fs:
             return f"made on image filesystem {self.image_fs or 'none'!r}, the build names {msg.get('image_fs')!r}"
         if any(key in container.RLIMITS for key in msg["limits"]):
@@ -172,3 +174,12 @@ async def _write_all(fd: int, data: bytes) -> None:
 def _describe(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     return f"killed by signal {-code}" if code < 0 else f"exit {code}"
+
+
+def _exited(pid: int) -> bool:
+    """The process is gone or a zombie not reaped yet (its SIGCHLD still on the way)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True

@@ -1,7 +1,7 @@
 # Generated from protocol/messages.toml by protocol/generate.py. Do not edit.
 """The message table the codec is built from (see protocol/SPEC.md)."""
 
-VERSION = 4
+VERSION = 5
 MIN_VERSION = 1
 MAX_FRAME = 1048576
 
@@ -218,6 +218,14 @@ MESSAGES = ({'name': 'hello',
               'min': 0,
               'max': 18446744073709551615,
               'since': 4})},
+ {'name': 'cell.ready',
+  'id': 30,
+  'since': 5,
+  'from': ('cell',),
+  'fields': ({'name': 'cell_id', 'type': 'str', 'max': 64, 'since': 5},
+             {'name': 'premade', 'type': 'bool', 'since': 5},
+             {'name': 'made_ms', 'type': 'float', 'min': 0, 'max': 86400000, 'since': 5},
+             {'name': 'message', 'type': 'str', 'max': 1024, 'since': 5})},
  {'name': 'build.submit',
   'id': 32,
   'since': 1,
