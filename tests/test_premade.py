@@ -8,6 +8,7 @@ tests/test_up_cli.py.
 
 import functools
 import os
+import time
 
 import pytest
 
@@ -34,7 +35,8 @@ def _harness(extra_cmdline: str = "") -> BoxHarness:
 
 def test_a_build_on_a_premade_container_gets_its_own_command_env_cwd_and_exit_code():
     with _harness() as box:
-        box.wait_pool_full(300)
+        cell = _ready_cell(box)
+        assert cell["premade"]["premade"] is True and cell["premade"]["made_ms"] > 0, cell["premade"]
         r = box.build(["sh", "-c", 'pwd; echo "$ONLY|$HOME|$PATH"; id -u; echo "$0" "$1"; '
                                    'tr "\\0" " " < /proc/1/cmdline; echo; echo err >&2; exit 9', "zero", "a  b"],
                       env={"ONLY": "this build"}, cwd="/tmp")
@@ -60,10 +62,26 @@ def test_a_build_on_a_premade_container_gets_its_own_command_env_cwd_and_exit_co
         assert _record(box, second.build_id)["guest_start"]["premade"] == 1
 
 
-def test_a_premade_container_that_went_bad_falls_back_to_an_ordinary_start():
-    # hived.fault=premade-dies: each cell's agent kills its pre-made container's init once made
-    with _harness("hived.fault=premade-dies") as box:
-        box.wait_pool_full(300)
+def _ready_cell(box, timeout: float = 300) -> dict:
+    """The warm cell once it said cell.ready (its status' `premade`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        box.wait_pool_full(timeout)
+        warm = [c for c in box.status()["cells"] if c["state"] == "warm" and c["premade"] is not None]
+        if warm:
+            return warm[0]
+        assert time.monotonic() < deadline, box.status()["cells"]
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("cmdline, why", [
+    ("hived.fault=premade-dies", ""),           # made, then its init killed (and reaped) while warm
+    ("hived.premade=off", "turned off"),        # never made: the operator's switch
+])
+def test_a_premade_container_that_went_bad_falls_back_to_an_ordinary_start(cmdline, why):
+    with _harness(cmdline) as box:
+        cell = _ready_cell(box)
+        assert why in cell["premade"]["message"] and cell["premade"]["premade"] == (not why), cell["premade"]
         r = box.build(["sh", "-c", 'echo "$ONLY"; pwd; exit 4'], env={"ONLY": "still mine"})
         assert (r.exit["reason"], r.exit["code"]) == ("exited", 4), (r.exit, r.stderr)
         assert r.stdout == b"still mine\n/work\n" and r.stderr == b""

@@ -531,9 +531,9 @@ class BoxDaemon:
         rt.premade = {"premade": msg["premade"], "made_ms": round(msg["made_ms"], 1), "message": msg["message"]}
         if after_hello_ms is not None:
             rt.premade["after_hello_ms"] = round(after_hello_ms, 1)
-        if not msg["premade"]:
-            log.warning("cell %s has no pre-made build container (its build starts the ordinary way): %s",
-                        rt.cell.id, msg["message"])
+        if not msg["premade"]:  # info: hived.premade=off says so too; status and build records show it
+            log.info("cell %s has no pre-made build container (its build starts the ordinary way): %s",
+                     rt.cell.id, msg["message"])
 
     def new_runtime(self, cell: Cell, **fields) -> CellRuntime:
         return CellRuntime(cell, self.driver_factory(), **fields)

@@ -607,27 +607,44 @@ class Agent:
 
     def premake(self) -> None:
         """Make the build's container now that the cell is its own and warm (premade.py)."""
-        if self.premade_on and self.premade_task is None and self.build is None:
-            self.premade_task = asyncio.get_running_loop().create_task(self._premake())
+        if self.premade_task is None and self.build is None:
+            self.premade_task = asyncio.get_running_loop().create_task(self._premake(self.channel))
 
-    async def _premake(self) -> premade.PremadeContainer:
+    async def _premake(self, channel: Channel) -> premade.PremadeContainer:
         made = premade.PremadeContainer(self)
-        try:
-            await made.make(self.cell_id)
-        except Exception as exc:  # noqa: BLE001 - a build must still start the ordinary way
-            made.dead = f"failed: {type(exc).__name__}: {exc}"
+        if not self.premade_on:
+            made.dead = "turned off (hived.premade=off)"
+        else:
+            try:
+                await made.make(self.cell_id)
+            except Exception as exc:  # noqa: BLE001 - a build must still start the ordinary way
+                made.dead = f"failed: {type(exc).__name__}: {exc}"
         if made.dead:
             log(f"no pre-made build container: {made.dead}")
         elif "premade-dies" in self.faults and made.pid is not None:
             os.kill(made.pid, signal.SIGKILL)  # injected: its init dies while the cell is warm ...
             while made.pid is not None:        # ... and is reaped (PremadeContainer._reaped)
                 await asyncio.sleep(0.01)
-        channel = self.channel
-        if channel is not None and channel.session.version >= 5:  # a v4 box takes cells as ready at hello
+        # Only to the box that had our cell.hello: a box that adopted us meanwhile expects cell.adopted
+        # first, and a v4 box takes cells as ready at hello.
+        if channel is self.channel and channel.session.version >= 5:
             with contextlib.suppress(ChannelClosed):
                 await channel.send("cell.ready", cell_id=self.cell_id, premade=not made.dead,
                                    made_ms=made.made_s * 1000, message=made.dead[:1024])
         return made
+
+    async def share_premade_reads(self) -> None:
+        """In a template, before its snapshot point: what every clone's pre-made container reads
+        from the root image (crun and its libraries, hived-buildinit) goes into the page cache
+        in the template's memory, which the clones share, rather than into each clone's own."""
+        try:
+            proc = subprocess.Popen([CRUN, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            await self.wait_child(proc)
+            with open(container.BUILDINIT, "rb") as f:
+                f.read()
+        except OSError as exc:
+            log(f"template: could not read crun and hived-buildinit ahead: {exc}")
 
     async def take_premade(self) -> premade.PremadeContainer | None:
         """The pre-made container for the one build (made first if it is still being made)."""
@@ -660,6 +677,8 @@ class Agent:
                 if not restored:
                     if not said_template:
                         boot = self.boot_stages(t_agent)
+                        if self.premade_on:
+                            await self.share_premade_reads()
                         await channel.send("cell.template", kernel=os.uname().release, boot=boot,
                                            agent_version=__version__)
                         said_template = True

@@ -43,6 +43,7 @@ class PremadeContainer:
         self.dead = ""       # why it cannot be used any more ("" while it waits)
         self.made_s = 0.0    # how long making it took
         self.on_exit = None  # the build's reaper, once a build took it over
+        self.created = False  # crun create ran: crun has state to delete
 
     async def make(self, hostname: str) -> None:
         """Create and start it; on failure it is `dead` with the reason (the build falls back)."""
@@ -69,6 +70,7 @@ class PremadeContainer:
             os.dup2(rep_w, 3)  # dup2 clears close-on-exec; every other fd of the agent has it set
             os.dup2(cmd_r, 4)
 
+        self.created = True
         try:
             status, err = await self.agent.crun(
                 "create", "--bundle", str(bundle), "--pid-file", str(pidfile), "--preserve-fds", "2", ID,
@@ -150,6 +152,8 @@ class PremadeContainer:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.stdout_r = self.stderr_r = self.report_r = self.command_w = None
+        if not self.created:
+            return
         await self.agent.crun("delete", "--force", ID, log_name=ID, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
