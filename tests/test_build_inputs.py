@@ -75,7 +75,7 @@ def test_build_runs_in_a_container_of_the_named_image(world):
     assert "CapEff:\t0000000000000000" in lines              # no capabilities
     assert "NoNewPrivs:\t1" in lines
     assert "pid=2" in lines                                  # own pid namespace: the build is PID 2 ...
-    assert "init=/.hived/init " in lines  # ... under the container's init, pre-made: its build came on fd 4
+    assert "init=/.hived/init" in lines  # ... under the container's init, pre-made: its build came on fd 4
     assert _guest_start(box, r.build_id)["premade"] == 1
     assert "0::/" in lines                                   # own cgroup namespace (a cgroup of its own)
     assert "env=yes" in lines                                # the image config's Env
