@@ -5,8 +5,9 @@ start (~300 ms on a booted cell, most of a second on a fresh clone whose transla
 cache is empty). Nothing of that depends on the build except its command, environment,
 cwd and checkout, so once the cell is warm the agent makes the container with everything
 else — root overlay (image or cell root) + home, /proc, /dev, /sys, /tmp, namespaces,
-cgroup, uid 1000, no capabilities, no_new_privs — and starts it: its init
-(hived-buildinit with no program) blocks reading fd 4. At `run` the agent mounts the
+cgroup, uid 1000, no capabilities, no_new_privs — and starts it (`crun run --detach`,
+one crun process for create + start): its init (hived-buildinit with no program) blocks
+reading fd 4. At `run` the agent mounts the
 checkout into the container's mount namespace at the build's cwd (container.mount_into),
 writes the build (cwd, argv, env) on fd 4 and closes it; the init enters the cwd and runs
 the build as its child with exactly that argv and environment, as it would have with crun
@@ -37,13 +38,13 @@ class PremadeContainer:
 
     def __init__(self, agent) -> None:
         self.agent = agent
-        self.pid: int | None = None  # its init, our child once crun create exited
+        self.pid: int | None = None  # its init, our child once crun run --detach exited
         self.image_fs = ""
         self.stdout_r = self.stderr_r = self.report_r = self.command_w = None
         self.dead = ""       # why it cannot be used any more ("" while it waits)
         self.made_s = 0.0    # how long making it took
         self.on_exit = None  # the build's reaper, once a build took it over
-        self.created = False  # crun create ran: crun has state to delete
+        self.created = False  # crun ran: it may have state to delete
 
     async def make(self, hostname: str) -> None:
         """Create and start it; on failure it is `dead` with the reason (the build falls back)."""
@@ -71,28 +72,23 @@ class PremadeContainer:
             os.dup2(cmd_r, 4)
 
         self.created = True
-        try:
+        try:  # create + start in one crun process (`run --detach`): one exec of crun less under TCG
             status, err = await self.agent.crun(
-                "create", "--bundle", str(bundle), "--pid-file", str(pidfile), "--preserve-fds", "2", ID,
+                "run", "--detach", "--bundle", str(bundle), "--pid-file", str(pidfile), "--preserve-fds", "2", ID,
                 log_name=ID, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, preexec_fn=fds_3_and_4,
                 close_fds=False)
         finally:
             for fd in fds:
                 os.close(fd)
         if status != 0:
-            self.dead = f"crun create failed ({_describe(status)}): {err or 'no message'}"
+            self.dead = f"crun run failed ({_describe(status)}): {err or 'no message'}"
             return
         try:
             self.pid = int(pidfile.read_text().split()[0])
         except (OSError, ValueError, IndexError) as exc:
-            self.dead = f"no pid file from crun create: {exc}"
+            self.dead = f"no pid file from crun run: {exc}"
             return
         self.agent.children[self.pid] = self._reaped
-        status, err = await self.agent.crun("start", ID, log_name=ID, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if status != 0:
-            self.dead = self.dead or f"crun start failed ({_describe(status)}): {err or 'no message'}"
-            return
         self.made_s = time.monotonic() - t0
 
     def _reaped(self, status: int, ru) -> None:
