@@ -226,6 +226,10 @@ def test_boot_two_cells_and_nothing_left():
     assert report["bare_qemu_ms"]["p50"] > 0
     assert report["cold_boot_ms"]["p50"] > 0
     assert report["warm_start_ms"]["p50"] > 0
+    # where warm starts went: every build got its cell's pre-made container, the guest's part is within
+    stages = report["warm_start_stages_p50"]
+    assert stages["premade"] == "2/2", stages
+    assert 0 < stages["guest_run_to_started_ms"] <= report["warm_start_ms"]["p50"], stages
     assert report["ratio"] == pytest.approx(report["cold_boot_ms"]["p50"] / report["bare_qemu_ms"]["p50"],
                                             rel=1e-2)
     assert report["machine"]["nproc"] >= 1

@@ -57,6 +57,11 @@ def world(tmp_path_factory):
             box.stop()
 
 
+def _guest_start(box, build_id) -> dict:
+    [rec] = [b for b in box.status()["builds"] if b["id"] == build_id]
+    return rec["guest_start"]
+
+
 def test_build_runs_in_a_container_of_the_named_image(world):
     box = world["box"]
     script = ("cat /etc/os-release; id -u; grep CapEff /proc/self/status; grep NoNewPrivs /proc/self/status; "
@@ -70,7 +75,8 @@ def test_build_runs_in_a_container_of_the_named_image(world):
     assert "CapEff:\t0000000000000000" in lines              # no capabilities
     assert "NoNewPrivs:\t1" in lines
     assert "pid=2" in lines                                  # own pid namespace: the build is PID 2 ...
-    assert "init=/.hived/init sh -c " + script in lines  # ... under the container's init
+    assert "init=/.hived/init" in lines  # ... under the container's init, pre-made: its build came on fd 4
+    assert _guest_start(box, r.build_id)["premade"] == 1
     assert "0::/" in lines                                   # own cgroup namespace (a cgroup of its own)
     assert "env=yes" in lines                                # the image config's Env
     procs = int(next(x for x in lines if x.startswith("procs="))[6:])
@@ -102,6 +108,7 @@ def test_build_starts_in_the_checkout_of_the_named_revision(world):
                   options={"repo": world["url"], "rev": world["first"]})
     assert r.exit["code"] == 0, (r.exit, r.stderr)
     assert r.stdout.decode().split() == ["/workspace", "v1", "main.c", "new", "1000"]
+    assert _guest_start(box, r.build_id)["premade"] == 1  # the checkout mounted into the pre-made container
     r = box.build(["cat", "VERSION"], options={"repo": world["url"], "rev": "main", "image": world["ref"]})
     assert r.exit["code"] == 0 and r.stdout == b"v2\n", (r.exit, r.stderr)
 

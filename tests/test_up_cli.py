@@ -299,6 +299,29 @@ def test_ctrl_c_cancels_the_build_and_two_runs_queue_with_a_pool_of_1(home):
     assert host_leftovers(home) == []
 
 
+def test_builds_on_premade_containers_get_their_own_command_env_and_files(home):
+    """Warm cells make their build's container ahead (hived/cell/premade.py): through `hived run`
+    each build still gets its own argv, env, cwd, exit code and output, and never another's files."""
+    up = Up(home)
+    try:
+        up.wait_ready()
+        r = subprocess.run([*HIVED, "run", "--home", str(home), "--env", "ONLY=first build", "--cwd", "/tmp", "--",
+                            "sh", "-c", 'pwd; echo "$ONLY|$HOME"; echo "$1"; echo mine > /work/f; '
+                            'echo mine > /tmp/f; echo oops >&2; exit 6', "sh", "x  y"],
+                           capture_output=True, timeout=240)
+        assert (r.returncode, r.stdout, r.stderr) == (6, b"/tmp\nfirst build|/work\nx  y\n", b"oops\n"), r.stderr
+        r = run(home, "sh", "-c", 'echo "[$ONLY]"; ls -A /work /tmp; pwd')
+        assert (r.returncode, r.stdout) == (0, b"[]\n/tmp:\n\n/work:\n/work\n"), (r.stdout, r.stderr)
+        report = json.loads(subprocess.run([*HIVED, "status", "--home", str(home), "--json"],
+                                           capture_output=True, check=True).stdout)
+        last_two = report["builds"][-2:]
+        assert [b["guest_start"]["premade"] for b in last_two] == [1, 1], last_two
+        assert last_two[0]["cell"] != last_two[1]["cell"]
+    finally:
+        assert up.stop() == 0
+    assert host_leftovers(home) == []
+
+
 def test_kill_9_then_restart_adopts_the_cells_and_leaves_nothing(home):
     up = Up(home)
     up.wait_ready()

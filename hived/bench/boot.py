@@ -197,12 +197,13 @@ async def _warm_starts(run: _BootRun, n: int, image, accel: str, driver_factory,
     notify = os.environ.pop("NOTIFY_SOCKET", None)  # the daemon must not tell *our* service READY
 
     async def idle(what: str) -> None:
-        """Until the pool is full and no other cell is left (the last build's cell is destroyed)."""
+        """Until the pool is full, its cells ready (cell.ready: the build container pre-made) and no
+        other cell is left (the last build's cell is destroyed)."""
         deadline = time.monotonic() + timeout
         while True:
             pools = list(box.pools.values())
             if all(len(p.warm) >= p.target for p in pools) and \
-                    all(rt.cell.state is CellState.WARM for rt in box.cells.values()):
+                    all(rt.cell.state is CellState.WARM and rt.premade is not None for rt in box.cells.values()):
                 return
             failed = [p for p in pools if p.failures]
             if failed:
@@ -211,7 +212,7 @@ async def _warm_starts(run: _BootRun, n: int, image, accel: str, driver_factory,
                 raise BenchError(f"warm pool not full {what} after {timeout:g} s: {box.status_line()}")
             await asyncio.sleep(0.05)
 
-    warm, accepted, done = [], [], []
+    warm, accepted, done, stages = [], [], [], []
     try:
         try:
             await box.start()
@@ -256,6 +257,10 @@ async def _warm_starts(run: _BootRun, n: int, image, accel: str, driver_factory,
             if "warm_start_ms" not in rec:
                 raise BenchError(f"warm build {i + 1}: the box recorded no warm_start_ms ({rec})")
             warm.append(float(rec["warm_start_ms"]))
+            ready = rec.get("cell_premade") or {}
+            stages.append(dict(rec.get("guest_start") or {}, run_sent_ms=rec.get("run_sent_ms", 0.0),
+                               warm_start_ms=warm[-1], **{f"ready_{k}": v for k, v in ready.items()
+                                                          if k in ("made_ms", "after_hello_ms")}))
             run.cell_ids.append(rec.get("cell", ""))
             progress(f"[boot] warm start {i + 1}/{n}: {warm[-1]:.1f} ms "
                      f"(client submit->accepted {accepted[-1]:.1f} ms, ->exit {done[-1]:.0f} ms)")
@@ -263,7 +268,30 @@ async def _warm_starts(run: _BootRun, n: int, image, accel: str, driver_factory,
         if notify is not None:
             os.environ["NOTIFY_SOCKET"] = notify
         await box.stop()
-    return {"warm_start_ms": warm, "submit_to_accepted_ms": accepted, "submit_to_exit_ms": done}
+    return {"warm_start_ms": warm, "submit_to_accepted_ms": accepted, "submit_to_exit_ms": done,
+            "stages": stages}
+
+
+def warm_start_stages(stages: list[dict]) -> dict:
+    """Where warm starts went, p50 of each stage (ms): the box until `run` is sent, the guest from
+    `run` to `started` (of it: waiting for the pre-made container, crun), the rest (the channel
+    both ways, message handling); how many builds got a pre-made container, and what making it
+    cost while the cell was warm (in the guest; cell.hello -> cell.ready at the box)."""
+    def p50(key) -> float:
+        vals = [s[key] for s in stages if key in s]
+        return round(percentile(vals, 50), 2) if vals else 0.0
+
+    rest = [s["warm_start_ms"] - s["run_sent_ms"] - s["spawn_ms"] for s in stages if "spawn_ms" in s]
+    return {
+        "box_until_run_sent_ms": p50("run_sent_ms"),
+        "guest_run_to_started_ms": p50("spawn_ms"),
+        "guest_wait_premade_ms": p50("wait_premade_ms"),
+        "guest_crun_ms": p50("crun_ms"),
+        "channel_and_rest_ms": round(percentile(rest, 50), 2) if rest else 0.0,
+        "premade": f"{sum(1 for s in stages if s.get('premade'))}/{len(stages)}",
+        "premade_made_ms": p50("ready_made_ms"),
+        "hello_to_ready_ms": p50("ready_after_hello_ms"),
+    }
 
 
 async def _boot_main(run: _BootRun, args, image_dir: Path, image_current: bool) -> dict:
@@ -326,6 +354,7 @@ async def _boot_main(run: _BootRun, args, image_dir: Path, image_current: bool) 
         "bare_qemu_ms": dist_ms(bare_ms),
         "ratio": round(percentile(cold_ms, 50) / percentile(bare_ms, 50), 3),
         "warm_start_ms": dist_ms(warm["warm_start_ms"]),
+        "warm_start_stages_p50": warm_start_stages(warm["stages"]),
         "submit_to_accepted_ms": dist_ms(warm["submit_to_accepted_ms"]),
         "submit_to_exit_ms": dist_ms(warm["submit_to_exit_ms"]),
         **_template_report(tpl),
@@ -338,6 +367,8 @@ async def _boot_main(run: _BootRun, args, image_dir: Path, image_current: bool) 
             "guest_kernel": cold[0].get("kernel", "") if cold else "",
             "cgroups": cgroup_note, "warmup_pairs": args.warmup, "boot_timeout_s": timeout,
             "warm_settle_s": WARM_SETTLE_S,
+            "warm_start": "each build on a warm cell of an idle box: pool full, its cell ready (cell.ready), "
+                          "then warm_settle_s",
             "extra_cmdline": args.cmdline,
             "order": "cold, bare, cold, bare, ... (one at a time), then warm starts through a box daemon",
             "baseline": "bare_qemu_ms: same QEMU command, kernel and image, hived.mode=bare: the initramfs "
@@ -454,6 +485,8 @@ def render_boot(r: dict) -> str:
              row("teardown", r["teardown_ms"]),
              f"ratio cold/bare (p50): {r['ratio']:.2f}   cells: {r['cells']}   "
              f"cgroups: {r['config']['cgroups']}",
+             "warm start stages (p50 ms): " + ", ".join(
+                 f"{k} {v}" for k, v in r.get("warm_start_stages_p50", {}).items()),
              f"template made in {r['template_ms']:.0f} ms; idle PSS restored {r['idle_pss_mib']['restored']:.1f} "
              f"MiB vs cold {r['idle_pss_mib']['cold']:.1f} MiB (x{r['idle_pss_mib']['ratio']:.2f}); burst "
              + ", ".join(f"{k} {v:.0f} ms" for k, v in r["burst_ms"].items())]

@@ -222,6 +222,11 @@ async def _take_and_run(box, client, build_id, req, shape, cancel, rec, finish, 
         await box.destroy(rt, "build over")
 
 
+# usage keys of the cell's exit -> the build record's `guest_start` (ms; premade 1/0)
+GUEST_START_STAGES = {"spawn_s": "spawn_ms", "spawn_wait_s": "wait_premade_ms", "spawn_crun_s": "crun_ms",
+                      "spawn_premade": "premade"}
+
+
 def _cut_message(kept: int, cut: int, shape) -> str:
     return (f"output cut after {kept} bytes: the build wrote more than the output limit of {shape.output_limit} "
             f"bytes of shape {shape.name}; {cut} more byte(s) read and not kept, the build was stopped")
@@ -261,7 +266,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
     else:
         cell.transition(CellState.ASSIGNED)
         cell.build_id = build_id
-        rec.update(state="assigned", cell=cell.id, origin=rt.origin)
+        rec.update(state="assigned", cell=cell.id, origin=rt.origin, cell_premade=rt.premade)
         await _tell(client, "build.accepted", request_id=req["request_id"], build_id=build_id, cell_id=cell.id)
         facts = BuildFacts(build_id, "control" if hasattr(client, "lease") else "client",
                            lease=getattr(client, "lease", 0), shape=shape.name, customer=rec.get("customer", ""),
@@ -330,7 +335,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
     # silent after `run` is broken or hostile, whatever the build's own timeout.
     start_deadline = loop.time() + box.config.boot_timeout_s
     cancel_sent = False
-    recv = None
+    recv, rt.first_recv = rt.first_recv, None  # the warm cell's pending read (cell.ready), if still waiting
     if resume is not None:
         if facts.timeout_s > 0:  # the build's own clock started when it was assigned
             deadline = loop.time() + facts.timeout_s + GRACE_S - (time.time() - facts.assigned_at)
@@ -364,6 +369,7 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                                   limits={"output_bytes": shape.output_limit},
                                   image=image.digest if image else "", image_fs=image.fs_type if image else "",
                                   image_env=list(image.config.env) if image else [], source_fs=source_fs)
+            rec.update(run_sent_ms=(time.monotonic() - t_assigned) * 1000)
             box.save_cell(rt, "assigned")
         while True:
             recv = recv or asyncio.ensure_future(rt.channel.recv())
@@ -451,6 +457,12 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                 cell.transition(CellState.FINISHED, msg["reason"])
                 rec.update(output_bytes=received)
                 usage = msg["usage"]
+                # The guest's side of the start (hived/cell/agent.py): run received -> started sent,
+                # of it waiting for the pre-made container and crun; premade 1 if the build got one.
+                guest = {name: round(usage[key] * (1 if name == "premade" else 1000), 2)
+                         for key, name in GUEST_START_STAGES.items() if key in usage}
+                if guest:
+                    rec.update(guest_start=guest)
                 if late:
                     await gap(0, -1, "sequence", f"{len(late)} chunk(s) of output from cell {cell.id} never "
                               "arrived")
@@ -469,6 +481,10 @@ async def _run_on_cell(box, rt, client, build_id, req, shape, cancel, rec, finis
                 return
             elif msg.name == "error":
                 log.warning("cell %s says %s: %s", cell.id, msg["code"], msg["message"])
+            elif msg.name == "cell.ready":  # its container was still being made when the build came
+                if rt.premade is not None:
+                    raise CellBroke("cell sent cell.ready twice")
+                box.cell_ready(rt, msg)
             elif msg.name == "ping":
                 await rt.channel.send("pong", seq=msg["seq"])
             else:

@@ -86,6 +86,10 @@ class CellRuntime:
     vmm_start_ticks: int = 0
     saved: bool = False    # it has a cell record: a new daemon may adopt it
     adopted: bool = False  # taken over from a previous box daemon (hived/box/adopt.py)
+    # cell.ready (protocol v5): its build container is pre-made, or why not; None until it came.
+    # first_recv: the channel read waiting for it while the cell is warm; a build takes it over.
+    premade: dict | None = None
+    first_recv: asyncio.Future | None = None
 
 
 _VERB = {"boot": "boot", "restore": "restore", "template": "boot as a template"}
@@ -523,6 +527,7 @@ class BoxDaemon:
                 await prestart.prestart(self, rt)  # [box] secure_prestart: its WireGuard interface, no keys
                 cell.transition(CellState.WARM)
                 self.save_cell(rt, "warm")
+                self._await_ready(rt)
                 if template is not None:
                     log.info("cell %s restored from template %s in %.0f ms", cell.id, template.id, rt.start_ms)
             except (VmmError, CgroupError, ProtocolError, ChannelClosed, TimeoutError, OSError,
@@ -554,6 +559,33 @@ class BoxDaemon:
         else:
             self.metrics.boot_seconds.labels(shape.name).observe(cell.boot_seconds())
         return rt
+
+    def _await_ready(self, rt: CellRuntime) -> None:
+        """A warm cell says cell.ready once its build container is pre-made (hived/cell/premade.py);
+        the read waits here until then, or until a build takes it over (run_build)."""
+        if rt.channel.session.version < 5:
+            rt.premade = {"premade": False, "message": f"the cell speaks protocol v{rt.channel.session.version}"}
+            return
+        t_hello = time.monotonic()
+        read = rt.first_recv = asyncio.ensure_future(rt.channel.recv())
+
+        def done(fut: asyncio.Future) -> None:
+            if fut.cancelled() or fut.exception() is not None or rt.first_recv is not fut:
+                return  # closed (the cell's end is seen elsewhere), or a build has the read now
+            msg = fut.result()
+            if msg.name == "cell.ready":
+                rt.first_recv = None
+                self.cell_ready(rt, msg, (time.monotonic() - t_hello) * 1000)
+
+        read.add_done_callback(done)
+
+    def cell_ready(self, rt: CellRuntime, msg, after_hello_ms: float | None = None) -> None:
+        rt.premade = {"premade": msg["premade"], "made_ms": round(msg["made_ms"], 1), "message": msg["message"]}
+        if after_hello_ms is not None:
+            rt.premade["after_hello_ms"] = round(after_hello_ms, 1)
+        if not msg["premade"]:  # info: hived.premade=off says so too; status and build records show it
+            log.info("cell %s has no pre-made build container (its build starts the ordinary way): %s",
+                     rt.cell.id, msg["message"])
 
     def new_runtime(self, cell: Cell, **fields) -> CellRuntime:
         return CellRuntime(cell, self.driver_factory(), **fields)
@@ -709,6 +741,7 @@ class BoxDaemon:
                  "vcpu_threads": {str(k): v for k, v in rt.vcpu_threads.items()},
                  "origin": rt.origin, "template": rt.template, "adopted": rt.adopted, "start_ms": round(rt.start_ms, 1),
                  "wireguard_prestarted": rt.wg_prestarted.name if rt.wg_prestarted is not None else "",
+                 "premade": rt.premade,
                  "start_stages_ms": rt.start_stages_ms,
                  "boot_s": round(rt.cell.boot_seconds() or 0, 3), "boot": rt.cell.boot}
                 for rt in self.cells.values()

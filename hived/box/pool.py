@@ -118,7 +118,9 @@ class WarmPool:
     def take(self):
         """A warm cell now, or None. Dead cells found on the way are handed back for cleanup."""
         while self.warm:
-            rt = self.warm.popleft()
+            # A cell whose build container is pre-made first (cell.ready); else the oldest.
+            rt = next((c for c in self.warm if getattr(c, "premade", None)), self.warm[0])
+            self.warm.remove(rt)
             # The replacement boots a moment later: the build that took this cell is at its most
             # latency-sensitive (tunnel, checkout, container start) and a boot right now would take
             # the CPU from it; a boot takes seconds, so the pool loses next to nothing.

@@ -30,7 +30,7 @@ import sys
 import time
 
 from hived import __version__
-from hived.cell import container, identity
+from hived.cell import container, identity, premade
 from hived.protocol.channel import Channel, ChannelClosed
 from hived.protocol.resync import MarkerScanner, ResyncError, marker
 from hived.protocol.session import Session
@@ -314,6 +314,7 @@ class Build:
         self.end_message = ""
         self.started = 0.0
         self.report_r: int | None = None  # hived-buildinit's fd 3, read end
+        self.timings: dict[str, float] = {}  # where the start went (usage spawn_*: the box's warm-start stages)
 
     def _env(self) -> dict[str, str]:
         env = dict(DEFAULT_ENV)
@@ -323,19 +324,6 @@ class Build:
                 env[key] = value
         env.update(self.msg["env"])
         return env
-
-    async def _crun(self, *args: str, **popen) -> tuple[int, str]:
-        """Run crun to its end (reaped by the agent's SIGCHLD handler); (wait status, its log)."""
-        log_path = container.RUN / "crun.log"
-        with contextlib.suppress(FileNotFoundError):
-            log_path.unlink()
-        proc = subprocess.Popen([CRUN, f"--log=file:{log_path}", "--cgroup-manager=cgroupfs", *args], **popen)
-        status, _ = await self.agent.wait_child(proc)
-        try:
-            text = log_path.read_text(errors="replace").strip()
-        except OSError:
-            text = ""
-        return status, text
 
     async def _spawn(self) -> str | None:
         """Set up and start the container; None, or why it could not start."""
@@ -355,8 +343,9 @@ class Build:
         def report_fd_3() -> None:  # in the child: crun --preserve-fds 1 hands fd 3 to the container
             os.dup2(report_w, 3)  # dup2 clears close-on-exec; every other fd of the agent has it set
 
+        t_crun = time.monotonic()
         try:
-            status, err = await self._crun(
+            status, err = await self.agent.crun(
                 "create", "--bundle", str(bundle), "--pid-file", str(pidfile), "--preserve-fds", "1", self.id,
                 stdin=subprocess.DEVNULL, stdout=self.stdout_w, stderr=self.stderr_w, preexec_fn=report_fd_3,
                 close_fds=False)  # close_fds would close fd 3 after preexec_fn
@@ -368,10 +357,39 @@ class Build:
             return f"crun create failed ({_describe(status)}): {err or 'no message'}"
         self.pid = int(pidfile.read_text().split()[0])
         self.agent.children[self.pid] = self._reaped
-        status, err = await self._crun("start", self.id, stdin=subprocess.DEVNULL,
+        status, err = await self.agent.crun("start", self.id, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.timings["spawn_crun_s"] = time.monotonic() - t_crun
         if status != 0:
             self.kill("spawn_failed", f"crun start failed ({_describe(status)}): {err or 'no message'}")
+        return None
+
+    async def _hand_to_premade(self) -> tuple[int, int] | None:
+        """Give the build to the cell's pre-made container (hived/cell/premade.py); its
+        (stdout, stderr) read ends, or None: start it the ordinary way."""
+        t0 = time.monotonic()
+        made = await self.agent.take_premade()
+        self.timings["spawn_wait_s"] = time.monotonic() - t0
+        if made is None:
+            return None
+        cwd = self.msg["cwd"] or "/work"
+        why = made.fits(self.msg, cwd)
+        if not why:
+            made.on_exit = self._reaped  # before the build can end: it may run the moment it is written
+            try:
+                await made.hand_over(self.msg, cwd, self._env())
+            except (container.ContainerError, OSError) as exc:
+                why = str(exc)
+                made.on_exit = None
+                self.status = None  # its init's end, if that was it, was not the build's
+                self.reaped.clear()
+            else:
+                self.pid = made.pid
+                stdout_r, stderr_r, self.report_r = made.take_pipes()
+                self.timings["spawn_premade"] = 1.0
+                return stdout_r, stderr_r
+        log(f"build {self.id}: an ordinary container start: the pre-made one {why}")
+        await made.discard()
         return None
 
     def _reaped(self, status: int, ru) -> None:
@@ -381,15 +399,22 @@ class Build:
     async def run(self) -> None:
         msg = self.msg
         self.started = time.monotonic()
-        stdout_r, self.stdout_w = os.pipe2(os.O_CLOEXEC)
-        stderr_r, self.stderr_w = os.pipe2(os.O_CLOEXEC)
-        stdout, stderr = os.fdopen(stdout_r, "rb", 0), os.fdopen(stderr_r, "rb", 0)
-        why = await self._spawn()
-        if why is not None:
-            stdout.close()
-            stderr.close()
-            self.set_exit(127, 0, "spawn_failed", why, {})
-            return
+        self.timings["spawn_premade"] = 0.0
+        premade = await self._hand_to_premade()
+        if premade is not None:
+            stdout_r, stderr_r = premade
+            stdout, stderr = os.fdopen(stdout_r, "rb", 0), os.fdopen(stderr_r, "rb", 0)
+        else:
+            stdout_r, self.stdout_w = os.pipe2(os.O_CLOEXEC)
+            stderr_r, self.stderr_w = os.pipe2(os.O_CLOEXEC)
+            stdout, stderr = os.fdopen(stdout_r, "rb", 0), os.fdopen(stderr_r, "rb", 0)
+            why = await self._spawn()
+            if why is not None:
+                stdout.close()
+                stderr.close()
+                self.set_exit(127, 0, "spawn_failed", why, {})
+                return
+        self.timings["spawn_s"] = time.monotonic() - self.started
         with contextlib.suppress(ChannelClosed):  # a box that is away learns it from cell.adopted
             await self.agent.channel.send("started", build_id=self.id, pid=self.pid, uptime=uptime())
         loop = asyncio.get_running_loop()
@@ -483,10 +508,16 @@ class Build:
         }
         if self.undrained:
             usage["output_undrained"] = 1.0
+        usage.update(self.timings)
         report = self._build_report()
         if report is not None and report[0] == "exec" and self.end_reason is None:
             argv0 = self.msg["argv"][:1]
             self.set_exit(127, 0, "spawn_failed", f"cannot start {argv0}: {container.exec_error(report[1])}", usage)
+            return
+        if report is not None and report[0] == "chdir" and self.end_reason is None:
+            cwd = self.msg["cwd"] or "/work"
+            self.set_exit(127, 0, "spawn_failed", f"cannot enter the build's cwd {cwd}: "
+                          f"{container.exec_error(report[1])}", usage)
             return
         if report is not None and report[0] == "status" and self.end_reason is None:
             status = report[1]  # the build's own status, seen by its init (PID 1 of the container)
@@ -535,9 +566,13 @@ class AdoptRefused(Exception):
 
 
 class Agent:
-    def __init__(self, cell_id: str, template: bool = False) -> None:
+    def __init__(self, cell_id: str, template: bool = False, faults: frozenset = frozenset(),
+                 premade_on: bool = True) -> None:
         self.cell_id = cell_id
         self.template = template  # booted to be snapshotted: becomes a cell only once restored
+        self.faults = faults      # hived.fault= on the kernel command line: failures tests inject
+        self.premade_on = premade_on  # hived.premade=off: every build starts the ordinary way
+        self.premade_task: asyncio.Task | None = None  # making the build's container while warm
         self.channel: Channel | None = None
         self.build: Build | None = None
         self.children: dict[int, object] = {}  # pid -> callback(wait status, rusage)
@@ -556,6 +591,65 @@ class Agent:
             done = self.children.pop(pid, None)
             if done is not None:
                 done(status, ru)
+
+    async def crun(self, *args: str, log_name: str = "crun", **popen) -> tuple[int, str]:
+        """Run crun to its end (reaped by the SIGCHLD handler); (wait status, its log)."""
+        log_path = container.RUN / f"{log_name}.log"
+        with contextlib.suppress(FileNotFoundError):
+            log_path.unlink()
+        proc = subprocess.Popen([CRUN, f"--log=file:{log_path}", "--cgroup-manager=cgroupfs", *args], **popen)
+        status, _ = await self.wait_child(proc)
+        try:
+            text = log_path.read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        return status, text
+
+    def premake(self) -> None:
+        """Make the build's container now that the cell is its own and warm (premade.py)."""
+        if self.premade_task is None and self.build is None:
+            self.premade_task = asyncio.get_running_loop().create_task(self._premake(self.channel))
+
+    async def _premake(self, channel: Channel) -> premade.PremadeContainer:
+        made = premade.PremadeContainer(self)
+        if not self.premade_on:
+            made.dead = "turned off (hived.premade=off)"
+        else:
+            try:
+                await made.make(self.cell_id)
+            except Exception as exc:  # noqa: BLE001 - a build must still start the ordinary way
+                made.dead = f"failed: {type(exc).__name__}: {exc}"
+        if made.dead:
+            log(f"no pre-made build container: {made.dead}")
+        elif "premade-dies" in self.faults and made.pid is not None:
+            os.kill(made.pid, signal.SIGKILL)  # injected: its init dies while the cell is warm ...
+            while made.pid is not None:        # ... and is reaped (PremadeContainer._reaped)
+                await asyncio.sleep(0.01)
+        # Only to the box that had our cell.hello: a box that adopted us meanwhile expects cell.adopted
+        # first, and a v4 box takes cells as ready at hello.
+        if channel is self.channel and channel.session.version >= 5:
+            with contextlib.suppress(ChannelClosed):
+                await channel.send("cell.ready", cell_id=self.cell_id, premade=not made.dead,
+                                   made_ms=made.made_s * 1000, message=made.dead[:1024])
+        return made
+
+    async def share_premade_reads(self) -> None:
+        """In a template, before its snapshot point: what every clone's pre-made container reads
+        from the root image (crun and its libraries, hived-buildinit) goes into the page cache
+        in the template's memory, which the clones share, rather than into each clone's own."""
+        try:
+            proc = subprocess.Popen([CRUN, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            await self.wait_child(proc)
+            with open(container.BUILDINIT, "rb") as f:
+                f.read()
+        except OSError as exc:
+            log(f"template: could not read crun and hived-buildinit ahead: {exc}")
+
+    async def take_premade(self) -> premade.PremadeContainer | None:
+        """The pre-made container for the one build (made first if it is still being made)."""
+        task, self.premade_task = self.premade_task, None
+        return None if task is None else await task
 
     async def wait_child(self, proc: subprocess.Popen) -> tuple[int, object]:
         """The wait status of a child just spawned (registered before the loop can reap it)."""
@@ -583,6 +677,8 @@ class Agent:
                 if not restored:
                     if not said_template:
                         boot = self.boot_stages(t_agent)
+                        if self.premade_on:
+                            await self.share_premade_reads()
                         await channel.send("cell.template", kernel=os.uname().release, boot=boot,
                                            agent_version=__version__)
                         said_template = True
@@ -593,10 +689,12 @@ class Agent:
                     restored = said_hello = True
                     await channel.send("cell.hello", cell_id=self.cell_id, kernel=os.uname().release,
                                        boot=boot, agent_version=__version__)
+                    self.premake()
                 elif not said_hello:
                     said_hello = True
                     await channel.send("cell.hello", cell_id=self.cell_id, kernel=os.uname().release,
                                        boot=self.boot_stages(t_agent), agent_version=__version__)
+                    self.premake()
                 else:
                     await self.adopted(channel, await channel.recv())
                 while True:
@@ -697,7 +795,8 @@ def main() -> None:
             socket.sethostname(cell_id)
         except OSError:
             pass
-    agent = Agent(cell_id, template=template)
+    faults = frozenset(filter(None, args.get("hived.fault", "").split(",")))
+    agent = Agent(cell_id, template=template, faults=faults, premade_on=args.get("hived.premade") != "off")
     try:
         asyncio.run(agent.main())
     except Exception as exc:  # PID 1 must not die with a traceback only: say why, then stop

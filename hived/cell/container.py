@@ -9,9 +9,10 @@ Guest side (stdlib only). Layout in the cell:
     /run/hived/lower           the cell's own root, bound alone (no submounts)
     /run/hived/image           the build image (drive `hived-image`, erofs/ext4, read-only)
     /run/hived/rootfs          overlay: image (or the cell root) + root.upper
+    /run/hived/pre.rootfs      the same for the pre-made container (pre.upper; premade.py)
     /run/hived/src.lower       the checkout (drive `hived-source`, read-only)
     /run/hived/src             overlay: checkout + src.upper, bound at the build's cwd
-    /run/hived/bundle          config.json for crun
+    /run/hived/bundle          config.json for crun (pre.bundle: the pre-made container's)
 
 The container: uid/gid 1000, no capabilities, no_new_privs, own pid/mount/ipc/uts/
 cgroup namespaces and a cgroup of its own; the network namespace is the cell's (the
@@ -37,6 +38,14 @@ IMAGE_SERIAL = "hived-image"
 SOURCE_SERIAL = "hived-source"
 BLKFLSBUF = 0x1261  # drop a block device's cached pages
 MS_RDONLY, MS_NODEV, MS_NOSUID, MS_BIND = 0x1, 0x4, 0x2, 0x1000
+# Filesystem magics, to know a build image's filesystem before any build names it.
+EROFS_MAGIC_AT, EROFS_MAGIC = 1024, b"\xe2\xe1\xf5\xe0"   # erofs_super_block.magic, le32 0xE0F5E1E2
+EXT4_MAGIC_AT, EXT4_MAGIC = 1024 + 56, b"\x53\xef"          # ext4 s_magic, le16 0xEF53
+# Mounting into another mount namespace (Linux >= 5.2: the clone of a tree, attached there).
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # x86_64
+OPEN_TREE_CLONE, AT_RECURSIVE, AT_FDCWD = 0x1, 0x8000, -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+CLONE_NEWNS = 0x20000
 RLIMITS = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "fsize": "RLIMIT_FSIZE"}
 
 
@@ -83,33 +92,116 @@ def _dir(path: Path, uid: int = 0, mode: int = 0o755) -> Path:
     return path
 
 
-def _overlay(lower: Path, name: str, target: Path, owner: int = 0) -> None:
+def _overlay(lower: Path, name: str, target: Path, owner: int = 0, flags: int = MS_NODEV) -> None:
     upper = _dir(STATE / f"{name}.upper", owner)
     work = _dir(STATE / f"{name}.work")
-    mount("overlay", target, "overlay", MS_NODEV,
+    mount("overlay", target, "overlay", flags,
           f"lowerdir={lower},upperdir={upper},workdir={work}")
 
 
-def prepare_filesystems(image_fs: str, source_fs: str) -> dict:
-    """Mount the container's root and the checkout; returns the paths for the bundle."""
+def prepare_root(image_fs: str, name: str = "root") -> dict:
+    """Mount a container's root (the image, or the cell's own root, under an overlay whose
+    upper layer is STATE/<name>.upper) and the build's home; the paths for the bundle."""
     _dir(STATE, 0, 0o700)
     home = _dir(STATE / "home", BUILD_UID)
     if image_fs:
         lower = RUN / "image"
-        mount(find_disk(IMAGE_SERIAL), lower, image_fs, MS_RDONLY | MS_NODEV)
+        if not os.path.ismount(lower):  # the pre-made container's, when a build falls back
+            mount(find_disk(IMAGE_SERIAL), lower, image_fs, MS_RDONLY | MS_NODEV)
     else:
         lower = RUN / "lower"
-        mount("/", lower, None, MS_BIND)  # not recursive: only the root filesystem itself
-    rootfs = RUN / "rootfs"
-    _overlay(lower, "root", rootfs)
-    paths = {"rootfs": rootfs, "home": home, "source": None}
+        if not os.path.ismount(lower):
+            mount("/", lower, None, MS_BIND)  # not recursive: only the root filesystem itself
+    rootfs = RUN / ("rootfs" if name == "root" else f"{name}.rootfs")
+    _overlay(lower, name, rootfs)
+    return {"rootfs": rootfs, "home": home, "source": None}
+
+
+def prepare_source(source_fs: str) -> Path:
+    """Mount the checkout (the source slot the box filled at assignment) under a writable overlay."""
+    dev = find_disk(SOURCE_SERIAL)
+    drop_cached(dev)
+    mount(dev, RUN / "src.lower", source_fs, MS_RDONLY | MS_NODEV)
+    _overlay(RUN / "src.lower", "src", RUN / "src", owner=BUILD_UID, flags=MS_NODEV | MS_NOSUID)
+    return RUN / "src"
+
+
+def prepare_filesystems(image_fs: str, source_fs: str) -> dict:
+    """Mount the container's root and the checkout; returns the paths for the bundle."""
+    paths = prepare_root(image_fs)
     if source_fs:
-        dev = find_disk(SOURCE_SERIAL)
-        drop_cached(dev)
-        mount(dev, RUN / "src.lower", source_fs, MS_RDONLY | MS_NODEV)
-        _overlay(RUN / "src.lower", "src", RUN / "src", owner=BUILD_UID)
-        paths["source"] = RUN / "src"
+        paths["source"] = prepare_source(source_fs)
     return paths
+
+
+def fs_type_of(head: bytes) -> str:
+    """"erofs", "ext4" or "" from a filesystem's first 2 KiB (pure)."""
+    if head[EROFS_MAGIC_AT:EROFS_MAGIC_AT + 4] == EROFS_MAGIC:
+        return "erofs"
+    if head[EXT4_MAGIC_AT:EXT4_MAGIC_AT + 2] == EXT4_MAGIC:
+        return "ext4"
+    return ""
+
+
+def image_fs_type() -> str:
+    """The build image's filesystem, read from its drive; "" when the cell has no build image."""
+    try:
+        dev = find_disk(IMAGE_SERIAL)
+    except ContainerError:
+        return ""
+    with open(dev, "rb") as f:
+        kind = fs_type_of(f.read(2048))
+    if not kind:
+        raise ContainerError(f"the build image drive {dev} holds neither erofs nor ext4")
+    return kind
+
+
+def mount_into(pid: int, source: Path, target: str) -> None:
+    """Mount `source` (a mount of ours) at `target` inside the mount namespace of process
+    `pid` (a pre-made container's init), as crun's bind at create time would have.
+
+    A forked child does it: setns(CLONE_NEWNS) is refused to a process with threads, and it
+    changes the caller's root and cwd to the container's. The clone of the tree
+    (open_tree) is made here, where `source` is visible, and attached there (move_mount).
+    """
+    tree = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, str(source).encode(),
+                         OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+    if tree < 0:
+        raise ContainerError(f"open_tree {source}: {os.strerror(ctypes.get_errno())}")
+    try:
+        ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        os.close(tree)
+        raise ContainerError(f"the container's init ({pid}) is gone: {exc.strerror}") from None
+    why_r, why_w = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:  # only syscalls here, then _exit: nothing of the agent's loop runs in the child
+        why = ""
+        try:
+            if _libc.setns(ns, CLONE_NEWNS) != 0:
+                why = f"setns: {os.strerror(ctypes.get_errno())}"
+            else:
+                os.makedirs(target, exist_ok=True)  # as crun makes a bind's destination
+                if _libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH) != 0:
+                    why = f"move_mount: {os.strerror(ctypes.get_errno())}"
+        except OSError as exc:
+            why = f"{exc.strerror}: {exc.filename}"
+        except BaseException as exc:  # noqa: BLE001 - the child must reach _exit whatever happens
+            why = repr(exc)
+        finally:
+            os.write(why_w, why.encode()[:4096])
+            os._exit(1 if why else 0)
+    os.close(why_w)
+    os.close(tree)
+    os.close(ns)
+    try:
+        # The agent's SIGCHLD handler runs on its loop, which cannot run before this returns.
+        _, status = os.waitpid(child, 0)
+        why = os.read(why_r, 4096).decode(errors="replace")
+    finally:
+        os.close(why_r)
+    if status != 0:
+        raise ContainerError(f"cannot mount {source} at {target} in the container: {why or f'status {status}'}")
 
 
 def bundle_config(argv: list[str], env: dict[str, str], cwd: str, limits: dict, paths: dict,
@@ -167,21 +259,31 @@ def bundle_config(argv: list[str], env: dict[str, str], cwd: str, limits: dict, 
     }
 
 
-def write_bundle(config: dict) -> Path:
-    bundle = _dir(RUN / "bundle", 0, 0o700)
+def write_bundle(config: dict, name: str = "bundle") -> Path:
+    bundle = _dir(RUN / name, 0, 0o700)
     (bundle / "config.json").write_text(json.dumps(config))
     return bundle
 
 
 def parse_report(text: str) -> tuple[str, int] | None:
-    """hived-buildinit's one line on fd 3: ("status", wait status) or ("exec", errno)."""
+    """hived-buildinit's one line on fd 3: ("status", wait status), ("exec", errno) or
+    ("chdir", errno): the build's cwd could not be entered (a pre-made container's)."""
     words = text.split()
-    if len(words) != 2 or words[0] not in ("status", "exec"):
+    if len(words) != 2 or words[0] not in ("status", "exec", "chdir"):
         return None
     try:
         return words[0], int(words[1])
     except ValueError:
         return None
+
+
+def command_spec(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
+    """The build as a pre-made container's init reads it on fd 4 (buildinit.c read_command)."""
+    parts = [cwd, str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())]
+    for part in parts:
+        if "\0" in part:
+            raise ContainerError("the build's argv, env or cwd holds a NUL byte")
+    return b"".join(part.encode() + b"\0" for part in parts)
 
 
 def exec_error(err: int) -> str:
