@@ -239,6 +239,8 @@ def test_boot_two_cells_and_nothing_left():
     pss = report["idle_pss_mib"]
     assert pss["restored"] > 0 and pss["cold"] > 0 and len(pss["all"]["restored"]) == len(pss["all"]["cold"]) == 3
     assert pss["ratio"] == pytest.approx(pss["restored"] / pss["cold"], rel=2e-2)
+    ram = pss["guest_ram"]  # a part of each VMM's Pss: its guest RAM mapping alone
+    assert 0 < ram["restored"] < pss["restored"] and 0 < ram["cold"] < pss["cold"], pss
     assert set(report["burst_ms"]) == {"with_templates", "without_templates"}
     assert all(v > 0 for v in report["burst_ms"].values())
 

@@ -6,7 +6,8 @@
     idle_pss_mib       PSS (/proc/PID/smaps_rollup) of idle warm cells' VMMs with `cells` cells up:
                        restored (sharing their template's memory) vs cold (booted); with
                        --template-hugepages plus Private_Hugetlb (a clone's own copies of huge
-                       pages), and `hugepages` says what the held clones had reserved and mapped
+                       pages), and `hugepages` says what the held clones had reserved and mapped;
+                       guest_ram: the guest-RAM mapping's Pss alone (no QEMU, no TCG buffer)
     burst_ms           3x the pool's builds submitted at once -> the last one running in its
                        container, with templates and without (every refill a cold boot)
 
@@ -41,6 +42,28 @@ def pss_mib(pid: int) -> float:
     template's huge pages): Pss leaves hugetlb out. 0 without huge pages."""
     r = rollup_mib(pid)
     return r["Pss"] + r.get("Private_Hugetlb", 0.0)
+
+
+def guest_ram_pss_mib(pid: int, memory_mib: int) -> float:
+    """Pss of the guest's RAM alone: the VMM's one mapping of exactly the shape's memory (a
+    template's memfd in a clone, anonymous memory in a booted cell). The rest of a VMM's Pss is
+    QEMU itself, and under TCG mostly its translation buffer, which KVM does not have."""
+    best = None
+    size = pss = 0.0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key == "Size":
+                size = int(rest.split()[0]) / 1024
+            elif key in ("Pss", "Private_Hugetlb") and size == memory_mib:
+                pss += int(rest.split()[0]) / 1024
+            elif key == "VmFlags":  # the last field of a mapping
+                if size == memory_mib:
+                    best = pss if best is None else max(best, pss)
+                size = pss = 0.0
+    if best is None:
+        raise TemplateBenchError(f"VMM {pid} has no mapping of {memory_mib} MiB (the guest's RAM)")
+    return best
 
 
 def _p50s(rows: list[dict]) -> dict:
@@ -171,6 +194,8 @@ async def measure(tmp: Path, image, accel: str, driver_factory, timeout: float, 
                     "held_clones": len(held), "pool_cells": pool}
             out.setdefault("idle_pss_mib_all", {})["restored" if templates else "cold"] = \
                 [pss_mib(rt.cell.pid) for rt in held]
+            out.setdefault("idle_guest_ram_pss_mib_all", {})["restored" if templates else "cold"] = \
+                [guest_ram_pss_mib(rt.cell.pid, shape.memory_mib) for rt in held]
             for rt in held:
                 await box.destroy(rt, "bench")
             held = []
