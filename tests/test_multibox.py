@@ -246,17 +246,21 @@ def test_a_build_goes_on_across_a_sigterm_restart_of_hived_box_under_a_notify_so
             box = BoxProcess(d, name, f"10.{100 + secrets.randbelow(100)}.32.0/28",
                              [f"127.0.0.1:{h.cp.box_port}"], token).start(env)
 
+            def drain():
+                while True:
+                    try:
+                        said.append(notify.recv(4096).decode())
+                    except BlockingIOError:
+                        return
+
             async def until(cond, timeout, what):
                 deadline = time.monotonic() + timeout
                 while not cond():
-                    while True:
-                        try:
-                            said.append(notify.recv(4096).decode())
-                        except BlockingIOError:
-                            break
+                    drain()
                     if time.monotonic() > deadline:
                         raise AssertionError(f"timed out waiting for {what}; said {said[-5:]}")
                     await asyncio.sleep(0.1)
+                drain()  # what it said just before cond held (e.g. STOPPING=1, then its exit)
 
             await until(lambda: any(m.startswith("READY=1") for m in said), 240, "READY=1")
             await until(lambda: (b := h.cp.scheduler.boxes.get(name)) is not None and b.usable
