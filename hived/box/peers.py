@@ -218,6 +218,27 @@ class PeerDirectory:
                 and isinstance(h.get("expires"), int)]
 
 
+
+async def _into_new_file(dest: Path, receive) -> None:
+    """`await receive(write)` into dest (which must not exist), fsynced; dest is removed on any
+    failure, so nothing half-written is ever found there."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    ok = False
+    try:
+        def write(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+
+        await receive(write)
+        os.fsync(fd)
+        ok = True
+    finally:
+        os.close(fd)
+        if not ok:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dest)
+
 class PeerSource:
     """One holder, seen through the registry client's blob interface (fetch_blob_bytes,
     fetch_blob, close), so the image cache verifies and builds from it as from a registry."""
@@ -358,48 +379,22 @@ class PeerSource:
 
     async def fetch_blob(self, ref, desc, dest: Path, progress=None) -> None:
         """Into dest (which must not exist), verified; removed on any failure."""
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        ok = False
-        try:
-            def write(data: bytes) -> None:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-
+        async def receive(write) -> None:
             got = await self._get("layer", desc.digest, desc.size, write)
             if got != desc.digest:
                 raise DigestMismatch(f"peer {self.name} sent layer {desc.digest} with digest {got}")
-            os.fsync(fd)
-            ok = True
-        finally:
-            os.close(fd)
-            if not ok:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(dest)
+
+        await _into_new_file(dest, receive)
         if progress:
             progress("blob-done", {"digest": desc.digest, "total": desc.size, "peer": self.name})
 
     async def fetch_checkout(self, repo_key: str, commit: str, dest: Path, max_bytes: int) -> None:
         """A git bundle of commit's history from repository repo_key into dest (which must not
         exist), with this holder's ticket; removed on any failure. Git verifies its content."""
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        ok = False
-        try:
-            def write(data: bytes) -> None:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-
-            request = ("checkout.get", {"repo_key": repo_key, "commit": commit, "expires": self.holder["expires"],
-                                        "ticket": self.holder["ticket"]})
-            await self._get("checkout", f"{repo_key}@{commit}", None, write, request=request, max_size=max_bytes)
-            os.fsync(fd)
-            ok = True
-        finally:
-            os.close(fd)
-            if not ok:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(dest)
+        request = ("checkout.get", {"repo_key": repo_key, "commit": commit, "expires": self.holder["expires"],
+                                    "ticket": self.holder["ticket"]})
+        await _into_new_file(dest, lambda write: self._get("checkout", f"{repo_key}@{commit}", None, write,
+                                                           request=request, max_size=max_bytes))
 
     def failed(self, exc: BaseException) -> None:
         """Called by the image cache when this source's attempt failed."""
