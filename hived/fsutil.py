@@ -1,6 +1,7 @@
 """Small crash-safe file helpers shared by the box's on-disk caches (hived/oci, hived/repos)."""
 
 import contextlib
+import errno
 import json
 import os
 import uuid
@@ -45,3 +46,33 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def copy_sparse(src_fd: int, dst_fd: int, size: int, chunk: int = 1 << 20) -> int:
+    """Copy the first `size` bytes of `src_fd` into `dst_fd` at the same offsets, writing only the
+    data regions (SEEK_DATA / SEEK_HOLE): holes stay holes. `dst_fd` is cut to `size` first.
+    Works across filesystems (memfd <-> disk), where copy_file_range may not. Returns the bytes
+    written."""
+    os.ftruncate(dst_fd, 0)
+    os.ftruncate(dst_fd, size)
+    written = 0
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src_fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+        while start < end:
+            data = os.pread(src_fd, min(chunk, end - start), start)
+            if not data:
+                raise OSError(errno.EIO, f"source shrank while being copied (at byte {start} of {size})")
+            n = os.pwrite(dst_fd, data, start)
+            start += n
+            written += n
+        pos = end
+    return written

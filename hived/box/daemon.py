@@ -352,7 +352,7 @@ class BoxDaemon:
     # -- cells -----------------------------------------------------------------------------
     def cell_spec(self, cell: Cell, shape, cgroup_procs, mode: str = "agent", alloc=None, net=None,
                   image_file=None, memory_fd: int = -1, memory_shared: bool = False,
-                  restore: bool = False) -> CellSpec:
+                  restore: bool = False, scratch_image_fd: int = -1) -> CellSpec:
         uid = self.config.vmm_uid_base + alloc.slot if (alloc and self.config.vmm_uid_base) else 0
         return CellSpec(
             cores=alloc.cores if alloc else (), vmm_uid=uid,
@@ -365,6 +365,7 @@ class BoxDaemon:
             disk_bytes_s=shape.disk_bytes_s, disk_iops=shape.disk_iops,
             image_file=image_file, source_slot_mib=self.config.source_slot_mib if mode != "bare" else 0,
             memory_fd=memory_fd, memory_shared=memory_shared, restore=restore,
+            scratch_image_fd=scratch_image_fd,
         )
 
     async def boot_cell(self, shape, pool_key: str = "", image=None) -> CellRuntime:
@@ -416,6 +417,8 @@ class BoxDaemon:
             rt = await self._start_cell(shape, key, image, origin="template", template=tpl)
             try:
                 tpl.state_bytes = await rt.driver.snapshot(tpl.state_fd, self.config.boot_timeout_s)
+                tpl.scratch_fd = new_memfd(f"{memfd_prefix(self.config.name)}{key}-scratch")
+                tpl.scratch_bytes = await rt.driver.save_scratch(tpl.scratch_fd)
             finally:
                 await self.destroy(rt, f"template {tpl.id} saved" if tpl.state_bytes else "template not saved")
             tpl.seal()  # the template VM is gone: no writable mapping is left
@@ -441,7 +444,7 @@ class BoxDaemon:
         self.metrics.cells.labels(cell.state.value).inc()
         rt = CellRuntime(cell, self.driver_factory(), origin=origin)
         self.cells[cell.id] = rt
-        memory_fd = state_fd = -1
+        memory_fd = state_fd = scratch_fd = -1
         async with self.boot_sem:
             try:
                 rt.alloc = alloc = self.partition.admit(cell.id, shape)
@@ -477,14 +480,14 @@ class BoxDaemon:
                     except OciError as exc:
                         raise VmmError(f"build image {image.digest} is not usable: {exc}") from None
                 if origin == "restore":
-                    memory_fd, state_fd = template.clone_fds()
+                    memory_fd, state_fd, scratch_fd = template.clone_fds()
                     rt.template = template.id
                 elif origin == "template":
                     memory_fd = template.memory_fd
                 await rt.driver.prepare(self.cell_spec(
                     cell, shape, procs, alloc=alloc, net=rt.net, image_file=rt.image_lease,
                     mode="template" if origin == "template" else "agent", memory_fd=memory_fd,
-                    memory_shared=origin == "template", restore=origin == "restore"))
+                    memory_shared=origin == "template", restore=origin == "restore", scratch_image_fd=scratch_fd))
                 rt.isolation_ms = (time.monotonic() - t0) * 1000
                 cell.transition(CellState.BOOTING)
                 t_vmm = time.monotonic()
@@ -550,7 +553,7 @@ class BoxDaemon:
                 await self.destroy(rt, f"internal error: {exc!r}")
                 raise BootFailed(f"cell {cell.id} failed to {_VERB[origin]}: internal error: {exc!r}") from None
             finally:
-                for fd in (memory_fd if origin == "restore" else -1, state_fd):
+                for fd in (memory_fd if origin == "restore" else -1, state_fd, scratch_fd):
                     if fd >= 0:
                         os.close(fd)
         self.metrics.starts.labels(shape.name, origin).inc()

@@ -2,14 +2,18 @@
 
 A template belongs to one warm pool (shape, or shape + build image) and is valid only for
 the inputs it was made from: the shape's devices, the build image, the cell image's files,
-the VMM binary, the accelerator (`inputs_digest`). Its two parts live in sealed memfds
+the VMM binary, the accelerator (`inputs_digest`). Its three parts live in sealed memfds
 held by the box process:
 
     memory  the guest's RAM as the template VM left it (QEMU wrote through to it:
             `memory-backend-file,share=on`); each clone maps it privately (copy-on-write)
     state   the VM's device state (QEMU migration stream, x-ignore-shared: no RAM)
+    scratch its scratch disk: an empty ext4 the template mounted and froze (FIFREEZE) at
+            the snapshot point; each clone's scratch disk file starts as a copy of it
+            (holes kept: a few MiB), so the clone's kernel, which has it mounted already,
+            only thaws it. Nothing of a build is ever in it.
 
-Sealed (F_SEAL_WRITE and the size seals), neither can be changed by anyone, clones
+Sealed (F_SEAL_WRITE and the size seals), none can be changed by anyone, clones
 included, and both vanish with the box process: nothing of a template outlives the box,
 not even after a kill -9 (a clone still running keeps its private mapping until it ends).
 
@@ -189,9 +193,14 @@ class Template:
     clones: int = 0
     boot: dict = dataclasses.field(default_factory=dict)
     hugetlb: bool = False  # its memory is on huge pages
+    scratch_fd: int = -1   # its scratch disk, frozen at the snapshot point: each clone's starts as a copy
+    scratch_bytes: int = 0  # of data in it (the rest are holes)
+
+    def _fds(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.memory_fd, self.state_fd, self.scratch_fd) if fd >= 0)
 
     def seal(self) -> None:
-        for fd in (self.memory_fd, self.state_fd):
+        for fd in self._fds():
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
 
     def unusable(self, digest: str, now: float, max_age_s: float, max_clones: int) -> str:
@@ -204,25 +213,30 @@ class Template:
             return f"made its {max_clones} clones"
         return ""
 
-    def clone_fds(self) -> tuple[int, int]:
-        """(memory, state) for one clone, each its own read-only open file."""
+    def clone_fds(self) -> tuple[int, int, int]:
+        """(memory, state, scratch) for one clone, each its own read-only open file (scratch -1 if
+        the template kept none)."""
         self.clones += 1
-        mem = reopen_readonly(self.memory_fd)
+        fds: list[int] = []
         try:
-            return mem, reopen_readonly(self.state_fd)
+            for fd in (self.memory_fd, self.state_fd, self.scratch_fd):
+                fds.append(reopen_readonly(fd) if fd >= 0 else -1)
         except OSError:
-            os.close(mem)
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
             raise
+        return fds[0], fds[1], fds[2]
 
     def close(self) -> None:
-        for fd in (self.memory_fd, self.state_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.memory_fd = self.state_fd = -1
+        for fd in self._fds():
+            os.close(fd)
+        self.memory_fd = self.state_fd = self.scratch_fd = -1
 
     def describe(self, now: float) -> dict:
         return {"id": self.id, "digest": self.digest, "age_s": round(now - self.made_at, 1),
                 "clones": self.clones, "make_ms": round(self.make_ms, 1), "state_bytes": self.state_bytes,
+                "scratch_bytes": self.scratch_bytes,
                 "hugepages": self.hugetlb}
 
 

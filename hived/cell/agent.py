@@ -679,6 +679,11 @@ class Agent:
                         boot = self.boot_stages(t_agent)
                         if self.premade_on:
                             await self.share_premade_reads()
+                        try:
+                            identity.links_up()
+                            identity.freeze_scratch()  # the box copies its disk for each clone
+                        except identity.IdentityError as exc:
+                            raise RuntimeError(f"template cannot reach its snapshot point: {exc}") from None
                         await channel.send("cell.template", kernel=os.uname().release, boot=boot,
                                            agent_version=__version__)
                         said_template = True

@@ -1,7 +1,8 @@
 """A restored clone becomes its own (guest side; stdlib only): RNG, clock, name, network, disks.
 
 Every clone of a template starts with the template's memory: its kernel RNG state, its
-clock, no hostname of its own, no network and no scratch disk. `become()` applies one
+clock, no hostname of its own, no network, and a frozen scratch filesystem whose disk is the
+clone's own copy of the template's (empty, just made). `become()` applies one
 `cell.restore` message before the clone says `cell.hello`, so no build ever sees the
 template's state. Each step is a syscall or ioctl (no process spawned: under TCG a
 spawn costs tens of milliseconds).
@@ -35,6 +36,9 @@ ARPHRD_ETHER = 1
 IFNAMSIZ = 16
 
 MS_NODEV, MS_NOSUID, MS_NOATIME = 0x4, 0x2, 0x400
+# <linux/fs.h>
+FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
+FITHAW = 0xC0045878    # _IOWR('X', 120, int)
 
 
 class IdentityError(Exception):
@@ -90,19 +94,54 @@ def _ifreq(name: str, payload: bytes) -> bytes:
     return struct.pack(f"{IFNAMSIZ}s", name.encode()) + payload.ljust(24, b"\0")
 
 
-_Sockaddr = ctypes.c_ubyte * 16  # not c_char: ctypes copies a c_char array only up to a NUL
+def _rtentry(gateway: str, dev: bytes) -> bytes:
+    """struct rtentry (<linux/route.h>, x86_64) for a default route via `gateway` on `dev`.
+
+    `dev` must stay alive until the ioctl returns: the struct holds a pointer into it
+    (bytes objects do not move, and the caller keeps a reference for the call).
+    """
+    any_addr = _sockaddr_in("0.0.0.0")
+    dev_ptr = ctypes.cast(ctypes.c_char_p(dev), ctypes.c_void_p).value
+    # rt_pad1, rt_dst, rt_gateway, rt_genmask, rt_flags, rt_pad2, rt_pad3, rt_pad4, rt_metric, rt_dev,
+    # rt_mtu, rt_window, rt_irtt: 120 bytes with the C alignment ("@" and the explicit pads).
+    return struct.pack("@L16s16s16sHhLPhPLLH6x", 0, any_addr, _sockaddr_in(gateway), any_addr,
+                       RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, dev_ptr, 0, 0, 0)
 
 
-class _RtEntry(ctypes.Structure):  # struct rtentry, <linux/route.h>
-    _fields_ = [("rt_pad1", ctypes.c_ulong), ("rt_dst", _Sockaddr),
-                ("rt_gateway", _Sockaddr), ("rt_genmask", _Sockaddr),
-                ("rt_flags", ctypes.c_ushort), ("rt_pad2", ctypes.c_short), ("rt_pad3", ctypes.c_ulong),
-                ("rt_pad4", ctypes.c_void_p), ("rt_metric", ctypes.c_short), ("rt_dev", ctypes.c_char_p),
-                ("rt_mtu", ctypes.c_ulong), ("rt_window", ctypes.c_ulong), ("rt_irtt", ctypes.c_ushort)]
+def _link_up(s: socket.socket, dev: str) -> None:
+    """IFF_UP on `dev` unless it is up already (bringing a link up is the costly part)."""
+    flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(dev, b"")), IFNAMSIZ)[0]
+    if not flags & IFF_UP:
+        fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(dev, struct.pack("H", flags | IFF_UP)))
+
+
+def links_up(dev: str = "eth0", sysctl: Path = Path("/proc/sys/net/ipv6/conf")) -> None:
+    """In a template, before its snapshot point: loopback and the NIC up, without any address.
+
+    Nothing here is per cell, and under TCG bringing the two links up costs a clone ~30 ms
+    (the kernel's netdev notifiers, virtio-net filling its receive ring). The NIC gets no
+    IPv6 link-local address (one derived from the template's MAC would be every clone's):
+    the host side of a cell forwards no IPv6 anyway (hived/box/network.py). No NIC: only lo.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    step = "lo up"
+    try:
+        _link_up(s, "lo")
+        if os.path.exists(f"/sys/class/net/{dev}"):
+            step = f"{dev}: no IPv6"
+            if (sysctl / dev).is_dir():
+                (sysctl / dev / "disable_ipv6").write_text("1")
+            step = f"{dev} up"
+            _link_up(s, dev)
+    except OSError as exc:
+        raise IdentityError(f"template network: {step}: {exc}") from None
+    finally:
+        s.close()
 
 
 def configure_net(words: str, mac: str, dev: str = "eth0") -> None:
-    """What init.sh does with hived.ip= on a booted cell, by ioctl: MAC, MTU, address, up, route."""
+    """What init.sh does with hived.ip= on a booted cell, by ioctl: MAC, MTU, address, up, route.
+    On a clone whose template brought the links up (links_up) the MAC changes live."""
     net = parse_net(words)
     if not net:
         return
@@ -111,8 +150,7 @@ def configure_net(words: str, mac: str, dev: str = "eth0") -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         step = "lo up"
-        flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq("lo", b"")), IFNAMSIZ)[0]
-        fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq("lo", struct.pack("H", flags | IFF_UP)))
+        _link_up(s, "lo")
         if mac:
             step = f"{dev} address {mac}"
             hwaddr = struct.pack("H6s", ARPHRD_ETHER, bytes.fromhex(mac.replace(":", "")))
@@ -124,13 +162,10 @@ def configure_net(words: str, mac: str, dev: str = "eth0") -> None:
         fcntl.ioctl(s, SIOCSIFADDR, _ifreq(dev, _sockaddr_in(addr)))
         fcntl.ioctl(s, SIOCSIFNETMASK, _ifreq(dev, _sockaddr_in(mask)))
         step = f"{dev} up"
-        flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(dev, b"")), IFNAMSIZ)[0]
-        fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(dev, struct.pack("H", flags | IFF_UP)))
+        _link_up(s, dev)
         step = f"default route via {net['gw']}"
-        any_addr = _Sockaddr.from_buffer_copy(_sockaddr_in("0.0.0.0"))
-        rt = _RtEntry(rt_dst=any_addr, rt_gateway=_Sockaddr.from_buffer_copy(_sockaddr_in(net["gw"])),
-                      rt_genmask=any_addr, rt_flags=RTF_UP | RTF_GATEWAY, rt_dev=dev.encode())
-        fcntl.ioctl(s, SIOCADDRT, bytes(rt))
+        dev_name = dev.encode()
+        fcntl.ioctl(s, SIOCADDRT, _rtentry(net["gw"], dev_name))
     except (OSError, ValueError) as exc:
         raise IdentityError(f"network: {step}: {exc}") from None
     finally:
@@ -138,7 +173,8 @@ def configure_net(words: str, mac: str, dev: str = "eth0") -> None:
 
 
 def mount_scratch(target: Path = container.WORK) -> None:
-    """The clone's own scratch disk on /work, as init.sh mounts it on a booted cell.
+    """The clone's own scratch disk on /work, as init.sh mounts it on a booted cell (a template
+    whose init did not mount one: see thaw_scratch).
 
     The template's kernel probed a scratch disk of the same size at the same place and may
     hold some of its blocks in the page cache: drop them before mounting this one.
@@ -151,6 +187,43 @@ def mount_scratch(target: Path = container.WORK) -> None:
         raise IdentityError(f"scratch disk: {exc}") from None
 
 
+def _fs_ioctl(target: Path, request: int, what: str) -> None:
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise IdentityError(f"scratch disk: {what} {target}: {exc.strerror}") from None
+    try:
+        fcntl.ioctl(fd, request, 0)
+    except OSError as exc:
+        raise IdentityError(f"scratch disk: {what} {target}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def freeze_scratch(target: Path = container.WORK) -> bool:
+    """In a template, at its snapshot point: flush and freeze the (empty) scratch filesystem.
+
+    The box then copies the template's scratch disk file for every clone. Frozen, the file
+    holds exactly what the template's kernel believes is on disk (superblock, bitmaps, no
+    dirty page left in the guest), and nothing writes to it before the clone thaws it.
+    False if init mounted no scratch disk here.
+    """
+    if not os.path.ismount(target):
+        return False
+    _fs_ioctl(target, FIFREEZE, "freezing")
+    return True
+
+
+def thaw_scratch(target: Path = container.WORK) -> None:
+    """In a clone: its scratch disk is its own copy of the template's frozen one (hived/vmm/qemu.py,
+    `scratch_image_fd`), so one FITHAW makes it usable: no probe, no mount under TCG. From a
+    template that had none mounted, mount the clone's own."""
+    if os.path.ismount(target):
+        _fs_ioctl(target, FITHAW, "thawing")
+    else:
+        mount_scratch(target)
+
+
 def become(msg) -> dict[str, float]:
     """Apply one cell.restore message; returns each step's duration in seconds."""
     times = {}
@@ -159,7 +232,7 @@ def become(msg) -> dict[str, float]:
                        ("clock", lambda: set_clock(msg["time_ns"])),
                        ("hostname", lambda: socket.sethostname(msg["cell_id"])),
                        ("net", lambda: configure_net(msg["net"], msg["mac"])),
-                       ("disks", mount_scratch)):
+                       ("disks", thaw_scratch)):
         step()
         now = time.monotonic()
         times[f"restore_{name}"] = now - t

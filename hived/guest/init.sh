@@ -12,9 +12,10 @@
 #                           agent (default): switch_root to the Python agent;
 #                           bare: print "hived-bare-ready" on ttyS0 and reboot
 #                           (the boot-time baseline for benchmarks);
-#                           template: like agent, but nothing per cell: no scratch
-#                           disk mounted, no network configured (a clone restored
-#                           from this VM's snapshot does both itself)
+#                           template: like agent, but nothing per cell: no network
+#                           configured (a clone restored from this VM's snapshot
+#                           does it itself); the empty scratch disk is mounted and
+#                           frozen at the snapshot point, each clone thaws its copy
 #   hived.nic=1             load the network modules even without hived.ip (template
 #                           of cells that have a NIC)
 #   hived.root=DEV          root image device (default /dev/vda)
@@ -126,7 +127,9 @@ while [ ! -b "$root" ]; do
 done
 
 mount -t ext4 -o ro,nodev "$root" /newroot || die "mount $root (ext4, read-only) on /newroot"
-if [ -b "$work" ] && [ "$mode" != template ]; then
+# A template mounts its (empty) scratch disk too: the agent freezes it at the snapshot
+# point and every clone gets a copy of the disk file, so a clone only thaws it.
+if [ -b "$work" ]; then
     mount -t ext4 -o rw,nodev,nosuid,noatime "$work" /newroot/work \
         || die "mount $work (ext4) on /newroot/work"
 fi

@@ -45,6 +45,8 @@ class CellSpec:
     memory_shared: bool = False  # True: the guest writes through to memory_fd (making a template);
     #                              False: private copy-on-write (a clone; the memfd is sealed anyway)
     restore: bool = False        # start paused, waiting for a template's device state (restore())
+    scratch_image_fd: int = -1   # a clone's scratch disk starts as a copy of this file (its template's,
+    #                              saved frozen: save_scratch()); -1: a freshly made filesystem
 
 
 class VmmDriver(abc.ABC):
@@ -63,6 +65,10 @@ class VmmDriver(abc.ABC):
 
     async def snapshot(self, state_fd: int, timeout: float) -> int:
         """Save the running guest's device state into `state_fd` (its RAM is memory_fd); returns bytes."""
+        raise NotImplementedError(f"{self.name} cannot make templates")
+
+    async def save_scratch(self, fd: int) -> int:
+        """Copy the (stopped) template VM's scratch disk into `fd`; returns the bytes of data copied."""
         raise NotImplementedError(f"{self.name} cannot make templates")
 
     async def restore(self, state_fd: int, cores: tuple[int, ...], timeout: float) -> dict[int, int]:

@@ -19,6 +19,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from hived import fsutil
 from hived.protocol.channel import Channel, ResyncChannel
 from hived.protocol.session import Session
 from hived.vmm.base import CellSpec, VmmDriver, VmmError
@@ -278,7 +279,10 @@ class QemuMicrovm(VmmDriver):
             raise VmmError(f"socket path {chan} is longer than {SOCKET_PATH_MAX} bytes: "
                            "use a shorter state_dir")
         spec.cell_dir.mkdir(parents=True, exist_ok=False)
-        await _make_scratch(self._p("scratch.ext4"), spec.scratch_mib)
+        if spec.scratch_image_fd >= 0:
+            _copy_scratch(spec.scratch_image_fd, self._p("scratch.ext4"), spec.scratch_mib)
+        else:
+            await _make_scratch(self._p("scratch.ext4"), spec.scratch_mib)
         if spec.source_slot_mib:
             with open(self._p("source.img"), "wb") as f:
                 f.truncate(spec.source_slot_mib << 20)  # sparse: costs nothing until filled
@@ -490,6 +494,15 @@ class QemuMicrovm(VmmDriver):
             raise VmmError(f"saving the template's device state failed: {exc}; "
                            f"QEMU said: {_tail(self._p('qemu.stderr'), 3) or 'nothing'}") from None
 
+    async def save_scratch(self, fd: int) -> int:
+        """The template's scratch disk, frozen by its guest at the snapshot point and flushed by
+        QEMU at the end of the migration, copied into `fd` (holes kept) for its clones."""
+        try:
+            with open(self._p("scratch.ext4"), "rb") as f:
+                return fsutil.copy_sparse(f.fileno(), fd, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            raise VmmError(f"saving the template's scratch disk failed: {exc}") from None
+
     async def restore(self, state_fd: int, cores: tuple[int, ...], timeout: float) -> dict[int, int]:
         """Load a template's device state into this VMM (started with -incoming defer) and run it."""
         path = await self._wait_qmp(timeout)
@@ -625,6 +638,20 @@ def _tail(path: Path, lines: int) -> str:
     except FileNotFoundError:
         return ""
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+
+
+def _copy_scratch(image_fd: int, path: Path, size_mib: int) -> None:
+    """A clone's scratch disk: its own copy of its template's (same size, same empty filesystem,
+    which the clone's kernel has mounted already). Only the few MiB of metadata are written."""
+    size = os.fstat(image_fd).st_size
+    if size != size_mib << 20:
+        raise VmmError(f"the template's scratch disk is {size} bytes, this cell's shape needs "
+                       f"{size_mib << 20}: the template is stale")
+    try:
+        with open(path, "xb") as f:
+            fsutil.copy_sparse(image_fd, f.fileno(), size)
+    except OSError as exc:
+        raise VmmError(f"copying the template's scratch disk to {path} failed: {exc} (is the disk full?)") from None
 
 
 async def _make_scratch(path: Path, size_mib: int) -> None:
