@@ -124,7 +124,10 @@ def test_a_build_runs_on_a_restored_cell_that_is_its_own(box):
     assert r.cell_id == cell["id"] and host == cell["id"]
     assert mac == cell_mac(cell["id"])  # not the template's
     assert default_routes == "1" and work.endswith(" ext4") and hi == "hi"
-    assert _record(box, r.build_id)["origin"] == "restore"
+    rec = _record(box, r.build_id)
+    assert rec["origin"] == "restore"
+    # ... in the build container its template made: renamed for this cell (the hostname above)
+    assert rec["guest_start"]["premade"] == 1, rec
     metrics = box.daemon.metrics.registry
     assert metrics.get_sample_value("hived_cell_starts_total", {"shape": "small", "origin": "restore"}) >= 1
     assert metrics.get_sample_value("hived_cell_restore_seconds_count", {"shape": "small"}) >= 1

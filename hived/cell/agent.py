@@ -573,6 +573,7 @@ class Agent:
         self.faults = faults      # hived.fault= on the kernel command line: failures tests inject
         self.premade_on = premade_on  # hived.premade=off: every build starts the ordinary way
         self.premade_task: asyncio.Task | None = None  # making the build's container while warm
+        self.template_premade: premade.PremadeContainer | None = None  # made before the snapshot point
         self.channel: Channel | None = None
         self.build: Build | None = None
         self.children: dict[int, object] = {}  # pid -> callback(wait status, rusage)
@@ -606,11 +607,14 @@ class Agent:
         return status, text
 
     def premake(self) -> None:
-        """Make the build's container now that the cell is its own and warm (premade.py)."""
+        """Make the build's container now that the cell is its own and warm (premade.py); a clone
+        takes over the one its template made."""
         if self.premade_task is None and self.build is None:
-            self.premade_task = asyncio.get_running_loop().create_task(self._premake(self.channel))
+            made, self.template_premade = self.template_premade, None
+            self.premade_task = asyncio.get_running_loop().create_task(self._premake(self.channel, made))
 
-    async def _premake(self, channel: Channel) -> premade.PremadeContainer:
+    async def _make_premade(self) -> premade.PremadeContainer:
+        """The build's container made now, named for this cell; `dead` says why it is not there."""
         made = premade.PremadeContainer(self)
         if not self.premade_on:
             made.dead = "turned off (hived.premade=off)"
@@ -625,6 +629,30 @@ class Agent:
             os.kill(made.pid, signal.SIGKILL)  # injected: its init dies while the cell is warm ...
             while made.pid is not None:        # ... and is reaped (PremadeContainer._reaped)
                 await asyncio.sleep(0.01)
+        return made
+
+    def own_template_premade(self, made: premade.PremadeContainer) -> premade.PremadeContainer:
+        """In a clone: the container its template made, given this cell's hostname (the template's
+        was in it). One that went bad stays `dead`: the build then starts the ordinary way."""
+        if made.dead or made.pid is None:
+            made.dead = made.dead or "not made in the template"
+            return made
+        t0 = time.monotonic()
+        try:
+            container.set_hostname_in(made.pid, self.cell_id)
+        except container.ContainerError as exc:
+            made.dead = f"made in the template, but {exc}"
+            log(f"no pre-made build container: {made.dead}")
+            return made
+        made.made_s = time.monotonic() - t0  # this cell's share of making it
+        return made
+
+    async def _premake(self, channel: Channel, from_template: premade.PremadeContainer | None = None
+                       ) -> premade.PremadeContainer:
+        if from_template is not None:
+            made = self.own_template_premade(from_template)
+        else:
+            made = await self._make_premade()
         # Only to the box that had our cell.hello: a box that adopted us meanwhile expects cell.adopted
         # first, and a v4 box takes cells as ready at hello.
         if channel is self.channel and channel.session.version >= 5:
@@ -632,19 +660,6 @@ class Agent:
                 await channel.send("cell.ready", cell_id=self.cell_id, premade=not made.dead,
                                    made_ms=made.made_s * 1000, message=made.dead[:1024])
         return made
-
-    async def share_premade_reads(self) -> None:
-        """In a template, before its snapshot point: what every clone's pre-made container reads
-        from the root image (crun and its libraries, hived-buildinit) goes into the page cache
-        in the template's memory, which the clones share, rather than into each clone's own."""
-        try:
-            proc = subprocess.Popen([CRUN, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-            await self.wait_child(proc)
-            with open(container.BUILDINIT, "rb") as f:
-                f.read()
-        except OSError as exc:
-            log(f"template: could not read crun and hived-buildinit ahead: {exc}")
 
     async def take_premade(self) -> premade.PremadeContainer | None:
         """The pre-made container for the one build (made first if it is still being made)."""
@@ -677,8 +692,9 @@ class Agent:
                 if not restored:
                     if not said_template:
                         boot = self.boot_stages(t_agent)
-                        if self.premade_on:
-                            await self.share_premade_reads()
+                        # Made here, the build's container is in every clone's memory already: a
+                        # clone only renames it (own_template_premade), crun never runs in it.
+                        self.template_premade = await self._make_premade()
                         try:
                             identity.links_up()
                             identity.freeze_scratch()  # the box copies its disk for each clone

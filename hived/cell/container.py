@@ -26,6 +26,7 @@ import errno
 import fcntl
 import json
 import os
+import socket
 from pathlib import Path
 
 BUILD_UID = BUILD_GID = 1000
@@ -46,6 +47,7 @@ SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # x86_64
 OPEN_TREE_CLONE, AT_RECURSIVE, AT_FDCWD = 0x1, 0x8000, -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 CLONE_NEWNS = 0x20000
+CLONE_NEWUTS = 0x04000000
 RLIMITS = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "fsize": "RLIMIT_FSIZE"}
 
 
@@ -156,43 +158,34 @@ def image_fs_type() -> str:
     return kind
 
 
-def mount_into(pid: int, source: Path, target: str) -> None:
-    """Mount `source` (a mount of ours) at `target` inside the mount namespace of process
-    `pid` (a pre-made container's init), as crun's bind at create time would have.
+def _in_namespace_of(pid: int, ns_name: str, nstype: int, action, what: str) -> None:
+    """Run `action()` (syscalls only) in a forked child that joined namespace `ns_name` of
+    process `pid` (a pre-made container's init); raises ContainerError naming `what`.
 
-    A forked child does it: setns(CLONE_NEWNS) is refused to a process with threads, and it
-    changes the caller's root and cwd to the container's. The clone of the tree
-    (open_tree) is made here, where `source` is visible, and attached there (move_mount).
+    A child, not this process: setns(CLONE_NEWNS) is refused to a process with threads and
+    changes the caller's root and cwd, and any setns would change what the agent itself sees.
     """
-    tree = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, str(source).encode(),
-                         OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
-    if tree < 0:
-        raise ContainerError(f"open_tree {source}: {os.strerror(ctypes.get_errno())}")
     try:
-        ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        ns = os.open(f"/proc/{pid}/ns/{ns_name}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        os.close(tree)
         raise ContainerError(f"the container's init ({pid}) is gone: {exc.strerror}") from None
     why_r, why_w = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:  # only syscalls here, then _exit: nothing of the agent's loop runs in the child
         why = ""
         try:
-            if _libc.setns(ns, CLONE_NEWNS) != 0:
+            if _libc.setns(ns, nstype) != 0:
                 why = f"setns: {os.strerror(ctypes.get_errno())}"
             else:
-                os.makedirs(target, exist_ok=True)  # as crun makes a bind's destination
-                if _libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH) != 0:
-                    why = f"move_mount: {os.strerror(ctypes.get_errno())}"
+                why = action() or ""
         except OSError as exc:
-            why = f"{exc.strerror}: {exc.filename}"
+            why = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror)
         except BaseException as exc:  # noqa: BLE001 - the child must reach _exit whatever happens
             why = repr(exc)
         finally:
             os.write(why_w, why.encode()[:4096])
             os._exit(1 if why else 0)
     os.close(why_w)
-    os.close(tree)
     os.close(ns)
     try:
         # The agent's SIGCHLD handler runs on its loop, which cannot run before this returns.
@@ -201,7 +194,37 @@ def mount_into(pid: int, source: Path, target: str) -> None:
     finally:
         os.close(why_r)
     if status != 0:
-        raise ContainerError(f"cannot mount {source} at {target} in the container: {why or f'status {status}'}")
+        raise ContainerError(f"cannot {what} in the container: {why or f'status {status}'}")
+
+
+def mount_into(pid: int, source: Path, target: str) -> None:
+    """Mount `source` (a mount of ours) at `target` inside the mount namespace of process
+    `pid` (a pre-made container's init), as crun's bind at create time would have.
+
+    The clone of the tree (open_tree) is made here, where `source` is visible, and attached
+    there (move_mount) by a child in the container's mount namespace (_in_namespace_of).
+    """
+    tree = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, str(source).encode(),
+                         OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+    if tree < 0:
+        raise ContainerError(f"open_tree {source}: {os.strerror(ctypes.get_errno())}")
+
+    def attach() -> str:
+        os.makedirs(target, exist_ok=True)  # as crun makes a bind's destination
+        if _libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH) != 0:
+            return f"move_mount: {os.strerror(ctypes.get_errno())}"
+        return ""
+
+    try:
+        _in_namespace_of(pid, "mnt", CLONE_NEWNS, attach, f"mount {source} at {target}")
+    finally:
+        os.close(tree)
+
+
+def set_hostname_in(pid: int, hostname: str) -> None:
+    """The hostname inside the UTS namespace of process `pid` (a container made in a template
+    carries the template's name; each clone gives it its own)."""
+    _in_namespace_of(pid, "uts", CLONE_NEWUTS, lambda: socket.sethostname(hostname), f"set hostname {hostname!r}")
 
 
 def bundle_config(argv: list[str], env: dict[str, str], cwd: str, limits: dict, paths: dict,
