@@ -332,7 +332,7 @@ class Build:
         try:
             paths = container.prepare_filesystems(msg.get("image_fs") or "", msg.get("source_fs") or "")
             config = container.bundle_config(msg["argv"], self._env(), cwd, msg["limits"], paths,
-                                             cgroup=f"/hived/{self.id}", hostname=self.agent.cell_id)
+                                             cgroup=f"/hived/{self.id}")
             bundle = container.write_bundle(config)
         except (container.ContainerError, OSError) as exc:
             return f"cannot set up the build container: {exc}"
@@ -620,7 +620,7 @@ class Agent:
             made.dead = "turned off (hived.premade=off)"
         else:
             try:
-                await made.make(self.cell_id)
+                await made.make()
             except Exception as exc:  # noqa: BLE001 - a build must still start the ordinary way
                 made.dead = f"failed: {type(exc).__name__}: {exc}"
         if made.dead:
@@ -631,26 +631,12 @@ class Agent:
                 await asyncio.sleep(0.01)
         return made
 
-    def own_template_premade(self, made: premade.PremadeContainer) -> premade.PremadeContainer:
-        """In a clone: the container its template made, given this cell's hostname (the template's
-        was in it). One that went bad stays `dead`: the build then starts the ordinary way."""
-        if made.dead or made.pid is None:
-            made.dead = made.dead or "not made in the template"
-            return made
-        t0 = time.monotonic()
-        try:
-            container.set_hostname_in(made.pid, self.cell_id)
-        except container.ContainerError as exc:
-            made.dead = f"made in the template, but {exc}"
-            log(f"no pre-made build container: {made.dead}")
-            return made
-        made.made_s = time.monotonic() - t0  # this cell's share of making it
-        return made
-
     async def _premake(self, channel: Channel, from_template: premade.PremadeContainer | None = None
                        ) -> premade.PremadeContainer:
-        if from_template is not None:
-            made = self.own_template_premade(from_template)
+        if from_template is not None:  # nothing in it is per cell: it shares the cell's hostname
+            made = from_template
+            if not made.dead and made.pid is None:
+                made.dead = "not made in the template"
         else:
             made = await self._make_premade()
         # Only to the box that had our cell.hello: a box that adopted us meanwhile expects cell.adopted
@@ -692,8 +678,8 @@ class Agent:
                 if not restored:
                     if not said_template:
                         boot = self.boot_stages(t_agent)
-                        # Made here, the build's container is in every clone's memory already: a
-                        # clone only renames it (own_template_premade), crun never runs in it.
+                        # Made here, the build's container is in every clone's memory already:
+                        # crun never runs in a clone.
                         self.template_premade = await self._make_premade()
                         try:
                             identity.links_up()

@@ -26,7 +26,6 @@ import errno
 import fcntl
 import json
 import os
-import socket
 from pathlib import Path
 
 BUILD_UID = BUILD_GID = 1000
@@ -47,7 +46,6 @@ SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # x86_64
 OPEN_TREE_CLONE, AT_RECURSIVE, AT_FDCWD = 0x1, 0x8000, -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 CLONE_NEWNS = 0x20000
-CLONE_NEWUTS = 0x04000000
 RLIMITS = {"nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC", "fsize": "RLIMIT_FSIZE"}
 
 
@@ -221,14 +219,8 @@ def mount_into(pid: int, source: Path, target: str) -> None:
         os.close(tree)
 
 
-def set_hostname_in(pid: int, hostname: str) -> None:
-    """The hostname inside the UTS namespace of process `pid` (a container made in a template
-    carries the template's name; each clone gives it its own)."""
-    _in_namespace_of(pid, "uts", CLONE_NEWUTS, lambda: socket.sethostname(hostname), f"set hostname {hostname!r}")
-
-
 def bundle_config(argv: list[str], env: dict[str, str], cwd: str, limits: dict, paths: dict,
-                  cgroup: str, hostname: str) -> dict:
+                  cgroup: str) -> dict:
     """The OCI runtime config (pure: tested without a guest)."""
     caps = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
     rlimits = [{"type": RLIMITS[k], "hard": int(v), "soft": int(v)} for k, v in limits.items() if k in RLIMITS]
@@ -268,11 +260,12 @@ def bundle_config(argv: list[str], env: dict[str, str], cwd: str, limits: dict, 
             "rlimits": rlimits,
         },
         "root": {"path": str(paths["rootfs"]), "readonly": False},
-        "hostname": hostname,
         "mounts": mounts,
         "linux": {
-            # No network namespace: the build shares the cell's, and the cell is the boundary.
-            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts", "cgroup")],
+            # No network or UTS namespace: the build shares the cell's, and the cell is the boundary.
+            # Its hostname is the cell's (the cell id, set before cell.hello); without capabilities
+            # the build cannot change it. A container made in a template so needs no renaming.
+            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "cgroup")],
             "cgroupsPath": cgroup,
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
             "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",

@@ -3,9 +3,11 @@
 Guest side (stdlib only). Under TCG `crun create` + `crun start` cost most of a warm
 start (~300 ms on a booted cell, most of a second on a fresh clone whose translation
 cache is empty). Nothing of that depends on the build except its command, environment,
-cwd and checkout, so once the cell is warm the agent makes the container with everything
-else — root overlay (image or cell root) + home, /proc, /dev, /sys, /tmp, namespaces,
-cgroup, uid 1000, no capabilities, no_new_privs — and starts it (`crun run --detach`,
+cwd and checkout, so once the cell is warm (a template: before its snapshot point, so every
+clone has it in memory already and crun never runs in a clone) the agent makes the container
+with everything else — root overlay (image or cell root) + home, /proc, /dev, /sys, /tmp,
+namespaces (the cell's network and hostname are shared: nothing in it is per cell), cgroup,
+uid 1000, no capabilities, no_new_privs — and starts it (`crun run --detach`,
 one crun process for create + start): its init (hived-buildinit with no program) blocks
 reading fd 4. At `run` the agent mounts the
 checkout into the container's mount namespace at the build's cwd (container.mount_into),
@@ -46,15 +48,14 @@ class PremadeContainer:
         self.on_exit = None  # the build's reaper, once a build took it over
         self.created = False  # crun ran: it may have state to delete
 
-    async def make(self, hostname: str) -> None:
+    async def make(self) -> None:
         """Create and start it; on failure it is `dead` with the reason (the build falls back)."""
         t0 = time.monotonic()
         fds = []
         try:
             self.image_fs = container.image_fs_type()
             paths = container.prepare_root(self.image_fs, "pre")
-            config = container.bundle_config([], PREMADE_ENV, "/", {}, paths, cgroup=f"/hived/{ID}",
-                                             hostname=hostname)
+            config = container.bundle_config([], PREMADE_ENV, "/", {}, paths, cgroup=f"/hived/{ID}")
             bundle = container.write_bundle(config, "pre.bundle")
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
