@@ -242,3 +242,19 @@ def test_a_clone_configures_its_network_by_ioctl_as_init_does_with_ip():
         assert "default via 10.213.7.1 dev eth0" in r.stdout and "LOOPBACK,UP" in r.stdout
         if in_template and os.path.isdir("/proc/sys/net/ipv6"):
             assert "inet6" not in r.stdout  # no link-local address from the template's MAC
+
+
+def test_only_a_translated_guest_is_told_to_warm_its_clones_translations():
+    """hived.accel=tcg makes a clone's agent run one process before cell.ready (warm_translations):
+    worth it only where guest code is translated; under KVM it would be idle work for nothing."""
+    from pathlib import Path
+
+    from hived.vmm.base import CellSpec
+    from hived.vmm.qemu import guest_cmdline
+
+    def spec(accel: str) -> CellSpec:
+        return CellSpec(cell_id="c1", cell_dir=Path("/nonexistent"), vcpus=1, memory_mib=512, scratch_mib=64,
+                        kernel=Path("k"), initrd=Path("i"), rootfs=Path("r"), accelerator=accel)
+
+    assert "hived.accel=tcg" in guest_cmdline(spec("tcg")).split()
+    assert "hived.accel" not in guest_cmdline(spec("kvm"))

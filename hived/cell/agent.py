@@ -567,11 +567,12 @@ class AdoptRefused(Exception):
 
 class Agent:
     def __init__(self, cell_id: str, template: bool = False, faults: frozenset = frozenset(),
-                 premade_on: bool = True) -> None:
+                 premade_on: bool = True, translated: bool = False) -> None:
         self.cell_id = cell_id
         self.template = template  # booted to be snapshotted: becomes a cell only once restored
         self.faults = faults      # hived.fault= on the kernel command line: failures tests inject
         self.premade_on = premade_on  # hived.premade=off: every build starts the ordinary way
+        self.translated = translated  # hived.accel=tcg: guest code runs translated (warm_translations)
         self.premade_task: asyncio.Task | None = None  # making the build's container while warm
         self.template_premade: premade.PremadeContainer | None = None  # made before the snapshot point
         self.channel: Channel | None = None
@@ -637,6 +638,8 @@ class Agent:
             made = from_template
             if not made.dead and made.pid is None:
                 made.dead = "not made in the template"
+            if not made.dead and self.translated:
+                await self.warm_translations()
         else:
             made = await self._make_premade()
         # Only to the box that had our cell.hello: a box that adopted us meanwhile expects cell.adopted
@@ -646,6 +649,23 @@ class Agent:
                 await channel.send("cell.ready", cell_id=self.cell_id, premade=not made.dead,
                                    made_ms=made.made_s * 1000, message=made.dead[:1024])
         return made
+
+    async def warm_translations(self) -> None:
+        """Under TCG (hived.accel=tcg), in a clone before cell.ready: run one short process.
+
+        A clone's translation cache starts empty, so the first process a build starts would
+        translate fork, exec, the dynamic loader and libc's start-up for it: +70 ms on a
+        `true` build (submit -> exit p50 210 ms without this, 140 ms with; 2026-12-01). One
+        /bin/true while the cell is idle pays that instead (~0.14 s of idle guest time, where
+        making the container in the clone cost ~0.4 s). KVM runs guest code natively: skipped.
+        """
+        try:
+            proc = subprocess.Popen(["/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            log(f"warming the clone's translations: {exc}")
+            return
+        await self.wait_child(proc)
 
     async def take_premade(self) -> premade.PremadeContainer | None:
         """The pre-made container for the one build (made first if it is still being made)."""
@@ -803,7 +823,8 @@ def main() -> None:
         except OSError:
             pass
     faults = frozenset(filter(None, args.get("hived.fault", "").split(",")))
-    agent = Agent(cell_id, template=template, faults=faults, premade_on=args.get("hived.premade") != "off")
+    agent = Agent(cell_id, template=template, faults=faults, premade_on=args.get("hived.premade") != "off",
+                  translated=args.get("hived.accel") == "tcg")
     try:
         asyncio.run(agent.main())
     except Exception as exc:  # PID 1 must not die with a traceback only: say why, then stop

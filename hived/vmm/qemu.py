@@ -73,6 +73,7 @@ def guest_cmdline(spec: CellSpec) -> str:
         # See host_tsc_khz(); tsc=reliable also stops the clocksource watchdog from
         # dropping the TSC when a busy host delays the emulated timers.
         args += ["no_timer_check", "tsc=reliable"] + ([f"tsc_early_khz={khz}"] if khz else [])
+        args.append("hived.accel=tcg")  # the agent warms a clone's translations (warm_translations)
     if spec.net_cmdline:
         args.append(spec.net_cmdline)
     if spec.extra_cmdline:
