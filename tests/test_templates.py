@@ -258,3 +258,23 @@ def test_only_a_translated_guest_is_told_to_warm_its_clones_translations():
 
     assert "hived.accel=tcg" in guest_cmdline(spec("tcg")).split()
     assert "hived.accel" not in guest_cmdline(spec("kvm"))
+
+
+def test_a_clone_qemu_is_given_no_kernel_to_keep():
+    """A clone never boots (its guest booted in its template; -no-reboot): its QEMU gets no -kernel
+    or -initrd, which it would read and keep in memory for fw_cfg. Restores with it: the tests above."""
+    import dataclasses
+    from pathlib import Path
+
+    from hived.vmm.base import CellSpec
+    from hived.vmm.qemu import build_cmdline
+
+    boot = CellSpec(cell_id="c1", cell_dir=Path("/nonexistent"), vcpus=1, memory_mib=512, scratch_mib=64,
+                    kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img"), rootfs=Path("/img/root.ext4"),
+                    accelerator="tcg")
+    paths = [Path(f"/nonexistent/{n}") for n in ("chan.sock", "qmp.sock", "console.log", "scratch.ext4", "qemu.pid")]
+    booted = build_cmdline(boot, *paths)
+    clone = build_cmdline(dataclasses.replace(boot, restore=True), *paths)
+    assert "-kernel" in booted and "-initrd" in booted and "/img/vmlinuz" in booted
+    assert not {"-kernel", "-initrd", "-append"} & set(clone) and "/img/vmlinuz" not in clone
+    assert clone[clone.index("-incoming") + 1] == "defer"
