@@ -165,6 +165,11 @@ def test_vmm_runs_confined(box):
         visible = os.listdir(root / str(box.config.cells_dir).lstrip("/"))
         assert visible == [c["id"]]
         assert sorted(os.listdir(root / "dev")) <= ["kvm", "null", "random", "urandom", "zero"]
+        # and it is in its own cell's cgroups (the jail joins them before QEMU runs)
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        limited = [line for line in lines if line.split(":")[1] in ("memory", "cpuset", "pids")] \
+            or [line for line in lines if line.startswith("0::")]  # v1 controllers, else the v2 tree
+        assert limited and all(line.endswith(f"/{box.name}/{c['id']}") for line in limited), limited
     assert len(uids) == len(cells)  # one uid per cell: a VMM cannot signal or ptrace another
 
 

@@ -168,28 +168,35 @@ def _memory_args(spec: CellSpec) -> list[str]:
 # processes, no resource control (the box pins threads from outside).
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
-# Runs as root inside a fresh mount namespace (util-linux `unshare --mount`): builds a
-# root holding only what QEMU needs plus this cell's own files, enters it, drops to the
-# cell's uid with no capabilities and no_new_privs, and becomes QEMU. The namespace dies
-# with QEMU, so nothing here needs cleaning up on the host.
-#   $1 jail  $2 cell dir  $3 image dir  $4 uid  $5 extra group or ""  $6 "fds" or ""  $7... QEMU argv
+# Runs as root inside a fresh mount namespace (util-linux `unshare --mount`), already in the
+# cell's network namespace (`nsenter --net`, or `unshare --net` for a fresh one): joins the
+# cell's cgroups, builds a root holding only what QEMU needs plus this cell's own files, enters
+# it, drops to the cell's uid with no capabilities and no_new_privs, and becomes QEMU. The
+# namespace dies with QEMU, so nothing here needs cleaning up on the host. Each command here
+# is a process start (~1 ms, more on a busy host), so files are made by shell redirection and
+# the symlinks by one `ln`.
+#   $1 jail  $2 cell dir  $3 image dir  $4 uid  $5 extra group or ""  $6 "fds" or ""
+#   $7 cgroup files to write this pid to (space-separated) or ""  $8... QEMU argv
 # With "fds", QEMU sees its own open files as /fds/N (the guest RAM of templates and clones is
 # a memfd, which has no other path): this shell's pid is QEMU's, since each step execs the next.
 JAIL_SCRIPT = r"""
 set -eu
-jail=$1 cell=$2 image=$3 uid=$4 group=$5 fds=$6; shift 6
+jail=$1 cell=$2 image=$3 uid=$4 group=$5 fds=$6 procs=$7; shift 7
+for p in $procs; do echo $$ > "$p"; done
 mount --make-rprivate /
 mount -t tmpfs -o size=1m,mode=0755,nosuid hvjail "$jail"
 mkdir -p "$jail/usr" "$jail/etc" "$jail/dev" "$jail/tmp" "$jail$cell" "$jail$image"
 mount --rbind /usr "$jail/usr"; mount -o remount,bind,ro "$jail/usr"
+links=
 for l in lib lib64 bin sbin; do
-    if [ -L "/$l" ]; then ln -s "usr/$l" "$jail/$l"; fi
+    if [ -L "/$l" ]; then links="$links usr/$l"; fi
 done
+if [ -n "$links" ]; then ln -s $links "$jail/"; fi
 if [ -e /etc/ld.so.cache ]; then
-    touch "$jail/etc/ld.so.cache"; mount --bind -o ro /etc/ld.so.cache "$jail/etc/ld.so.cache"
+    : > "$jail/etc/ld.so.cache"; mount --bind -o ro /etc/ld.so.cache "$jail/etc/ld.so.cache"
 fi
 for d in null zero urandom random kvm; do
-    if [ -e "/dev/$d" ]; then touch "$jail/dev/$d"; mount --bind "/dev/$d" "$jail/dev/$d"; fi
+    if [ -e "/dev/$d" ]; then : > "$jail/dev/$d"; mount --bind "/dev/$d" "$jail/dev/$d"; fi
 done
 mount --bind "$cell" "$jail$cell"
 mount --bind -o ro "$image" "$jail$image"
@@ -202,19 +209,28 @@ exec chroot "$jail" /usr/bin/setpriv $drop -- "$@"
 
 
 def confine(spec: CellSpec, argv: list[str], jail: Path) -> list[str]:
-    """Wrap a QEMU argv so it runs jailed as the cell's uid (see JAIL_SCRIPT)."""
+    """Wrap a QEMU argv so it runs jailed as the cell's uid, in the cell's network namespace and
+    cgroups (see JAIL_SCRIPT). Nothing runs between fork and exec, so the box starts it with
+    vfork: no copy of the box's page tables, no Python in the child (~20 ms less per start)."""
     group = ""
     if spec.accelerator == "kvm" and os.path.exists("/dev/kvm"):
         group = str(os.stat("/dev/kvm").st_gid)
     image_dirs = {spec.kernel.parent, spec.initrd.parent, spec.rootfs.parent}
     if len(image_dirs) != 1:
         raise VmmError(f"a confined cell needs kernel, initrd and root in one directory, got {image_dirs}")
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        raise VmmError("unshare not found: install Debian package util-linux")
-    return [unshare, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", JAIL_SCRIPT, "hived-jail",
+    tools = {name: shutil.which(name) for name in ("unshare", "nsenter")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        raise VmmError(f"{' and '.join(missing)} not found: install Debian package util-linux")
+    procs = " ".join(str(p) for p in spec.cgroup_procs)
+    if any(c.isspace() for p in spec.cgroup_procs for c in str(p)):
+        raise VmmError(f"cgroup paths with white space are not supported: {procs!r}")
+    # The cell's namespace joined by path (nsenter opens it), or a fresh, empty one (unshare).
+    net = [tools["nsenter"], f"--net={spec.netns}", "--", tools["unshare"]] if spec.netns \
+        else [tools["unshare"], "--net"]
+    return [*net, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", JAIL_SCRIPT, "hived-jail",
             str(jail), str(spec.cell_dir), str(image_dirs.pop()), str(spec.vmm_uid), group,
-            "fds" if spec.memory_fd >= 0 else "", *argv]
+            "fds" if spec.memory_fd >= 0 else "", procs, *argv]
 
 
 def network_namespace_step(netns: str):
@@ -309,23 +325,25 @@ class QemuMicrovm(VmmDriver):
         argv = build_cmdline(spec, self._p("chan.sock"), self._p("qmp.sock"),
                              self._p("console.log"), self._p("scratch.ext4"), self._p("qemu.pid"),
                              image_fd=image_fd, source=source)
-        if spec.vmm_uid:
-            argv = confine(spec, argv, self._p("jail"))
         procs = [str(p) for p in spec.cgroup_procs]
+        enter_cell, netns_fd = None, -1
         try:
-            enter_netns, netns_fd = network_namespace_step(spec.netns)
+            if spec.vmm_uid:
+                argv = confine(spec, argv, self._p("jail"))  # the jail joins cgroups and netns itself
+            else:
+                enter_netns, netns_fd = network_namespace_step(spec.netns)
+
+                def enter_cell() -> None:
+                    # Runs in the child between fork and exec: the VMM is in its cgroup and its
+                    # network namespace before it runs any guest code.
+                    for path in procs:
+                        with open(path, "w") as f:
+                            f.write("0")
+                    enter_netns()
         except VmmError:
             if image_fd >= 0:
                 os.close(image_fd)
             raise
-
-        def enter_cell() -> None:
-            # Runs in the child between fork and exec: the VMM is in its cgroup and its
-            # network namespace before it runs any guest code.
-            for path in procs:
-                with open(path, "w") as f:
-                    f.write("0")
-            enter_netns()
 
         # the tap and image fds are O_CLOEXEC in the box: only this VMM inherits them
         pass_fds = tuple(fd for fd in (spec.tap_fd, image_fd, spec.memory_fd) if fd >= 0)
