@@ -644,7 +644,6 @@ class RepoCache(CacheDir):
                      only_extra: bool = False) -> None:
         """Fetch into the mirror (creating it if needed). Caller holds the use and fetch locks."""
         self._check_free(f"fetching {remote.normal}")
-        mirror = self._mirror(remote.key)
         refspecs = extra if only_extra else [*BRANCHES_AND_TAGS, *extra]
         args = ["fetch", "--quiet", "--atomic", "--no-auto-gc", "--no-write-fetch-head", "--no-recurse-submodules"]
         if not only_extra:
@@ -652,55 +651,14 @@ class RepoCache(CacheDir):
         args += ["--", remote.fetch_url, *refspecs]
         self.stats["fetches"] += 1
         t0 = time.monotonic()
-        if (mirror / MIRROR_META).is_file():
-            marker = mirror / FETCH_MARKER
-            if marker.exists():
-                await asyncio.to_thread(_repair, mirror)
-            marker.touch()
+
+        async def fetch(git_dir: Path) -> None:
             try:
-                await self.git.run(args, git_dir=mirror, timeout=self.fetch_timeout_s, creds=creds, remote=remote)
+                await self.git.run(args, git_dir=git_dir, timeout=self.fetch_timeout_s, creds=creds, remote=remote)
             except GitFailed as e:
-                await asyncio.to_thread(_repair, mirror)
                 raise classify(e, "fetching", remote, r.name, creds) from None
-            except BaseException:
-                await asyncio.shield(asyncio.to_thread(_repair, mirror))
-                raise
-            marker.unlink()
-            size = await asyncio.to_thread(_tree_bytes, mirror)
-            with self._locked():
-                index = self._load()
-                entry = index["mirrors"].setdefault(remote.key, {"url": remote.normal})
-                entry.update(size=size, last_used=time.time(), fetched=time.time())
-                self._note_auth(index, remote, creds)
-                self._evict(index, {("mirrors", remote.key)})
-                self._save(index)
-        else:
-            work, lock_fd = self._workdir("mirror")
-            try:
-                new = work / "m.git"
-                await self._git_local(["init", "--quiet", "--bare", "--template=", str(new)], work, "git init",
-                                      cwd=work)
-                with open(new / "config", "a") as f:  # for operators running git by hand in it
-                    f.write("[gc]\n\tauto = 0\n[core]\n\tlogAllRefUpdates = false\n")
-                try:
-                    await self.git.run(args, git_dir=new, timeout=self.fetch_timeout_s, creds=creds, remote=remote)
-                except GitFailed as e:
-                    raise classify(e, "fetching", remote, r.name, creds) from None
-                _write_json_atomic(new / MIRROR_META, {"key": remote.key, "url": remote.normal,
-                                                       "created": time.time()})
-                size = await asyncio.to_thread(_tree_bytes, new)
-                with self._locked():
-                    index = self._load()
-                    os.rename(new, mirror)  # the fetch lock is ours: nobody else creates it
-                    _fsync_dir(mirror.parent)
-                    index["mirrors"][remote.key] = {"url": remote.normal, "size": size, "last_used": time.time(),
-                                                    "fetched": time.time()}
-                    self._note_auth(index, remote, creds)
-                    self._evict(index, {("mirrors", remote.key)})
-                    self._save(index)
-            finally:
-                os.close(lock_fd)
-                await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
+
+        await self._into_mirror(remote, creds, fetch, from_origin=True)
         self.timings["fetch_ms"] = (time.monotonic() - t0) * 1000
         log.info("repository cache: fetched %s in %.0f ms", remote.normal, self.timings["fetch_ms"])
         if creds is not None:
@@ -830,7 +788,6 @@ class RepoCache(CacheDir):
         """A peer's bundle into the mirror (made when missing), verified by git (pack checksum,
         every object's hash, fsck, connectivity) into a quarantine ref, kept only as
         refs/hived/commits/<commit> when that ref is exactly the commit asked for."""
-        mirror = self._mirror(remote.key)
         quarantine = f"refs/hived/peer/{uuid.uuid4().hex}"
         args = ["fetch", "--quiet", "--atomic", "--no-auto-gc", "--no-write-fetch-head", "--no-recurse-submodules",
                 "--", str(bundle), f"+HEAD:{quarantine}"]
@@ -853,48 +810,61 @@ class RepoCache(CacheDir):
                     await self._git_local(["update-ref", "-d", quarantine], git_dir, "dropping a quarantine ref")
 
         async with self._exclusive(f"mirror:{remote.key}"), self._mirror_write(remote.key):
-            if (mirror / MIRROR_META).is_file():
-                marker = mirror / FETCH_MARKER
-                if marker.exists():
-                    await asyncio.to_thread(_repair, mirror)
-                marker.touch()
-                try:
-                    await fetch_into(mirror)
-                except BaseException:
-                    await asyncio.shield(asyncio.to_thread(_repair, mirror))
-                    raise
-                marker.unlink()
-                size = await asyncio.to_thread(_tree_bytes, mirror)
-                with self._locked():
-                    index = self._load()
-                    entry = index["mirrors"].setdefault(remote.key, {"url": remote.normal})
-                    entry.update(size=size, last_used=time.time())
-                    self._evict(index, {("mirrors", remote.key)})
-                    self._save(index)
-                return
-            work, lock_fd = self._workdir("mirror")
+            await self._into_mirror(remote, creds, fetch_into, from_origin=False)
+
+    async def _into_mirror(self, remote: Remote, creds: Credentials | None, fetch, *, from_origin: bool) -> None:
+        """`await fetch(git_dir)` into the mirror of `remote`, then its size, index entry and
+        eviction. An existing mirror is fetched into under the repair marker (a fetch that fails
+        or dies half way is undone: `_repair`); a missing one is made in a work directory and
+        renamed into place only once the fetch worked. `from_origin`: the origin itself was
+        fetched (the entry's `fetched` time; and a fetch that worked shows what the credentials
+        may read). The caller holds the mirror's use and fetch locks."""
+        mirror = self._mirror(remote.key)
+        fetched = {"fetched": time.time()} if from_origin else {}  # a peer's bundle is not the origin
+        if (mirror / MIRROR_META).is_file():
+            marker = mirror / FETCH_MARKER
+            if marker.exists():
+                await asyncio.to_thread(_repair, mirror)
+            marker.touch()
             try:
-                new = work / "m.git"
-                await self._git_local(["init", "--quiet", "--bare", "--template=", str(new)], work, "git init",
-                                      cwd=work)
-                with open(new / "config", "a") as f:
-                    f.write("[gc]\n\tauto = 0\n[core]\n\tlogAllRefUpdates = false\n")
-                await fetch_into(new)
-                _write_json_atomic(new / MIRROR_META, {"key": remote.key, "url": remote.normal,
-                                                       "created": time.time()})
-                size = await asyncio.to_thread(_tree_bytes, new)
-                with self._locked():
-                    index = self._load()
-                    os.rename(new, mirror)
-                    _fsync_dir(mirror.parent)
-                    # "fetched" stays unset: the origin has not been fetched into it yet
-                    index["mirrors"][remote.key] = {"url": remote.normal, "size": size, "last_used": time.time()}
-                    self._note_auth(index, remote, creds)  # ls-remote just worked with these credentials
-                    self._evict(index, {("mirrors", remote.key)})
-                    self._save(index)
-            finally:
-                os.close(lock_fd)
-                await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
+                await fetch(mirror)
+            except BaseException:
+                await asyncio.shield(asyncio.to_thread(_repair, mirror))
+                raise
+            marker.unlink()
+            size = await asyncio.to_thread(_tree_bytes, mirror)
+            with self._locked():
+                index = self._load()
+                entry = index["mirrors"].setdefault(remote.key, {"url": remote.normal})
+                entry.update(size=size, last_used=time.time(), **fetched)
+                if from_origin:
+                    self._note_auth(index, remote, creds)
+                self._evict(index, {("mirrors", remote.key)})
+                self._save(index)
+            return
+        work, lock_fd = self._workdir("mirror")
+        try:
+            new = work / "m.git"
+            await self._git_local(["init", "--quiet", "--bare", "--template=", str(new)], work, "git init", cwd=work)
+            with open(new / "config", "a") as f:  # for operators running git by hand in it
+                f.write("[gc]\n\tauto = 0\n[core]\n\tlogAllRefUpdates = false\n")
+            await fetch(new)
+            _write_json_atomic(new / MIRROR_META, {"key": remote.key, "url": remote.normal, "created": time.time()})
+            size = await asyncio.to_thread(_tree_bytes, new)
+            with self._locked():
+                index = self._load()
+                os.rename(new, mirror)  # the fetch lock is ours: nobody else creates it
+                _fsync_dir(mirror.parent)
+                index["mirrors"][remote.key] = {"url": remote.normal, "size": size, "last_used": time.time(),
+                                                **fetched}
+                # A new mirror follows ls-remote (or the origin's fetch), which just worked with these
+                # credentials.
+                self._note_auth(index, remote, creds)
+                self._evict(index, {("mirrors", remote.key)})
+                self._save(index)
+        finally:
+            os.close(lock_fd)
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
 
     def _note_auth(self, index: dict, remote: Remote, creds: Credentials | None) -> None:
         """A fetch that worked without credentials shows the repository is public (now)."""
