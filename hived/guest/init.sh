@@ -161,7 +161,7 @@ done
 exec env -i \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/root LANG=C.UTF-8 \
-    PYTHONPATH=/opt/hived PYTHONDONTWRITEBYTECODE=1 HIVED_PUREPYTHON=1 \
+    PYTHONPATH=/opt/hived:/usr/lib/python3/dist-packages PYTHONDONTWRITEBYTECODE=1 HIVED_PUREPYTHON=1 \
     HIVED_T_INIT="$T_INIT" HIVED_T_MODULES="$T_MODULES" HIVED_T_ROOT="$T_ROOT" \
     HIVED_T_NET="$T_NET" \
-    /bin/switch_root /newroot /usr/bin/python3 -m hived.cell.agent
+    /bin/switch_root /newroot /usr/bin/python3 -S -m hived.cell
