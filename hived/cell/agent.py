@@ -615,7 +615,8 @@ class Agent:
             self.premade_task = asyncio.get_running_loop().create_task(self._premake(self.channel, made))
 
     async def _make_premade(self) -> premade.PremadeContainer:
-        """The build's container made now, named for this cell; `dead` says why it is not there."""
+        """The build's container made now (in a booted cell, or in a template for all its clones);
+        `dead` says why it is not there."""
         made = premade.PremadeContainer(self)
         if not self.premade_on:
             made.dead = "turned off (hived.premade=off)"
