@@ -66,15 +66,21 @@ class CellTunnel:
         service (controllink.Relay): open_tunnel(), close_tunnel(), tunnel_lost().
         `prestarted`: the cell's interface started while it was warm (hived/box/prestart.py),
         now the tunnel's: step 2 is done already (if its process still runs; else it is
-        removed and step 2 made here)."""
+        removed and step 2 made here). Other cells' network set-ups and teardowns wait
+        meanwhile (CellNetworks.provisioning)."""
+        net = box.network
+        if net is None:
+            raise SecureComputeFailed("Secure Compute needs cell networking ([box] network = true)")
+        with net.provisioning():
+            return await cls._open(net, cell_id, network, kex, prestarted)
+
+    @classmethod
+    async def _open(cls, net, cell_id: str, network: str, kex, prestarted) -> CellTunnel:
         from hived.secure import wireguard
         from hived.secure.keys import KeyPair
 
         self = cls(cell_id, network)
         t0 = time.perf_counter()
-        net = box.network
-        if net is None:
-            raise SecureComputeFailed("Secure Compute needs cell networking ([box] network = true)")
         keys = KeyPair.generate()
         self.public_key = keys.public
         name = wireguard.tunnel_name(net.tag, cell_id)
