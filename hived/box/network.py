@@ -256,7 +256,8 @@ class CellNetwork:
         self._closed = False
         self._keep_router = False  # cells were adopted: their router namespace stays
         self._provisioning = 0     # Secure Compute tunnels being provisioned now (provisioning())
-        self._provisioned: asyncio.Event | None = None  # set while none is
+        self._provisioned = asyncio.Event()  # set while none is (binds to the loop at its first wait)
+        self._provisioned.set()
 
     # -- names ---------------------------------------------------------------------------
     def netns_name(self, cell_id: str) -> str:
@@ -362,8 +363,6 @@ class CellNetwork:
         they take the kernel's rtnl lock dozens of times, and the provisioning's own netlink
         steps queue behind them (a 4 ms route step took 45 ms once, beside another cell's
         teardown; `hived bench secure`)."""
-        if self._provisioned is None:
-            self._provisioned = asyncio.Event()
         self._provisioning += 1
         self._provisioned.clear()
         try:
@@ -374,7 +373,7 @@ class CellNetwork:
                 self._provisioned.set()
 
     async def _after_provisioning(self) -> None:
-        if self._provisioning and self._provisioned is not None:
+        if self._provisioning:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PROVISION_HOLD_S):
                     await self._provisioned.wait()

@@ -67,7 +67,7 @@ class CellTunnel:
         `prestarted`: the cell's interface started while it was warm (hived/box/prestart.py),
         now the tunnel's: step 2 is done already (if its process still runs; else it is
         removed and step 2 made here). Other cells' network set-ups and teardowns wait
-        meanwhile (CellNetworks.provisioning)."""
+        meanwhile (CellNetwork.provisioning)."""
         net = box.network
         if net is None:
             raise SecureComputeFailed("Secure Compute needs cell networking ([box] network = true)")

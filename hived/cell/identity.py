@@ -190,28 +190,24 @@ def mount_scratch(target: Path = container.WORK) -> None:
 def _fs_ioctl(target: Path, request: int, what: str) -> None:
     try:
         fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, request, 0)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise IdentityError(f"scratch disk: {what} {target}: {exc.strerror}") from None
-    try:
-        fcntl.ioctl(fd, request, 0)
-    except OSError as exc:
-        raise IdentityError(f"scratch disk: {what} {target}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
 
 
-def freeze_scratch(target: Path = container.WORK) -> bool:
+def freeze_scratch(target: Path = container.WORK) -> None:
     """In a template, at its snapshot point: flush and freeze the (empty) scratch filesystem.
 
     The box then copies the template's scratch disk file for every clone. Frozen, the file
     holds exactly what the template's kernel believes is on disk (superblock, bitmaps, no
     dirty page left in the guest), and nothing writes to it before the clone thaws it.
-    False if init mounted no scratch disk here.
+    Nothing to do if init mounted no scratch disk here.
     """
-    if not os.path.ismount(target):
-        return False
-    _fs_ioctl(target, FIFREEZE, "freezing")
-    return True
+    if os.path.ismount(target):
+        _fs_ioctl(target, FIFREEZE, "freezing")
 
 
 def thaw_scratch(target: Path = container.WORK) -> None:
