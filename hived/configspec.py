@@ -47,10 +47,12 @@ def read_table(raw: Any, keys: dict[str, Key], where: str, error: type[Exception
 
 
 # -- checks: each returns check(where, value, error) -> parsed value ----------------------------
-def integer(minimum: int = 0) -> Check:
+def integer(minimum: int = 0, maximum: int | None = None) -> Check:
     def check(where, value, error):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise error(f"{where}: expected an integer >= {minimum}, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum or \
+                (maximum is not None and value > maximum):
+            span = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise error(f"{where}: expected an integer {span}, got {value!r}")
         return value
     return check
 

@@ -145,6 +145,22 @@ def _status_fields(pid: int) -> dict:
     return out
 
 
+def _cells_cpu_weights(cgroup_lines: list[str], cell_id: str) -> list[int]:
+    """The CPU weights (v2 units) of a cell's cgroup's ancestors below the root (hived, hived/<box>)."""
+    for line in cgroup_lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):  # v1: cpu.shares, 1024 for weight 100
+            top, knob, scale = Path("/sys/fs/cgroup/cpu"), "cpu.shares", 1024 / 100
+            break
+    else:
+        path = next(line for line in cgroup_lines if line.startswith("0::")).split(":", 2)[2]
+        top, knob, scale = Path("/sys/fs/cgroup"), "cpu.weight", 1
+    parts = Path(path.strip("/")).parts
+    assert parts[-1] == cell_id
+    return [max(1, round(int((top.joinpath(*parts[:n]) / knob).read_text()) / scale))
+            for n in range(1, len(parts))]
+
+
 def test_vmm_runs_confined(box):
     box.wait_pool_full()
     cells = [c for c in box.status()["cells"] if c["state"] == "warm"]
@@ -170,6 +186,8 @@ def test_vmm_runs_confined(box):
         limited = [line for line in lines if line.split(":")[1] in ("memory", "cpuset", "pids")] \
             or [line for line in lines if line.startswith("0::")]  # v1 controllers, else the v2 tree
         assert limited and all(line.endswith(f"/{box.name}/{c['id']}") for line in limited), limited
+        # the cells' cgroups above the cell yield the CPU to the daemon ([box] cells_cpu_weight = 1)
+        assert _cells_cpu_weights(lines, c["id"]) == [1, 1]
     assert len(uids) == len(cells)  # one uid per cell: a VMM cannot signal or ptrace another
 
 

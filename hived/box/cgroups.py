@@ -45,15 +45,31 @@ def _enable(d: Path, controllers: list[str]) -> None:
         _write(d / "cgroup.subtree_control", " ".join(f"+{c}" for c in todo))
 
 
+def _weigh(d: Path, knob: str, value: int) -> None:
+    """Write a CPU weight knob of cgroup `d` unless it holds `value` already (no controller there: skip)."""
+    path = d / knob
+    try:
+        if int(path.read_text()) == value:
+            return
+    except (FileNotFoundError, ValueError):
+        return
+    _write(path, str(value))
+
+
 class Cgroups(abc.ABC):
     version = 0
 
-    def __init__(self, root: Path, parent: str, anchor: str = "") -> None:
+    def __init__(self, root: Path, parent: str, anchor: str = "", cpu_weight: int = 0) -> None:
         self.root = Path(root)
         self.parent = parent
         # The highest cgroup (relative to root) whose attributes the box may write: "" is the
         # root itself; under systemd, the unit's delegated cgroup (hived/box/placement.py).
         self.anchor = anchor
+        # [box] cells_cpu_weight, in cgroup v2 units (1-10000, 100 = the default): written on
+        # every cgroup from below the anchor down to the cells' parent, so that where cells
+        # share cores with the box daemon they yield to it (0: left alone). Weights only
+        # matter between siblings: the top one is what competes with the daemon's cgroup.
+        self.cpu_weight = cpu_weight
         if anchor and not Path(parent).is_relative_to(anchor):
             raise CgroupError(f"cells' parent cgroup {parent} is not below {anchor}, the subtree the box may manage")
 
@@ -107,6 +123,12 @@ class Cgroups(abc.ABC):
     @abc.abstractmethod
     def parent_dirs(self) -> list[Path]: ...
 
+    def _below_anchor(self, top: Path) -> list[Path]:
+        """The parent's cgroups under hierarchy `top`, from the one below the anchor down to it."""
+        parts = Path(self.parent).relative_to(self.anchor).parts if self.anchor else Path(self.parent).parts
+        base = top / self.anchor
+        return [base.joinpath(*parts[:depth]) for depth in range(1, len(parts) + 1)]
+
     def remove_parent(self) -> None:
         """Remove the box's own parent groups once its cells are gone (best effort:
         a parent shared with another box, or still holding cells, stays)."""
@@ -145,6 +167,9 @@ class CgroupV1(Cgroups):
                     for knob in ("cpuset.cpus", "cpuset.mems"):
                         if not (d / knob).read_text().strip():
                             _write(d / knob, (d.parent / knob).read_text().strip())
+        if self.cpu_weight:  # v1 shares: 1024 is the default, as 100 is v2's weight
+            for d in self._below_anchor(self.root / "cpu"):
+                _weigh(d, "cpu.shares", max(2, self.cpu_weight * 1024 // 100))
 
     def create(self, name: str, limits: CellLimits) -> list[Path]:
         self._ensure_parent()
@@ -218,6 +243,9 @@ class CgroupV2(Cgroups):
             d = d / part
             d.mkdir(exist_ok=True)
         _enable(d, wanted)
+        if self.cpu_weight:
+            for d in self._below_anchor(self.root):
+                _weigh(d, "cpu.weight", self.cpu_weight)
 
     def create(self, name: str, limits: CellLimits) -> list[Path]:
         self._ensure_parent()
@@ -274,11 +302,12 @@ def detect(root: Path = Path("/sys/fs/cgroup")) -> int:
     return 0
 
 
-def open_cgroups(parent: str, root: Path = Path("/sys/fs/cgroup"), anchor: str = "") -> Cgroups:
+def open_cgroups(parent: str, root: Path = Path("/sys/fs/cgroup"), anchor: str = "",
+                 cpu_weight: int = 0) -> Cgroups:
     version = detect(root)
     if version == 2:
-        return CgroupV2(root, parent, anchor)
+        return CgroupV2(root, parent, anchor, cpu_weight)
     if version == 1:
-        return CgroupV1(root, parent)
+        return CgroupV1(root, parent, cpu_weight=cpu_weight)
     raise CgroupError(f"no usable cgroup hierarchy at {root}: need v2 with controllers, "
                       "or v1 with cpuset and memory mounted")

@@ -48,6 +48,7 @@ class BoxConfig:
     disk_bytes_s: int = 0            # the box's disk bandwidth to share out; 0: not partitioned
     net_bits_s: int = 0              # the box's network bandwidth to share out; 0: not partitioned
     overcommit: bool = False         # allow cells to share cores / exceed memory
+    cells_cpu_weight: int = 1        # cells' CPU weight against the daemon's (cgroup v2 units; 100: equal)
     adopt_cells: bool = True         # a daemon that starts again adopts the cells left running (hived/box/adopt.py)
     vmm_uid_base: int = 0            # VMMs run as uid base+slot; 0: as root (no confinement)
     network: bool = True             # each cell gets a netns, a tap and a NIC (hived/box/network.py)
@@ -126,6 +127,7 @@ BOX_KEYS = {
     "disk_bytes_s": Key(0, integer(0)),
     "net_bits_s": Key(0, integer(0)),
     "overcommit": Key(False, boolean()),
+    "cells_cpu_weight": Key(1, integer(1, 10000), "1-10000 (cgroup v2 cpu.weight; 100 = the daemon's)"),
     "adopt_cells": Key(True, boolean(), "false: a daemon that starts again destroys what it finds"),
     "vmm_uid_base": Key(0, integer(0)),
     "network": Key(True, boolean()),

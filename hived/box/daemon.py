@@ -138,7 +138,8 @@ class BoxDaemon:
         if cfg.templates and cfg.template_hugepages:
             self._check_hugepages()
         try:
-            self.cgroups = place_cgroups(cfg.cgroup_placement, cfg.name)  # hived/box/placement.py
+            self.cgroups = place_cgroups(cfg.cgroup_placement, cfg.name,  # hived/box/placement.py
+                                         cpu_weight=cfg.cells_cpu_weight)
         except CgroupError as exc:
             if os.geteuid() == 0:
                 raise

@@ -115,8 +115,9 @@ def move_into(root: Path, leaf: str, pid: int = 0) -> None:
 
 
 def place(setting: str, box_name: str, root: Path = CGROUP_ROOT,
-          proc_self_cgroup: str | None = None) -> Cgroups:
-    """Decide where the cells go, move the daemon if need be, and open the box's Cgroups."""
+          proc_self_cgroup: str | None = None, cpu_weight: int = 0) -> Cgroups:
+    """Decide where the cells go, move the daemon if need be, and open the box's Cgroups
+    (`cpu_weight`: [box] cells_cpu_weight, see Cgroups)."""
     version = detect(root)
     if proc_self_cgroup is None:
         proc_self_cgroup = Path("/proc/self/cgroup").read_text()
@@ -124,4 +125,4 @@ def place(setting: str, box_name: str, root: Path = CGROUP_ROOT,
     if where.move_self_to:
         move_into(root, where.move_self_to)
     log.info("box %s: cells' cgroups under /%s (%s)", box_name, where.parent, where.why)
-    return open_cgroups(where.parent, root, where.anchor)
+    return open_cgroups(where.parent, root, where.anchor, cpu_weight)
