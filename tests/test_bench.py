@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from hived.bench import boot, common
+from hived.box.leftovers import _cmdline
 
 ROOT = Path(__file__).resolve().parent.parent
 CODEC_KEYS = [f"{mode}/{w}" for mode in ("encode", "decode", "framing_only")
@@ -94,6 +95,15 @@ def test_codec_script_and_table():
     assert "framing_only/stream_64k_chunks" in r.stdout
 
 
+@pytest.mark.parametrize("args", [["control", "--boxes", "0"], ["boot", "--cells", "0"], ["secure", "--builds", "0"],
+                                  ["peers", "--runs", "0"], ["imageauth", "--runs", "0"]], ids=lambda a: a[0])
+def test_bad_arguments_are_one_line(args):
+    r = _run([sys.executable, "-m", "hived", "bench", *args], 60)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert args[1] in r.stderr, r.stderr
+
+
 def test_boot_without_image_is_one_line_error(tmp_path):
     env = dict(os.environ, HIVED_IMAGE_DIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "hived", "bench", "boot", "--json"], cwd=ROOT, env=env,
@@ -128,14 +138,22 @@ def test_control_json_tiny_run_and_nothing_left():
     assert report["machine"]["nproc"] >= 1
 
 
-def test_control_on_postgresql_tiny_run_and_its_server_is_gone():
+def _need_postgres() -> None:
     from hived.control.pgserver import PostgresUnavailable, find_bindir
 
     try:
         find_bindir()
     except PostgresUnavailable as exc:
         pytest.skip(str(exc))
-    before = set(Path(tempfile.gettempdir()).glob("hived-pg-*"))
+
+
+def _throwaway_pg_files() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("hived-pg-*"))
+
+
+def test_control_on_postgresql_tiny_run_and_its_server_is_gone():
+    _need_postgres()
+    before = _throwaway_pg_files()
     r = _run([sys.executable, "-m", "hived", "bench", "control", "--json", "--store", "postgresql", "--boxes", "10",
               "--builds", "200", "--latency-builds", "100", "--http", "50"], 300)
     assert r.returncode == 0, r.stderr
@@ -144,7 +162,7 @@ def test_control_on_postgresql_tiny_run_and_its_server_is_gone():
     assert report["saturation"]["builds"] == 200 and report["builds_per_s"] > 0
     assert report["schedule_ms"]["n"] == 100 and report["http"]["builds"] == 50
     assert report["processes"]["simulated_boxes"]["builds_done"] == report["builds_total"] >= 350
-    assert set(Path(tempfile.gettempdir()).glob("hived-pg-*")) <= before, "the throwaway server's files were left"
+    assert _throwaway_pg_files() <= before, "the throwaway server's files were left"
 
 
 def test_control_database_url_with_a_password_is_refused_in_one_line():
@@ -155,13 +173,8 @@ def test_control_database_url_with_a_password_is_refused_in_one_line():
 
 
 def test_failover_json_two_kills_nothing_lost_or_twice_and_nothing_left():
-    from hived.control.pgserver import PostgresUnavailable, find_bindir
-
-    try:
-        find_bindir()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-    before = set(Path(tempfile.gettempdir()).glob("hived-pg-*"))
+    _need_postgres()
+    before = _throwaway_pg_files()
     r = _run([sys.executable, "-m", "hived", "bench", "failover", "--json", "--kills", "2", "--every", "2",
               "--rate", "20", "--boxes", "4"], 300)
     assert r.returncode == 0, r.stderr
@@ -170,37 +183,19 @@ def test_failover_json_two_kills_nothing_lost_or_twice_and_nothing_left():
     assert report["builds"] > 0 and report["builds_lost"] == 0 and report["builds_duplicated"] == 0
     f = report["failover_s"]
     assert len(f["each"]) == 2 and 0 < f["p50"] <= f["p95"] <= f["max"]
-    assert set(Path(tempfile.gettempdir()).glob("hived-pg-*")) <= before, "the throwaway server's files were left"
+    assert _throwaway_pg_files() <= before, "the throwaway server's files were left"
     left = subprocess.run(["pgrep", "-f", "hived-failover-"], capture_output=True, text=True).stdout.split()
     assert not left, f"replica processes left: {left}"
 
 
-def test_control_bad_arguments_are_one_line():
-    r = _run([sys.executable, "-m", "hived", "bench", "control", "--boxes", "0"], 60)
-    assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.strip().count("\n") == 0 and "--boxes" in r.stderr
-
-
 # -- boot (real microVMs) -------------------------------------------------------------------
-def _cmd(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _bench_qemus() -> set[int]:
     """QEMU processes started by any boot benchmark (their paths are under /tmp/hvb-)."""
     pids = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+        cmd = _cmdline(int(entry))
         if "qemu" in cmd.split(" ", 1)[0] and f"/tmp/{boot.TMP_PREFIX}" in cmd:
             pids.add(int(entry))
     return pids
@@ -250,7 +245,7 @@ def test_boot_two_cells_and_nothing_left():
     assert tmp.name.startswith(boot.TMP_PREFIX)
     assert not tmp.exists(), f"{tmp} left behind"
     # only this run's VMMs: other benchmark runs may be going on at the same time
-    mine = {pid for pid in _bench_qemus() - before if report["resources"]["tmp_dir"] in _cmd(pid)}
+    mine = {pid for pid in _bench_qemus() - before if report["resources"]["tmp_dir"] in _cmdline(pid)}
     assert mine == set(), "QEMU processes left behind"
     if os.geteuid() == 0:
         from hived.box.cgroups import CgroupError, open_cgroups
@@ -299,13 +294,6 @@ def test_secure_two_builds_each_and_nothing_left():
     assert not {n for n in netns_after - netns_before if n.startswith(("hvt", "hv-bsec", "hvr-bsec"))}
 
 
-def test_peers_bad_arguments_are_one_line():
-    r = _run([sys.executable, "-m", "hived", "bench", "peers", "--runs", "0"], 60)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert ("--runs" in r.stderr) or ("needs root" in r.stderr) or ("not installed" in r.stderr)
-
-
 @pytest.mark.vm
 def test_peers_tiny_run_and_nothing_left():
     _need_image("peers")
@@ -328,13 +316,6 @@ def test_peers_tiny_run_and_nothing_left():
     assert not {n for n in netns_after - netns_before if n.startswith("hvbp")}
     left = subprocess.run(["pgrep", "-f", "hived.bench.delayline|bpa-"], capture_output=True, text=True).stdout
     assert left.strip() == "", left
-
-
-def test_imageauth_bad_arguments_are_one_line():
-    r = _run([sys.executable, "-m", "hived", "bench", "imageauth", "--runs", "0"], 60)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert ("--runs" in r.stderr) or ("needs root" in r.stderr) or ("not installed" in r.stderr)
 
 
 def test_imageauth_tiny_run_and_nothing_left():

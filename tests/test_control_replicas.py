@@ -7,8 +7,6 @@ cells): these tests are about the control planes. Real boxes: test_multibox.py."
 
 import asyncio
 import contextlib
-import json
-import os
 import re
 import signal
 import subprocess
@@ -18,6 +16,7 @@ import time
 import aiohttp
 import pytest
 from test_control_api import GOOD, TOKENS, Hive, hive_config, run, sha
+from test_control_restart import ControlProcess as Replica
 
 from hived.control.simbox import SimBox
 
@@ -150,26 +149,6 @@ api_tokens_sha256 = ["{sha(TOKENS['acme'])}"]
 token_sha256 = "{sha('box-a-token')}"
 """)
     return str(path)
-
-
-class Replica:
-    def __init__(self, config: str, log_path) -> None:
-        self.log = open(log_path, "ab")  # noqa: SIM115 (closed in kill())
-        self.proc = subprocess.Popen([sys.executable, "-m", "hived", "control", "--config", config],
-                                     stdout=subprocess.PIPE, stderr=self.log, env=dict(os.environ, HIVED_LOG="INFO"))
-        line = self.proc.stdout.readline().decode()
-        if not line.startswith("ready "):
-            self.proc.kill()
-            raise AssertionError(f"control plane did not start: {line!r} {log_path.read_text()[-3000:]}")
-        ends = json.loads(line[len("ready "):])
-        self.api = ends["api"]
-        self.box_port = int(ends["box"].rpartition(":")[2])
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        self.proc.wait(30)
-        self.log.close()
 
 
 def test_leader_sigkilled_mid_build_a_standby_takes_over_and_nothing_is_lost_or_run_twice(tmp_path, pg_database):

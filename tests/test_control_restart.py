@@ -59,9 +59,12 @@ class ControlProcess:
             self.proc.kill()
             raise AssertionError(f"control plane did not start: {line!r} {log_path.read_text()[-3000:]}")
         self.endpoints = json.loads(line[len("ready "):])
+        self.api = self.endpoints["api"]
+        self.box_port = int(self.endpoints["box"].rpartition(":")[2])
 
     def kill(self, sig=signal.SIGKILL) -> int:
-        self.proc.send_signal(sig)
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
         try:
             return self.proc.wait(30)
         finally:

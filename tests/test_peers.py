@@ -74,30 +74,41 @@ def scrape(port: int) -> str:
         return r.read().decode()
 
 
-class Hive:
-    def __init__(self, tmp: Path, registry) -> None:
-        self.tmp = tmp
-        self.registry = registry
-        self.box_port = free_port()
+class TwoBoxes:
+    """A control plane on its own loop thread (TLS), box A as its own `hived box --config`
+    process and box B as a BoxHarness here; shared by the peer tests (images, checkouts)."""
+
+    def __init__(self, tmp: Path, tokens: dict[str, str], box_lost_s: float = 6.0, **hive_tables) -> None:
+        self.tmp, self.tokens = tmp, tokens
+        self.box_port, self.api_port = free_port(), free_port()
         self.tls_dir = tmp / "tls"
-        tls.init(self.tls_dir, "peers", boxes=list(TOKENS))
+        tls.init(self.tls_dir, "peers", boxes=list(tokens))
         self.cp_loop = LoopThread()
         self.cp = ControlPlane(parse_hive({
-            "hive": {"name": "peers", "state_dir": str(tmp / "hive"), "api_listen": f"127.0.0.1:{free_port()}",
-                     "box_listen": f"127.0.0.1:{self.box_port}", "heartbeat_s": 0.3, "box_lost_s": 6.0,
+            "hive": {"name": "peers", "state_dir": str(tmp / "hive"), "api_listen": f"127.0.0.1:{self.api_port}",
+                     "box_listen": f"127.0.0.1:{self.box_port}", "heartbeat_s": 0.3, "box_lost_s": box_lost_s,
                      "tls_dir": str(self.tls_dir)},
             "shapes": {"small": {}, "holder": {}},
             "customers": {},
-            "boxes": {name: {"token_sha256": sha(tok)} for name, tok in TOKENS.items()},
+            "boxes": {name: {"token_sha256": sha(tok)} for name, tok in tokens.items()},
+            **hive_tables,
         }, "test"))
         self.cp_loop.call(self.cp.start())
         self.a_proc = None
         self.b = None
 
-    def start_a(self) -> None:
+    def control(self, box: str) -> dict:
+        return {"address": f"127.0.0.1:{self.box_port}", "token": self.tokens[box], "box_id": box,
+                "ca_file": str(self.tls_dir / "ca.pem"), "cert_file": str(self.tls_dir / f"box-{box}.pem"),
+                "key_file": str(self.tls_dir / f"box-{box}.key")}
+
+    def spawn_a(self, serve_bytes_s: int, extra: str = "") -> None:
+        """Box A from its own box.toml: no cells (a `holder` shape with no pool), a peer link
+        serving at most `serve_bytes_s`; `extra` adds [box] lines."""
         a = self.tmp / "a"
         a.mkdir(exist_ok=True)
         self.a_peer_port, self.a_metrics_port = free_port(), free_port()
+        control = "\n".join(f'{k} = "{v}"' for k, v in self.control("box-a").items())
         (a / "box.toml").write_text(f"""
 [box]
 name = "pa-{secrets.token_hex(3)}"
@@ -108,44 +119,31 @@ overcommit = true
 reserved_cores = 0
 metrics_port = {self.a_metrics_port}
 oci_dir = "{a / 'oci'}"
-oci_insecure = ["{self.registry.host}"]
 peer_listen = "127.0.0.1:{self.a_peer_port}"
-peer_serve_bytes_s = {SERVE_BYTES_S}
-
+peer_serve_bytes_s = {serve_bytes_s}
+{extra}
 [shapes.holder]
 pool_target = 0
 
 [control]
-address = "127.0.0.1:{self.box_port}"
-token = "{TOKENS['box-a']}"
-box_id = "box-a"
-ca_file = "{self.tls_dir / 'ca.pem'}"
-cert_file = "{self.tls_dir / 'box-box-a.pem'}"
-key_file = "{self.tls_dir / 'box-box-a.key'}"
+{control}
 """)
         self.a_log = open(a / "box.log", "ab")  # noqa: SIM115 - closed in stop()
         self.a_proc = subprocess.Popen([sys.executable, "-m", "hived", "box", "--config", str(a / "box.toml")],
                                        stdout=self.a_log, stderr=self.a_log, stdin=subprocess.DEVNULL,
                                        start_new_session=True)
 
-    def start_b(self) -> None:
+    def start_b(self, pool_target: int, **box) -> None:
         b = self.tmp / "b"
-        self.b = BoxHarness({"small": {"vcpus": 1, "memory_mib": 384, "scratch_mib": 256, "pool_target": 0}},
-                            box={"network": False, "oci_dir": str(b / "oci"), "oci_insecure": [self.registry.host],
-                                 "peer_listen": "127.0.0.1:0"},
-                            tables={"control": {"address": f"127.0.0.1:{self.box_port}", "token": TOKENS["box-b"],
-                                                "box_id": "box-b", "ca_file": str(self.tls_dir / "ca.pem"),
-                                                "cert_file": str(self.tls_dir / "box-box-b.pem"),
-                                                "key_file": str(self.tls_dir / "box-box-b.key")}})
+        self.b = BoxHarness({"small": {"vcpus": 1, "memory_mib": 384, "scratch_mib": 256, "pool_target": pool_target}},
+                            box={"network": False, "oci_dir": str(b / "oci"), "peer_listen": "127.0.0.1:0", **box},
+                            tables={"control": self.control("box-b")})
         self.b.start(wait_ready=False)
 
     def kill_a(self) -> None:
         if self.a_proc is not None and self.a_proc.poll() is None:
             os.killpg(self.a_proc.pid, signal.SIGKILL)
             self.a_proc.wait(10)
-
-    def holders(self, key: str) -> set:
-        return set(self.cp.holdings.by_key.get(key, ()))
 
     def wait_for(self, what, cond, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -159,10 +157,6 @@ key_file = "{self.tls_dir / 'box-box-a.key'}"
 
         return metric(generate_latest(self.b.daemon.metrics.registry).decode(), name, labels)
 
-    def b_pull(self, ref: str):
-        d = self.b.daemon
-        return self.b.call(d.images.pull(ref, peers=d.peers.image_sources), 120)
-
     def stop(self) -> None:
         try:
             self.kill_a()
@@ -173,6 +167,25 @@ key_file = "{self.tls_dir / 'box-box-a.key'}"
             self.cp_loop.stop()
             if self.a_proc is not None:
                 self.a_log.close()
+
+
+class Hive(TwoBoxes):
+    def __init__(self, tmp: Path, registry) -> None:
+        super().__init__(tmp, TOKENS)
+        self.registry = registry
+
+    def start_a(self) -> None:
+        self.spawn_a(SERVE_BYTES_S, f'oci_insecure = ["{self.registry.host}"]')
+
+    def start_b(self) -> None:
+        super().start_b(0, oci_insecure=[self.registry.host])
+
+    def holders(self, key: str) -> set:
+        return set(self.cp.holdings.by_key.get(key, ()))
+
+    def b_pull(self, ref: str):
+        d = self.b.daemon
+        return self.b.call(d.images.pull(ref, peers=d.peers.image_sources), 120)
 
 
 @pytest.fixture(scope="module")

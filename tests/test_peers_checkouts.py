@@ -15,25 +15,19 @@ used.
 import asyncio
 import os
 import secrets
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from test_control_api import TOKENS, sha
 from test_control_e2e import api_call, wait_build
-from test_control_restart import free_port
-from test_peers import LoopThread, metric, scrape
+from test_peers import TwoBoxes, metric, scrape
 from test_repos_support import GitDaemon, TestRepo
 
-from hived.control import tls
-from hived.control.config import parse as parse_hive
-from hived.control.server import ControlPlane
 from hived.repos.cache import RepoCache
 
-from boxharness import BoxHarness, find_image
+from boxharness import find_image
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -42,72 +36,22 @@ SERVE_BYTES_S = 4 << 20  # A serves at most this: a transfer takes seconds, long
 PAYLOAD_MB = 10          # incompressible history every bundle carries
 
 
-class Hive:
+class Hive(TwoBoxes):
     def __init__(self, tmp: Path, url: str, other_url: str) -> None:
-        self.tmp, self.url = tmp, url
-        self.box_port, self.api_port = free_port(), free_port()
-        self.tls_dir = tmp / "tls"
-        tls.init(self.tls_dir, "peers", boxes=list(BOX_TOKENS))
-        self.cp_loop = LoopThread()
-        self.cp = ControlPlane(parse_hive({
-            "hive": {"name": "peers", "state_dir": str(tmp / "hive"), "api_listen": f"127.0.0.1:{self.api_port}",
-                     "box_listen": f"127.0.0.1:{self.box_port}", "heartbeat_s": 0.3, "box_lost_s": 8.0,
-                     "tls_dir": str(self.tls_dir)},
-            "shapes": {"small": {}, "holder": {}},
-            "customers": {"acme": {"api_tokens_sha256": [sha(TOKENS["acme"])]},
-                          "other": {"api_tokens_sha256": [sha(TOKENS["other"])]}},
-            "boxes": {name: {"token_sha256": sha(tok)} for name, tok in BOX_TOKENS.items()},
+        super().__init__(tmp, BOX_TOKENS, box_lost_s=8.0, customers={
+            "acme": {"api_tokens_sha256": [sha(TOKENS["acme"])]},
+            "other": {"api_tokens_sha256": [sha(TOKENS["other"])]}},
             # the hive gives this repository to customer "other": acme's builds get no peer for it
-            "repos": {"other/proj": {"customer": "other", "secret": "s" * 16, "command": ["true"], "shape": "small",
-                                     "url": other_url}},
-        }, "test"))
-        self.cp_loop.call(self.cp.start())
-        self.a_proc = None
-        self.b = None
+            repos={"other/proj": {"customer": "other", "secret": "s" * 16, "command": ["true"], "shape": "small",
+                                  "url": other_url}})
+        self.url = url
         self.a_repos = tmp / "a" / "repos"
 
-    def control(self, box: str) -> dict:
-        return {"address": f"127.0.0.1:{self.box_port}", "token": BOX_TOKENS[box], "box_id": box,
-                "ca_file": str(self.tls_dir / "ca.pem"), "cert_file": str(self.tls_dir / f"box-{box}.pem"),
-                "key_file": str(self.tls_dir / f"box-{box}.key")}
-
     def start_a(self) -> None:
-        a = self.tmp / "a"
-        a.mkdir(exist_ok=True)
-        self.a_peer_port, self.a_metrics_port = free_port(), free_port()
-        control = "\n".join(f'{k} = "{v}"' for k, v in self.control("box-a").items())
-        (a / "box.toml").write_text(f"""
-[box]
-name = "pca-{secrets.token_hex(3)}"
-state_dir = "{a / 'state'}"
-image_dir = "{find_image().parent}"
-network = false
-overcommit = true
-reserved_cores = 0
-metrics_port = {self.a_metrics_port}
-oci_dir = "{a / 'oci'}"
-repos_dir = "{self.a_repos}"
-peer_listen = "127.0.0.1:{self.a_peer_port}"
-peer_serve_bytes_s = {SERVE_BYTES_S}
-
-[shapes.holder]
-pool_target = 0
-
-[control]
-{control}
-""")
-        self.a_log = open(a / "box.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.a_proc = subprocess.Popen([sys.executable, "-m", "hived", "box", "--config", str(a / "box.toml")],
-                                       stdout=self.a_log, stderr=self.a_log, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+        self.spawn_a(SERVE_BYTES_S, f'repos_dir = "{self.a_repos}"')
 
     def start_b(self) -> None:
-        b = self.tmp / "b"
-        self.b = BoxHarness({"small": {"vcpus": 1, "memory_mib": 384, "scratch_mib": 256, "pool_target": 1}},
-                            box={"network": False, "oci_dir": str(b / "oci"), "repos_dir": str(b / "repos"),
-                                 "peer_listen": "127.0.0.1:0"},
-                            tables={"control": self.control("box-b")})
-        self.b.start(wait_ready=False)
+        super().start_b(1, repos_dir=str(self.tmp / "b" / "repos"))
 
     def a_holds(self, commit: str, bundle: bool = False, url: str = "") -> str:
         """A's checkout image of commit (made here, as A's own builds would), and its repository
@@ -138,39 +82,11 @@ pool_target = 0
         _, log = api_call(self.api_port, "GET", f"/v1/builds/{build_id}/logs")
         return done, log if isinstance(log, bytes) else str(log).encode()
 
-    def wait_for(self, what, cond, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.1)
-
-    def b_metric(self, name: str, labels: str = "") -> float:
-        from prometheus_client import generate_latest
-
-        return metric(generate_latest(self.b.daemon.metrics.registry).decode(), name, labels)
-
     def a_served(self) -> float:
         try:
             return metric(scrape(self.a_metrics_port), "hived_peer_served_bytes_total")
         except OSError:
             return 0.0
-
-    def kill_a(self) -> None:
-        if self.a_proc is not None and self.a_proc.poll() is None:
-            os.killpg(self.a_proc.pid, signal.SIGKILL)
-            self.a_proc.wait(10)
-
-    def stop(self) -> None:
-        try:
-            self.kill_a()
-            if self.b is not None:
-                self.b.stop()
-        finally:
-            self.cp_loop.call(self.cp.stop())
-            self.cp_loop.stop()
-            if self.a_proc is not None:
-                self.a_log.close()
 
 
 @pytest.fixture(scope="module")
