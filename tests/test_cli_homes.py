@@ -5,7 +5,8 @@ import signal
 import subprocess
 import sys
 
-from test_control_restart import ControlProcess, free_port, write_config
+from ports import free_port
+from test_control_restart import ControlProcess, write_config
 
 HIVED = [sys.executable, "-m", "hived"]
 

@@ -15,8 +15,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+from ports import free_port
 from test_control_api import TOKENS, sha
-from test_control_restart import free_port
 
 from hived.box.controllink import ControlLink, LinkConfig
 from hived.control.config import parse

@@ -9,21 +9,15 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import aiohttp
+from ports import free_port
 from test_control_api import TOKENS, run, sha
 
 from hived.control.simbox import SimBox
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path, api_port, box_port) -> str:

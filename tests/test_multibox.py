@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from test_control_api import TOKENS, Hive, run, sha
-from test_control_restart import free_port
 
 from hived.box.leftovers import vmm_pids
 from hived.control.config import parse

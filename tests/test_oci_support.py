@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import threading
@@ -29,6 +28,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from ports import free_port
 
 from hived.oci import reference
 from hived.oci.registry import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Credentials, RegistryClient
@@ -208,12 +208,6 @@ async def _push_one(client: RegistryClient, ref, image: Image, tag: str) -> None
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Registry:

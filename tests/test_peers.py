@@ -27,8 +27,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from test_control_api import sha
-from test_control_restart import free_port
 from test_oci_support import Layer, make_image, need_registry, push, running_registry
 
 from hived.control import tls

@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from test_control_api import TOKENS, sha
 from test_control_e2e import api_call, wait_build
-from test_control_restart import free_port
 from test_oci_support import Layer, make_image, need_registry, push, running_registry
 
 from hived.box.builds import BadInput, resolve_inputs

@@ -21,14 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 EPOCH = 1_700_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

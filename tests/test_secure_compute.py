@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from test_control_api import TOKENS, sha
 from test_control_e2e import api_call, wait_build
-from test_control_restart import free_port
 
 from hived.box.controllink import ControlLink, LinkConfig
 from hived.connector.testbed import CustomerNetwork

@@ -504,8 +504,8 @@ def test_connector_against_real_control_plane(world, closing, tmp_path):
     ns; peer.add/remove from the key exchange service; link loss -> new keys; stop -> nothing left."""
     import ipaddress
 
+    from ports import free_port
     from test_control_api import TOKENS, sha
-    from test_control_restart import free_port
 
     from hived.box import network
     from hived.connector.config import ConnectorConfig
