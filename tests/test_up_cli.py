@@ -243,6 +243,8 @@ def test_up_run_status_and_exit_codes(home):
         # hived up on a small machine shares cores and says so
         assert b"partition:" in human.stdout and b"overcommit" in human.stdout
         assert report["partition"]["cell_cores"]
+        # ... and its cells yield those cores to the daemon ([box] cells_cpu_weight)
+        assert report["partition"]["cells_cpu_weight"] == 1 and b"cells' CPU weight 1" in human.stdout
         # refusals are one line and exit 2; nothing is stored
         before = len(stored(home))
         r = subprocess.run([*HIVED, "run", "--home", str(home), "--customer", "nobody", "--", "true"],

@@ -752,7 +752,7 @@ class BoxDaemon:
             ],
             "pools": {name: pool.describe() for name, pool in self.pools.items()},
             "templates": self.templates.describe() if self.templates is not None else None,
-            "partition": self.partition.describe(),
+            "partition": {**self.partition.describe(), "cells_cpu_weight": self.config.cells_cpu_weight},
             "builds": list(self.builds.values())[-50:],
             "leftovers_cleaned_at_start": self.leftovers_cleaned,
             "adopted_at_start": self.adoption,

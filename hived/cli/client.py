@@ -449,7 +449,9 @@ def render_status(report: dict) -> str:
         lines.append(f"partition: box daemon cores {part['box_cores'] or 'none reserved'}; cell cores {owners}")
         lines.append(f"  memory {mem['used']}/{mem['allocatable']} MiB used; overcommit "
                      f"{'allowed' if part['overcommit_allowed'] else 'refused'}"
-                     f"{', OVERCOMMITTED now' if part['overcommitted'] else ''}")
+                     f"{', OVERCOMMITTED now' if part['overcommitted'] else ''}"
+                     + (f"; cells' CPU weight {part['cells_cpu_weight']} (the daemon's 100)"
+                        if "cells_cpu_weight" in part else ""))
     for cell in report["cells"]:
         lines.append(f"  {cell['id']} {cell['shape']} {cell['state']} pid {cell['pid']} cores "
                      f"{','.join(map(str, cell.get('cores', []))) or '-'} {cell.get('origin', 'boot')} "
