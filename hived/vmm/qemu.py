@@ -173,8 +173,10 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 # cell's cgroups, builds a root holding only what QEMU needs plus this cell's own files, enters
 # it, drops to the cell's uid with no capabilities and no_new_privs, and becomes QEMU. The
 # namespace dies with QEMU, so nothing here needs cleaning up on the host. Each command here
-# is a process start (~1 ms, more on a busy host), so files are made by shell redirection and
-# the symlinks by one `ln`.
+# is a process start (~1 ms, more on a busy host), so files are made by shell redirection, the
+# symlinks by one `ln` and the device nodes by one `cp -a` (nodes on the jail's tmpfs, with the
+# host's numbers, owners and modes; not a bind mount each); `unshare --propagation private`
+# already made every mount private, and `mount --rbind -o ro` remounts read-only itself.
 #   $1 jail  $2 cell dir  $3 image dir  $4 uid  $5 extra group or ""  $6 "fds" or ""
 #   $7 cgroup files to write this pid to (space-separated) or ""  $8... QEMU argv
 # With "fds", QEMU sees its own open files as /fds/N (the guest RAM of templates and clones is
@@ -183,10 +185,9 @@ JAIL_SCRIPT = r"""
 set -eu
 jail=$1 cell=$2 image=$3 uid=$4 group=$5 fds=$6 procs=$7; shift 7
 for p in $procs; do echo $$ > "$p"; done
-mount --make-rprivate /
 mount -t tmpfs -o size=1m,mode=0755,nosuid hvjail "$jail"
-mkdir -p "$jail/usr" "$jail/etc" "$jail/dev" "$jail/tmp" "$jail$cell" "$jail$image"
-mount --rbind /usr "$jail/usr"; mount -o remount,bind,ro "$jail/usr"
+mkdir -p "$jail/usr" "$jail/etc" "$jail/dev" "$jail/tmp" "$jail$cell" "$jail$image" ${fds:+"$jail/fds"}
+mount --rbind -o ro /usr "$jail/usr"
 links=
 for l in lib lib64 bin sbin; do
     if [ -L "/$l" ]; then links="$links usr/$l"; fi
@@ -195,12 +196,14 @@ if [ -n "$links" ]; then ln -s $links "$jail/"; fi
 if [ -e /etc/ld.so.cache ]; then
     : > "$jail/etc/ld.so.cache"; mount --bind -o ro /etc/ld.so.cache "$jail/etc/ld.so.cache"
 fi
+devs=
 for d in null zero urandom random kvm; do
-    if [ -e "/dev/$d" ]; then : > "$jail/dev/$d"; mount --bind "/dev/$d" "$jail/dev/$d"; fi
+    if [ -e "/dev/$d" ]; then devs="$devs /dev/$d"; fi
 done
+cp -a $devs "$jail/dev/"
 mount --bind "$cell" "$jail$cell"
 mount --bind -o ro "$image" "$jail$image"
-if [ -n "$fds" ]; then mkdir "$jail/fds"; mount --bind "/proc/$$/fd" "$jail/fds"; fi
+if [ -n "$fds" ]; then mount --bind "/proc/$$/fd" "$jail/fds"; fi
 groups=--clear-groups
 if [ -n "$group" ]; then groups="--groups=$group"; fi
 drop="--reuid=$uid --regid=$uid $groups --inh-caps=-all --bounding-set=-all --no-new-privs"
