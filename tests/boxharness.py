@@ -5,6 +5,7 @@ Nothing here is a stand-in: real QEMU cells, real cgroups, the real client proto
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -60,6 +61,7 @@ class BoxHarness:
         self.loop = uvloop.new_event_loop()
         self.daemon = daemon_cls(self.config, image=self.image, accelerator="tcg")
         self.thread = threading.Thread(target=self._run_loop, daemon=True)
+        self.stopped = False
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -76,10 +78,21 @@ class BoxHarness:
             if wait_ready:
                 await asyncio.wait_for(self.daemon.wait_ready(), 240)
 
-        self.call(boot())
+        try:
+            self.call(boot())
+        except BaseException:
+            # a box that started half way owns cells, namespaces and cgroups: a fixture whose
+            # start fails never reaches its own stop(), so they go here
+            with contextlib.suppress(Exception):
+                self.stop()
+            raise
         return self
 
     def stop(self) -> None:
+        """Stop the box and its loop; once (a second call does nothing)."""
+        if self.stopped:
+            return
+        self.stopped = True
         try:
             self.call(self.daemon.stop(), 120)
         finally:

@@ -7,9 +7,11 @@ The link is attached here the way the box daemon's hook does it (ControlLink(dae
 LinkConfig).start() inside the daemon's loop)."""
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -49,14 +51,20 @@ class E2E:
 
     def start(self) -> "E2E":
         self.box.start()
-        self.start_control()
-        link_cfg = LinkConfig("127.0.0.1", self.box_port, BOX_TOKEN, "e2e-box", capacity=2)
+        try:
+            self.start_control()
+            link_cfg = LinkConfig("127.0.0.1", self.box_port, BOX_TOKEN, "e2e-box", capacity=2)
 
-        async def attach():
-            self.link = ControlLink(self.box.daemon, link_cfg)
-            self.link.start()
-            await asyncio.wait_for(self.link.registered.wait(), 30)
-        self.box.call(attach())
+            async def attach():
+                self.link = ControlLink(self.box.daemon, link_cfg)
+                self.link.start()
+                await asyncio.wait_for(self.link.registered.wait(), 30)
+            self.box.call(attach())
+        except BaseException:
+            # the box is up, with its cells: a fixture whose start fails never calls stop()
+            with contextlib.suppress(Exception):
+                self.stop()
+            raise
         return self
 
     def start_control(self) -> None:
@@ -171,3 +179,23 @@ def test_control_plane_restart_mid_build(e2e):
 
 async def _records(e2e):
     return dict(e2e.link.records)
+
+
+def test_a_harness_whose_start_fails_leaves_nothing(tmp_path):
+    """The control plane cannot bind its box port (taken): start() fails after the box and its
+    warm cells are up, and takes them down itself (make test once left a box's namespaces and
+    cgroups behind this way)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: cells get cgroups")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        env = E2E(tmp_path, hive={"box_listen": f"127.0.0.1:{taken.getsockname()[1]}"})
+        with pytest.raises(OSError, match="address already in use"):
+            env.start()
+    daemon = env.box.daemon
+    assert daemon.network is not None and daemon.cgroups is not None  # it got as far as cells
+    netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    assert not [n for n in netns if daemon.network.tag in n]
+    assert not [d for d in daemon.cgroups.parent_dirs() if d.exists()]
+    assert not env.box.tmp.exists()
