@@ -117,3 +117,32 @@ def test_a_bad_cell_record_is_named_with_what_is_wrong(tmp_path, data, why):
     assert str(tmp_path / "cell.json") in str(info.value)
     with pytest.raises(RecordError, match="missing"):
         cellrecord.read(tmp_path / "nothing")
+
+
+def test_the_agents_port_transport_can_be_aborted_again_after_it_is_gone():
+    """A channel aborts a connection that sent a bad frame (a new daemon's marker where a frame
+    should be); the agent then drops the port, which aborts the same transport again. On real
+    pipe transports, after their connection_lost ran, that second abort must do nothing: it
+    raised AttributeError, which killed the agent (PID 1), the cell and its build."""
+    from hived.cell.agent import PipePairTransport
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        r, w = os.pipe()
+        lost = []
+
+        class Proto(asyncio.Protocol):
+            def connection_lost(self, exc):
+                lost.append(exc)
+
+        rt, _ = await loop.connect_read_pipe(Proto, os.fdopen(r, "rb", 0))
+        wt, _ = await loop.connect_write_pipe(Proto, os.fdopen(w, "wb", 0))
+        pair = PipePairTransport(rt, wt)
+        pair.write(b"half a frame")
+        pair.abort()
+        await asyncio.sleep(0.05)  # both transports' connection_lost run: their loop is gone
+        assert len(lost) == 2 and pair.is_closing()
+        pair.abort()
+        pair.close()
+
+    asyncio.run(main())

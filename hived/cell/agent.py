@@ -114,9 +114,17 @@ class PipePairTransport:
         self._wt.close()
 
     def abort(self) -> None:
-        """Drop what is buffered: half a frame must not reach the next host (it resyncs anyway)."""
-        self._rt.close()
-        self._wt.abort()
+        """Drop what is buffered: half a frame must not reach the next host (it resyncs anyway).
+
+        Idempotent: the channel aborts a connection that sent a bad frame, and the agent drops
+        the port again before it looks for the next host. asyncio's write pipe transport does
+        not allow a second abort() once its connection_lost ran (its loop is gone: an
+        AttributeError that killed the agent, and with it the cell and its build).
+        """
+        if not self._rt.is_closing():
+            self._rt.close()
+        if not self._wt.is_closing():
+            self._wt.abort()
 
     def is_closing(self) -> bool:
         return self._rt.is_closing()
