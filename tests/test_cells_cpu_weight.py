@@ -85,22 +85,19 @@ def test_config_default_and_bad_values():
 # ---- the real hierarchy ------------------------------------------------------------------
 
 
-def _cpu_knob() -> tuple[Path, str, int]:
-    """(where this machine's cpu controller is, its weight knob, the knob's value for weight 1)."""
+def _cpu_knob() -> tuple[Path, str]:
+    """(where this machine's cpu controller is, its weight knob)."""
     version = detect(ROOT)
     if version == 1 and (ROOT / "cpu" / "cpu.shares").exists():
-        return ROOT / "cpu", "cpu.shares", 10
+        return ROOT / "cpu", "cpu.shares"
     if version == 2 and "cpu" in (ROOT / "cgroup.controllers").read_text().split():
-        return ROOT, "cpu.weight", 1
+        return ROOT, "cpu.weight"
     pytest.skip("no cgroup cpu controller on this machine (v1 cpu or v2 with cpu enabled)")
 
 
-def _busy_on(core: int, procs_file: Path | None) -> subprocess.Popen:
-    """A shell spinning on `core`, moved into the cgroup of `procs_file` (None: stays here)."""
-    proc = subprocess.Popen(["taskset", "-c", str(core), "sh", "-c", "while :; do :; done"])
-    if procs_file is not None:
-        procs_file.write_text(str(proc.pid))
-    return proc
+def _busy_on(core: int) -> subprocess.Popen:
+    """A shell spinning on `core`, in this process's cgroups."""
+    return subprocess.Popen(["taskset", "-c", str(core), "sh", "-c", "while :; do :; done"])
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -114,7 +111,7 @@ def test_real_cells_yield_a_shared_core_to_the_host(weight):
     process gets nearly all of it; at 100 (equal) about half (the control)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: cgroups")
-    top, knob, _ = _cpu_knob()
+    top, knob = _cpu_knob()
     name = f"hived-test-{secrets.token_hex(3)}"
     cg = open_cgroups(f"{name}/box", ROOT, "", cpu_weight=weight)
     core = sorted(os.sched_getaffinity(0))[-1]
@@ -123,11 +120,11 @@ def test_real_cells_yield_a_shared_core_to_the_host(weight):
         joins = cg.create("c0000cafe", CellLimits(cpus=str(core)))
         expected = max(2, weight * 1024 // 100) if knob == "cpu.shares" else weight
         assert int((top / name / knob).read_text()) == expected
-        cell = _busy_on(core, None)
+        cell = _busy_on(core)
         procs.append(cell)
         for f in joins:
             f.write_text(str(cell.pid))
-        host = _busy_on(core, None)
+        host = _busy_on(core)
         procs.append(host)
         time.sleep(0.3)
         c0, h0 = _cpu_ticks(cell.pid), _cpu_ticks(host.pid)
